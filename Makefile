@@ -1,0 +1,45 @@
+# RSafe stream guard — the two commands: `make demo` and `make test`.
+# Both build the environment (.venv) first when it is missing.
+SHELL := /bin/bash
+PY := .venv/bin/python
+FIND_LINKS ?= $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
+UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
+DEMO_MODEL ?= .cache/demo-model
+PYTEST_ARGS ?=
+
+.PHONY: setup lock test test-fast demo demo-model bench clean
+
+.venv/.ok: infra/requirements.lock pyproject.toml
+	@test -x "$(UV)" || { python3 -m venv .venv-tools && .venv-tools/bin/pip install -q uv; }
+	test -x $(PY) || python3 -m venv .venv
+	$(UV) pip sync --python $(PY) --find-links "$(FIND_LINKS)" infra/requirements.lock
+	$(UV) pip install --python $(PY) --no-deps -e .
+	$(PY) -c "import rsafe, vllm, faust, torch; print('rsafe env ok: torch', torch.__version__)"
+	touch $@
+
+setup: .venv/.ok  ## build .venv from the pinned lock file
+
+lock:  ## re-resolve infra/requirements.in into infra/requirements.lock
+	$(UV) pip compile infra/requirements.in --find-links "$(FIND_LINKS)" \
+	  --override infra/overrides.txt --excludes infra/excludes.txt \
+	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu -o infra/requirements.lock
+
+$(DEMO_MODEL)/.ok: .venv/.ok
+	$(PY) -m rsafe.cli demo-model build $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/.ok
+
+test: .venv/.ok demo-model  ## the whole suite (slow tests included)
+	RSAFE_DEMO_MODEL=$(DEMO_MODEL) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: .venv/.ok  ## unit tests only
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: .venv/.ok demo-model  ## the main job: stream sample chat events through the guard
+	$(PY) -m rsafe.cli demo --model $(DEMO_MODEL)
+
+bench: .venv/.ok demo-model
+	$(PY) bench/run.py --model $(DEMO_MODEL)
+
+clean:
+	rm -rf .venv .venv-tools .cache

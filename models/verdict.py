@@ -1,0 +1,204 @@
+"""Verdicts and the parser that reads them out of generated text.
+
+The parser follows the RSafe reference: a format check (``<think>…</think>…\\boxed{…}``), the
+answer is the content of the **last** ``\\boxed{…}`` found with brace matching, compared
+case-insensitively to ``safe`` / ``unsafe``. It tolerates ``\\boxed{\\text{safe}}``, spaces and a
+missing backslash; anything else is ``unknown``, never a guess. It reads only generated text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rsafe.policies import Policy
+
+FORMAT_RE = re.compile(r"^<think>.*</think>.*\\boxed\{.*\}.*$", re.DOTALL)
+_BOX_RE = re.compile(r"\\?boxed\s*\{")
+_TEXT_WRAP_RE = re.compile(r"^\\?(?:text|textbf|mathrm|texttt)\s*\{(.*)\}$", re.DOTALL)
+
+
+class Label(str, Enum):
+    SAFE = "safe"
+    UNSAFE = "unsafe"
+    UNKNOWN = "unknown"
+    """The model's answer could not be read (no box, odd content, truncated)."""
+    ERROR = "error"
+    """No answer was produced: bad input, engine failure. ``error_reason`` says why."""
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    format_ok: bool
+    """The whole output matches the reference format regex (starts with ``<think>``)."""
+    answer: Label
+    """safe / unsafe / unknown."""
+    reasoning: str | None
+    """Text inside ``<think>…</think>`` (or before the box if ``</think>`` is missing)."""
+    box_content: str | None
+    """Raw content of the last box, if any."""
+    answer_start: int | None
+    """Character offset in the text where the answer word starts (for logprob lookup)."""
+
+
+def _last_box(text: str) -> tuple[str, int] | None:
+    """Content and start offset of the last ``\\boxed{…}`` (or ``boxed{…}``), with brace matching."""
+    found = None
+    for m in _BOX_RE.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            found = (text[m.end(): i - 1], m.end())
+    return found
+
+
+def parse_output(text: str) -> ParsedOutput:
+    """Parse one generated answer. Never raises."""
+    if not isinstance(text, str):
+        return ParsedOutput(False, Label.UNKNOWN, None, None, None)
+    format_ok = bool(FORMAT_RE.match(text.strip()))
+    before, sep, after = text.partition("</think>")
+    if sep:
+        reasoning = before.split("<think>", 1)[-1].strip()
+    else:
+        # Unclosed reasoning: keep what is there for review, but the answer must come from a box.
+        reasoning = text.split("<think>", 1)[-1]
+        box_at = _BOX_RE.search(reasoning)
+        reasoning = (reasoning[: box_at.start()] if box_at else reasoning).strip() or None
+    box = _last_box(text)
+    if box is None:
+        return ParsedOutput(format_ok, Label.UNKNOWN, reasoning, None, None)
+    content, offset = box
+    inner, start = content, offset
+    stripped = inner.strip()
+    m = _TEXT_WRAP_RE.match(stripped)
+    if m:
+        start += inner.index(stripped) + m.start(1)
+        inner = m.group(1)
+    word = inner.strip()
+    start += inner.find(word) if word else 0
+    answer = {"safe": Label.SAFE, "unsafe": Label.UNSAFE}.get(word.lower(), Label.UNKNOWN)
+    return ParsedOutput(format_ok, answer, reasoning, content, start if answer != Label.UNKNOWN else None)
+
+
+# --------------------------------------------------------------------------- probabilities
+
+TokenCandidates = Sequence[tuple[str, float]]
+"""Top candidates at one generated position: (decoded token text, logprob)."""
+
+
+def unsafe_probability(
+    token_texts: Sequence[str],
+    candidates: Sequence[TokenCandidates] | None,
+) -> float | None:
+    """P(unsafe) / (P(unsafe) + P(safe)) at the generated token where the answer word starts.
+
+    ``token_texts`` are the decoded generated tokens, ``candidates[i]`` the top logprobs at
+    position ``i``. The answer is located by parsing the joined token texts (the same rules as
+    ``parse_output``). A candidate counts for ``unsafe`` when its text, after the prefix the chosen
+    token had before the answer (e.g. ``{``), starts the word ``unsafe`` (``u``, ``un``, ``unsafe``,
+    any case), likewise for ``safe``. ``None`` when the answer or both classes are missing.
+    """
+    if not candidates or len(candidates) != len(token_texts):
+        return None
+    answer_start = parse_output("".join(token_texts)).answer_start
+    if answer_start is None:
+        return None
+    pos = 0
+    for i, tok in enumerate(token_texts):
+        if pos <= answer_start < pos + len(tok):
+            prefix = tok[: answer_start - pos]
+            p_safe = p_unsafe = 0.0
+            for text, logprob in candidates[i]:
+                if not text.startswith(prefix) or logprob is None or math.isnan(logprob):
+                    continue
+                rest = text[len(prefix):].lower()
+                if not rest:
+                    continue
+                if "unsafe".startswith(rest) or rest.startswith("unsafe"):
+                    p_unsafe += math.exp(logprob)
+                elif "safe".startswith(rest) or rest.startswith("safe"):
+                    p_safe += math.exp(logprob)
+            total = p_safe + p_unsafe
+            return None if total <= 0 else p_unsafe / total
+        pos += len(tok)
+    return None
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def categories_in(reasoning: str | None, policy: Policy) -> list[str]:
+    """Codes of the policy's categories named in the reasoning (by code or by name), policy order."""
+    if not reasoning:
+        return []
+    low = reasoning.lower()
+    found = []
+    for cat in policy.categories:
+        by_code = re.search(rf"(?<![A-Za-z0-9]){re.escape(cat.code.lower())}(?![0-9A-Za-z])", low)
+        if by_code or cat.name.lower() in low:
+            found.append(cat.code)
+    return found
+
+
+class Timings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queued_ms: float = 0.0
+    """From the request's arrival (e.g. consumed from Kafka) to its engine call."""
+    engine_ms: float = 0.0
+    """The engine call that produced this verdict (the whole batch's call)."""
+    total_ms: float = 0.0
+
+
+class Verdict(BaseModel):
+    """The guard's decision on one message, with everything needed to review it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    label: Label
+    unsafe_probability: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
+    """From the logprobs at the answer token, normalised over safe/unsafe; None if unavailable."""
+    categories: list[str] = []
+    """Category codes named in the reasoning (best effort; only for unsafe verdicts)."""
+    reasoning: str | None = None
+    raw_output: str | None = None
+    format_ok: bool = False
+    level: str | None = None
+    policy: str | None = None
+    policy_version: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    truncated_input: bool = False
+    """The message was longer than the configured limit and was cut before judging."""
+    prompt_hash: str | None = None
+    error_reason: str | None = None
+    latency_ms: float = 0.0
+    timings: Timings = Timings()
+
+    @property
+    def flagged(self) -> bool:
+        return self.label == Label.UNSAFE
+
+
+def decide(parsed: ParsedOutput, probability: float | None, threshold: float) -> Label:
+    """The verdict label: the policy threshold on the probability when the answer was readable."""
+    if parsed.answer == Label.UNKNOWN:
+        return Label.UNKNOWN
+    if probability is None:
+        return parsed.answer
+    return Label.UNSAFE if probability >= threshold else Label.SAFE

@@ -1,0 +1,62 @@
+"""Shared fixtures: the demo model (built once, cached) and real engines on it (started once)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# vLLM on CPU: the KV cache size must be set (see ENVIRONMENT.md); harmless on GPU.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The bundled demo guard model (`make test` builds it into .cache/demo-model first)."""
+    from rsafe.models.demo_model import build_demo_model
+
+    path = Path(os.environ.get("RSAFE_DEMO_MODEL", ROOT / ".cache" / "demo-model"))
+    return build_demo_model(path)
+
+
+@pytest.fixture(scope="session")
+def demo_lora_dir(demo_model_dir: Path) -> Path:
+    from rsafe.models.demo_model import build_demo_lora
+
+    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora")
+
+
+def demo_engine_config(model_dir: Path, backend: str = "vllm", **overrides):
+    """Engine settings for the demo model on this CPU (float32, eager, small context)."""
+    from rsafe.models import EngineConfig, GenerationConfig
+
+    base = dict(backend=backend, model=str(model_dir), model_id="rsafe-demo", dtype="float32",
+                max_model_len=1024, gpu_memory_utilization=0.5, enforce_eager=True,
+                generation=GenerationConfig(max_tokens=128))
+    base.update(overrides)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def vllm_guard(demo_model_dir: Path, demo_lora_dir: Path):
+    """One in-process vLLM engine on the demo model for the whole session (LoRA enabled)."""
+    from rsafe.models import Guard
+
+    cfg = demo_engine_config(demo_model_dir, enable_lora=True, max_lora_rank=8,
+                             lora_adapters={"demo-lora": str(demo_lora_dir)})
+    guard = Guard.from_config(cfg)
+    yield guard
+    guard.close()
+
+
+@pytest.fixture(scope="session")
+def hf_guard(demo_model_dir: Path):
+    from rsafe.models import Guard
+
+    guard = Guard.from_config(demo_engine_config(demo_model_dir, backend="transformers"))
+    yield guard
+    guard.close()
