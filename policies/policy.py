@@ -187,11 +187,14 @@ class PolicyRegistry:
             if not d.is_dir():
                 raise PolicyError(f"{d}: policy directory does not exist")
             for f in sorted(list(d.glob("*.yaml")) + list(d.glob("*.yml"))):
-                reg.add(load_policy(f), str(f), replace=(d != BUNDLED_DIR))
+                reg.add(load_policy(f), str(f))
         return reg
 
-    def add(self, policy: Policy, source: str = "<memory>", replace: bool = False) -> None:
-        if policy.name in self._policies and not replace:
+    def add(self, policy: Policy, source: str = "<memory>") -> None:
+        """Register a policy. A user policy may replace a bundled one of the same name; two user
+        policies with one name are an error."""
+        previous = self._sources.get(policy.name)
+        if previous is not None and Path(previous).parent != BUNDLED_DIR:
             raise PolicyError(
                 f"{source}: policy name {policy.name!r} is already defined in {self._sources[policy.name]}"
             )
