@@ -46,7 +46,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace):
     from rsafe.models import EngineConfig, GenerationConfig, InputLimits
 
-    on_cpu = args.engine != "openai" and not _has_cuda()
+    from rsafe.models.config import cuda_available
+
+    on_cpu = args.engine != "openai" and not cuda_available()
     loras = {}
     for item in args.lora:
         name, sep, path = item.partition("=")
@@ -65,15 +67,6 @@ def engine_config_from_args(args: argparse.Namespace):
         )
     except ValueError as err:
         _die(str(err))
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def policy_registry(dirs: list[str]):

@@ -111,3 +111,23 @@ class EngineConfig(BaseModel):
     @property
     def display_id(self) -> str:
         return self.model_id or self.model
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch, broken driver: no GPU
+        return False
+
+
+def local_engine_config(model: str, backend: Backend = "vllm", **overrides) -> EngineConfig:
+    """Settings for a model on this machine: GPU defaults, or CPU-safe ones (float32, eager,
+    half the host memory, 1024-token context) when there is no GPU. ``overrides`` win."""
+    gpu = cuda_available()
+    base = dict(backend=backend, model=model, dtype="auto" if gpu else "float32",
+                max_model_len=4096 if gpu else 1024, gpu_memory_utilization=0.9 if gpu else 0.5,
+                enforce_eager=not gpu)
+    base.update(overrides)
+    return EngineConfig(**base)

@@ -209,9 +209,12 @@ class VLLMBackend:
 
     def close(self) -> None:
         engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()
-            self._engine = None
+        if engine is not None and self._thread.is_alive():
+            async def shutdown() -> None:  # in the engine's own loop, so its tasks end quietly
+                engine.shutdown()
+
+            self._call(shutdown())
+        self._engine = None
         self._stop_loop()
 
 

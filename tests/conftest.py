@@ -31,14 +31,13 @@ def demo_lora_dir(demo_model_dir: Path) -> Path:
 
 
 def demo_engine_config(model_dir: Path, backend: str = "vllm", **overrides):
-    """Engine settings for the demo model on this CPU (float32, eager, small context)."""
-    from rsafe.models import EngineConfig, GenerationConfig
+    """Engine settings for the demo model on this machine (CPU: float32, eager, small context)."""
+    from rsafe.models import GenerationConfig
+    from rsafe.models.config import local_engine_config
 
-    base = dict(backend=backend, model=str(model_dir), model_id="rsafe-demo", dtype="float32",
-                max_model_len=1024, gpu_memory_utilization=0.5, enforce_eager=True,
-                generation=GenerationConfig(max_tokens=128))
+    base = dict(model_id="rsafe-demo", generation=GenerationConfig(max_tokens=128))
     base.update(overrides)
-    return EngineConfig(**base)
+    return local_engine_config(str(model_dir), backend, **base)
 
 
 @pytest.fixture(scope="session")

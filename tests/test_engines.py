@@ -18,8 +18,6 @@ from rsafe.models import EngineConfig, EngineError, GenerationConfig, Guard, Lab
 from rsafe.models.demo_model import synthetic_examples
 from rsafe.policies import default_policy
 
-from conftest import demo_engine_config
-
 pytestmark = pytest.mark.slow
 
 BENIGN = "Can you give me a recipe for banana bread?"
@@ -52,6 +50,10 @@ def test_vllm_batch_verdicts(vllm_guard):
 
 
 def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guard):
+    from rsafe.models import InputLimits
+
+    guard = Guard(vllm_guard.backend, policies=vllm_guard.policies, generation=vllm_guard.generation,
+                  limits=InputLimits(max_chars=500))
     reqs = [
         {"id": "ok", "prompt": BENIGN},
         {"id": "empty", "prompt": "   \n"},
@@ -63,7 +65,7 @@ def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guar
         {"id": "extra", "prompt": BENIGN, "colour": "red"},
         {"id": "resp", "prompt": HARMFUL, "response": ""},
     ]
-    v = {x.id: x for x in vllm_guard.classify(reqs)}
+    v = {x.id: x for x in guard.classify(reqs)}
     assert len(v) == len(reqs)
     assert v["ok"].label in (Label.SAFE, Label.UNSAFE)
     assert v["empty"].label == Label.ERROR and "prompt is empty" in v["empty"].error_reason
@@ -74,6 +76,9 @@ def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guar
     assert v["adapter"].label == Label.ERROR and "unknown adapter 'no-such-adapter'" in v["adapter"].error_reason
     assert "colour: Extra inputs are not permitted" in v["extra"].error_reason
     assert "response is empty" in v["resp"].error_reason
+    # longer than the model's context even after truncation: the engine's reason, not a crash
+    (too_long,) = vllm_guard.classify([{"prompt": "gardening " * 3000}])
+    assert too_long.label == Label.ERROR and too_long.truncated_input and too_long.error_reason
 
 
 def test_oversize_reject_mode(vllm_guard):
@@ -204,7 +209,7 @@ def test_cli_classify_jsonl(tmp_path, demo_model_dir):
     assert len(verdicts) == 5
     assert verdicts[0]["id"] == "a" and verdicts[0]["label"] in ("safe", "unsafe")
     assert verdicts[1]["level"] == "response"
-    assert verdicts[2]["label"] == "error" and "line 2: not valid JSON" in verdicts[2]["error_reason"]
+    assert verdicts[2]["label"] == "error" and "line 3: not valid JSON" in verdicts[2]["error_reason"]
     assert verdicts[3]["label"] == "error" and "prompt is empty" in verdicts[3]["error_reason"]
-    assert "expected a JSON object, got list" in verdicts[4]["error_reason"]
+    assert "line 6: expected a JSON object, got list" in verdicts[4]["error_reason"]
     assert "summary:" in res.stderr
