@@ -35,7 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=None, help="auto (GPU) / float32 (CPU default)")
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens (reasoning + answer)")
-    g.add_argument("--structured", action="store_true", help="constrain output to the RSafe format")
+    g.add_argument("--structured", action=argparse.BooleanOptionalAction, default=True,
+                   help="constrain output to the RSafe format (vLLM structured outputs; default on)")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="register a LoRA adapter")
     g.add_argument("--adapter", help="LoRA adapter name to use for every request")
     g.add_argument("--max-chars", type=int, default=16_000, help="longest message judged")

@@ -35,13 +35,13 @@ def main() -> None:
     t0 = time.perf_counter()
     guard = Guard.from_config(cfg)
     startup = time.perf_counter() - t0
-    reqs = [{"prompt": e.prompt, "response": e.response} for e in synthetic_examples(args.n, seed=7)
-            if e.policy == "rsafe-default"]
+    reqs = [{"prompt": e.prompt, "response": e.response, "policy": e.policy}
+            for e in synthetic_examples(args.n, seed=7)]
     variants = {
-        "batched, free decoding": (GenerationConfig(max_tokens=args.max_tokens), len(reqs)),
+        "batched, free decoding": (GenerationConfig(max_tokens=args.max_tokens, structured=False), len(reqs)),
         "batched, structured decoding": (GenerationConfig(max_tokens=args.max_tokens, structured=True,
                                                           max_reasoning_chars=400), len(reqs)),
-        "one at a time, free decoding": (GenerationConfig(max_tokens=args.max_tokens), 1),
+        "one at a time, free decoding": (GenerationConfig(max_tokens=args.max_tokens, structured=False), 1),
     }
     guard.classify(reqs[:4])  # warm-up
     rows = []

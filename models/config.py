@@ -25,9 +25,11 @@ class GenerationConfig:
     top_logprobs: int = 20
     """Candidates per generated token; the unsafe probability is read from these at the answer."""
     seed: int | None = None
-    structured: bool = False
+    structured: bool = True
     """Constrain decoding to ``<think>…</think>\\boxed{safe|unsafe}`` (vLLM structured outputs),
-    so every answer is parseable. Costs a grammar per request; see docs/BENCHMARKS.md."""
+    so every answer is parseable. On by default: its measured cost is within noise
+    (docs/BENCHMARKS.md). vLLM and OpenAI-compatible vLLM servers apply it; the transformers
+    backend ignores it."""
     max_reasoning_chars: int = 2000
     """Bound on the reasoning length under structured decoding."""
 
