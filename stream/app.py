@@ -1,0 +1,127 @@
+"""Faust wiring, in one place: the app, its input channel, the moderation agent and the sink.
+
+Messages are read as raw bytes (``value_serializer="raw"``) so that a malformed event reaches the
+worker and goes to the DLQ instead of failing inside Faust's decoder. The agent micro-batches with
+``noack_take`` and acks nothing itself: ``BatchPipeline`` acks each message after its records were
+acknowledged by the broker (Faust's ``take()`` would ack even a failed batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import faust
+
+from rsafe.stream.config import StreamConfig
+from rsafe.stream.moderate import Incoming, Outcome
+from rsafe.stream.pipeline import BatchPipeline, NotPublishable
+from rsafe.stream.records import SourceRef
+
+log = logging.getLogger("rsafe.stream.app")
+
+AGENT_NAME = "rsafe-moderate"
+
+
+def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
+    """The Faust app for ``cfg`` (no web server, raw bytes, manual topic management).
+
+    ``datadir``: Faust's state directory (it has no tables here); default a fresh temporary one,
+    so no ``<group>-data`` folder appears in the working directory.
+    """
+    return faust.App(
+        cfg.group_id,
+        datadir=datadir or tempfile.mkdtemp(prefix="rsafe-faust-"),
+        broker=cfg.faust_broker,
+        broker_credentials=cfg.security.faust_credentials(),
+        processing_guarantee=cfg.processing_guarantee,
+        web_enabled=False,
+        autodiscover=False,
+        store="memory://",
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset=cfg.auto_offset_reset,
+        stream_buffer_maxsize=cfg.stream_buffer,
+        stream_wait_empty=True,
+        broker_commit_interval=cfg.commit_interval_s,
+        producer_acks=-1,
+        producer_max_request_size=max(4 * cfg.max_event_bytes, 1 << 20),
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+    )
+
+
+@dataclass
+class FaustHandle:
+    stream: Any
+    event: Any
+
+
+def to_incoming(stream: Any, event: Any) -> Incoming:
+    m = event.message
+    ts = getattr(m, "timestamp", None)
+    return Incoming(value=m.value, key=m.key,
+                    source=SourceRef(topic=m.topic, partition=m.partition, offset=m.offset,
+                                     timestamp_ms=int(ts * 1000) if ts else None),
+                    handle=FaustHandle(stream, event))
+
+
+async def ack(inc: Incoming) -> None:
+    h: FaustHandle = inc.handle
+    await h.stream.ack(h.event)
+
+
+async def moderate_agent(stream: Any, *, pipeline: BatchPipeline, batch_size: int, linger_s: float) -> None:
+    """Micro-batch (up to ``batch_size`` events or ``linger_s``, across partitions) into the pipeline."""
+    async for events in stream.noack_take(batch_size, within=linger_s):
+        await pipeline.submit([to_incoming(stream, ev) for ev in events])
+
+
+class FaustSink:
+    """Publishes outcomes with the app's producer and waits for the broker's acknowledgements.
+
+    exactly_once: each record goes into the open transaction of its *input* partition (the one
+    whose offsets Faust commits with it), so records and offsets commit atomically.
+    """
+
+    def __init__(self, app: faust.App, transactional: bool):
+        self.app = app
+        self.transactional = transactional
+
+    def _transactional_id(self, source: SourceRef) -> str | None:
+        if not self.transactional:
+            return None
+        try:
+            group = self.app.assignor.group_for_topic(source.topic)
+        except KeyError:
+            raise NotPublishable(f"{source.topic} is not assigned to this worker any more") from None
+        tid = f"{self.app.conf.id}-{group}-{source.partition}"
+        if tid not in getattr(self.app.producer, "_transaction_producers", {tid: None}):
+            raise NotPublishable(f"no open transaction for {source.topic}[{source.partition}] "
+                                 "(partition revoked in a rebalance)")
+        return tid
+
+    async def write(self, outcomes: Sequence[Outcome]) -> None:
+        producer = self.app.producer
+        futures = []
+        for o in outcomes:
+            tid = self._transactional_id(o.incoming.source)
+            for r in o.records:
+                futures.append(await producer.send(r.topic, r.key, r.value, None, None, None,
+                                                   transactional_id=tid))
+        if futures:
+            await asyncio.gather(*futures)
+
+
+def wire(app: faust.App, cfg: StreamConfig, pipeline: BatchPipeline) -> Any:
+    """Register the moderation agent on every input topic (one channel, one agent instance)."""
+    channel = app.topic(*[t.topic for t in cfg.inputs], key_type=bytes, value_type=bytes,
+                        key_serializer="raw", value_serializer="raw")
+    fun = functools.partial(moderate_agent, pipeline=pipeline, batch_size=cfg.batch.size,
+                            linger_s=cfg.batch.linger_ms / 1000)
+    functools.update_wrapper(fun, moderate_agent)
+    return app.agent(channel, name=AGENT_NAME, concurrency=1)(fun)

@@ -1,0 +1,142 @@
+"""Micro-batching measurement: batch size × batches in flight.
+
+``python -m rsafe.stream.bench --model .cache/demo-model`` calls the engine directly;
+``--kafka`` runs the real worker on an embedded broker for each setting (events/s from the first
+event consumed to the last verdict published, and consumed → verdict latency). docs/STREAM.md
+records the numbers behind the worker's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import itertools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+
+def _requests(n: int):
+    from rsafe.models.guard import GuardRequest
+    from rsafe.stream.clients import read_messages
+    from rsafe.stream.demo import SAMPLES
+
+    rows = []
+    for m in read_messages(SAMPLES, envelope=True):
+        try:
+            v = json.loads(m.value)
+        except ValueError:
+            continue
+        if isinstance(v, dict) and isinstance(v.get("id"), str) and v.get("prompt", "").strip():
+            rows.append(v)
+    policy = {"chat.general": "rsafe-default", "chat.kids": "kids-platform"}
+    out = []
+    for i, v in zip(range(n), itertools.cycle(rows)):
+        out.append(GuardRequest(prompt=v["prompt"], response=v.get("response"), id=f"{v['id']}-{i}",
+                                policy=policy["chat.kids" if v["id"].startswith("k") else "chat.general"]))
+    return out
+
+
+async def _run(guard, requests, size: int, inflight: int) -> tuple[float, list[float]]:
+    sem = asyncio.Semaphore(inflight)
+    latencies: list[float] = []
+
+    async def one(batch):
+        async with sem:
+            t = time.perf_counter()
+            await guard.aclassify(batch, raise_engine_errors=True)
+            latencies.append((time.perf_counter() - t) * 1e3)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(requests[i:i + size]) for i in range(0, len(requests), size)))
+    return time.perf_counter() - t0, latencies
+
+
+async def _kafka_round(backend, engine_cfg, bootstrap: str, requests, size: int,
+                       inflight: int) -> tuple[float, list[float]]:
+    import uuid
+
+    from rsafe.stream.broker import ensure_topics
+    from rsafe.stream.clients import Message, produce
+    from rsafe.stream.config import load_config
+    from rsafe.stream.worker import GuardWorker, topic_specs
+
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    cfg = load_config(data={
+        "broker": bootstrap, "group_id": prefix, "engine": engine_cfg.model_dump(mode="json"),
+        "inputs": [{"topic": f"{prefix}.general", "policy": "rsafe-default"},
+                   {"topic": f"{prefix}.kids", "policy": "kids-platform"}],
+        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq"},
+        "batch": {"size": size, "linger_ms": 50, "max_inflight": inflight}, "policy_reload": {"watch": False},
+    }, env={})
+    await asyncio.to_thread(ensure_topics, cfg.bootstrap, topic_specs(cfg))
+    latencies: list[float] = []
+    first: list[float] = []
+
+    def published(outcomes) -> None:
+        for o in outcomes:
+            first.append(o.incoming.arrived)
+            latencies.append(o.verdict.timings.total_ms if o.verdict else 0.0)
+
+    worker = GuardWorker(cfg, backend=backend, on_published=published)
+    task = asyncio.create_task(worker.run())
+    await worker.ready.wait()
+    msgs = [Message(f"{prefix}.kids" if r.policy == "kids-platform" else f"{prefix}.general", None,
+                    json.dumps({"id": r.id, "prompt": r.prompt, "response": r.response}).encode()) for r in requests]
+    await asyncio.to_thread(produce, cfg.bootstrap, msgs)
+    while len(latencies) < len(msgs):
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - min(first)
+    worker.request_stop()
+    await task
+    return wall, latencies
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--events", type=int, default=96)
+    p.add_argument("--sizes", default="8,16,32")
+    p.add_argument("--inflight", default="1,2,4")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--kafka", action="store_true", help="through the real worker on an embedded broker")
+    args = p.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rsafe.models import EngineConfig, GenerationConfig, Guard
+
+    cfg = EngineConfig(model=str(Path(args.model)), model_id="rsafe-demo", dtype="float32", max_model_len=1024,
+                       gpu_memory_utilization=0.5, enforce_eager=True,
+                       generation=GenerationConfig(max_tokens=args.max_tokens))
+    guard = Guard.from_config(cfg)
+    broker = None
+    try:
+        requests = _requests(args.events)
+        asyncio.run(_run(guard, requests[:16], 16, 1))  # warm-up
+        what = "event p50 ms" if args.kafka else "batch p50 ms"
+        print(f"{'size':>5} {'inflight':>8} {'events/s':>9} {what:>13} {what.replace('p50', 'max'):>13}")
+        if args.kafka:
+            import tempfile
+
+            from rsafe.stream.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker(tempfile.mkdtemp(prefix="rsafe-bench-"), port=0).start()
+            atexit.register(shutil.rmtree, broker.data_dir, True)
+        for size, inflight in itertools.product(map(int, args.sizes.split(",")), map(int, args.inflight.split(","))):
+            if args.kafka:
+                wall, lat = asyncio.run(_kafka_round(guard.backend, cfg, broker.bootstrap, requests, size, inflight))
+            else:
+                wall, lat = asyncio.run(_run(guard, requests, size, inflight))
+            lat.sort()
+            print(f"{size:>5} {inflight:>8} {len(requests) / wall:>9.1f} {lat[len(lat) // 2]:>13.0f} {lat[-1]:>13.0f}",
+                  flush=True)
+    finally:
+        if broker is not None:
+            broker.stop()
+        guard.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""Worker configuration: one YAML file, validated by pydantic, environment variables on top.
+
+Environment overrides use the prefix ``RSAFE_`` and ``__`` between nested fields; values are read
+as YAML scalars (``RSAFE_BATCH__SIZE=32``, ``RSAFE_BATCH__LINGER_MS=50``). Two short forms exist
+for what operators change most: ``RSAFE_BROKER`` (broker URL(s)) and ``RSAFE_GROUP_ID``. Only
+variables whose first part names a top-level field are read (``RSAFE_DEMO_MODEL`` is left alone).
+
+Only the CLI and the stream wiring read this; ``rsafe.models`` receives ``EngineConfig`` objects.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rsafe.models.config import EngineConfig
+
+ENV_PREFIX = "RSAFE_"
+DEFAULT_BROKER = "kafka://127.0.0.1:9092"
+AUDIT_TOPIC = "rsafe.audit"
+DLQ_TOPIC = "rsafe.dlq"
+VERDICTS_SUFFIX = ".verdicts"
+TOPIC_RE = r"^[A-Za-z0-9._-]{1,249}$"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and the field."""
+
+
+class OnError(str, Enum):
+    """What a topic publishes when the engine cannot judge an event (after retries)."""
+
+    ERROR = "error"
+    """An ``error`` verdict that says why (default): downstream decides."""
+    UNSAFE = "unsafe"
+    """Fail closed: an ``unsafe`` verdict, marked ``fallback: true``."""
+    SAFE = "safe"
+    """Fail open: a ``safe`` verdict, marked ``fallback: true``."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> OnError | None:
+        aliases = {"fail_closed": cls.UNSAFE, "fail-closed": cls.UNSAFE,
+                   "fail_open": cls.SAFE, "fail-open": cls.SAFE}
+        return aliases.get(str(value).lower()) if isinstance(value, str) else None
+
+
+class Level(str, Enum):
+    PROMPT = "prompt"
+    """Judge the user's prompt (a response, if present, is ignored)."""
+    RESPONSE = "response"
+    """Judge the assistant's response; events without one go to the DLQ."""
+    AUTO = "auto"
+    """Response level when the event has a response, else prompt level."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputTopic(_Strict):
+    """One input topic and how its events are judged."""
+
+    topic: Annotated[str, Field(pattern=TOPIC_RE)]
+    policy: str
+    """Policy name (bundled, or from ``policy_dirs``)."""
+    level: Level = Level.AUTO
+    allow_policy_override: bool = False
+    """Events may name another policy in their ``policy`` field. When false, an event that names a
+    different policy goes to the DLQ (``policy_override_disabled``)."""
+    on_error: OnError = OnError.ERROR
+    adapter: str | None = None
+    """LoRA adapter (``engine.lora_adapters`` name) used for this topic's events."""
+    verdicts_topic: Annotated[str | None, Field(pattern=TOPIC_RE)] = None
+    """Default ``<topic>.verdicts``."""
+    partitions: Annotated[int, Field(ge=1)] = 3
+    """Used when the worker creates the topic (``create_topics``)."""
+
+
+class Outputs(_Strict):
+    audit_topic: Annotated[str, Field(pattern=TOPIC_RE)] = AUDIT_TOPIC
+    dlq_topic: Annotated[str, Field(pattern=TOPIC_RE)] = DLQ_TOPIC
+    verdicts_suffix: str = VERDICTS_SUFFIX
+    partitions: Annotated[int, Field(ge=1)] = 3
+    """Partitions of the output topics when the worker creates them."""
+    reasoning_summary_chars: Annotated[int, Field(ge=0)] = 200
+    """Length of the reasoning summary in verdict records (0: none; the audit keeps it all)."""
+
+
+class Batching(_Strict):
+    size: Annotated[int, Field(ge=1, le=4096)] = 16
+    """Most events per engine call."""
+    linger_ms: Annotated[float, Field(ge=1)] = 100
+    """Longest wait for a batch to fill once its first event arrived."""
+    max_inflight: Annotated[int, Field(ge=1, le=64)] = 2
+    """Batches in the engine at once. The consumer stops fetching when all slots are busy and
+    ``buffer`` events wait. ``size × max_inflight`` is the engine's concurrency; docs/STREAM.md has
+    the measurement behind the defaults."""
+    buffer: Annotated[int | None, Field(ge=1)] = None
+    """Events buffered per input partition before fetching pauses (default ``2 * size``)."""
+
+
+class Retry(_Strict):
+    attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    """Engine calls per batch before ``on_error`` applies."""
+    backoff_ms: Annotated[float, Field(ge=0)] = 200
+    """First wait between attempts; doubled each time up to ``max_backoff_ms``."""
+    max_backoff_ms: Annotated[float, Field(ge=0)] = 5_000
+
+
+class Audit(_Strict):
+    content: Literal["full", "hash", "redacted"] = "full"
+    """full: prompt/response text and metadata; hash: their sha256; redacted: lengths only."""
+
+
+class Security(_Strict):
+    """Client security, passed through to the Kafka clients (Faust, aiokafka, kafka-python)."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Security:
+        if self.protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"protocol {self.protocol} needs sasl_username and sasl_password "
+                             "(e.g. RSAFE_SECURITY__SASL_PASSWORD)")
+        return self
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if "SSL" not in self.protocol:
+            return None
+        ctx = ssl.create_default_context(cafile=self.ssl_cafile)
+        ctx.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            ctx.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
+        return ctx
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka and kafka-python clients."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        kw: dict[str, Any] = {"security_protocol": self.protocol}
+        ctx = self.ssl_context()
+        if ctx is not None:
+            kw["ssl_context"] = ctx
+        if self.protocol.startswith("SASL"):
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=self.sasl_password)
+        return kw
+
+    def faust_credentials(self) -> Any:
+        import faust
+
+        if self.protocol == "PLAINTEXT":
+            return None
+        if self.protocol == "SSL":
+            return faust.SSLCredentials(self.ssl_context())
+        return faust.SASLCredentials(username=self.sasl_username, password=self.sasl_password,
+                                     mechanism=self.sasl_mechanism, ssl_context=self.ssl_context())
+
+
+class EmbeddedBroker(_Strict):
+    """The development broker started when no broker is configured and none is reachable."""
+
+    enabled: bool = True
+    data_dir: str = ".cache/broker"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9092
+
+
+class PolicyReload(_Strict):
+    watch: bool = True
+    """Reload policies when a policy file changes (polled) and on SIGHUP."""
+    interval_s: Annotated[float, Field(gt=0)] = 2.0
+
+
+class Faults(_Strict):
+    """Test hooks. Off unless set; never set them in production."""
+
+    engine_fail_marker: str | None = None
+    """A batch holding an event whose text contains this marker fails in the engine, every attempt."""
+
+
+def parse_brokers(value: str | list[str]) -> list[str] | None:
+    """``kafka://h1:9092;kafka://h2:9092``, ``h1:9092,h2:9092`` or a list → ``[host:port, ...]``."""
+    items = value.replace(";", ",").split(",") if isinstance(value, str) else list(value)
+    out = []
+    for url in items:
+        url = str(url).strip()
+        if not url:
+            continue
+        host_port = url.split("://", 1)[-1].rstrip("/")
+        host, sep, port = host_port.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"broker {url!r}: expected host:port or kafka://host:port")
+        out.append(host_port)
+    return out or None
+
+
+class StreamConfig(_Strict):
+    broker: list[str] | None = None
+    """Broker URL(s): ``kafka://h1:9092;kafka://h2:9092``, ``h1:9092,h2:9092`` or a list.
+    Unset: ``kafka://127.0.0.1:9092`` if it answers, else the embedded broker."""
+    security: Security = Field(default_factory=Security)
+    group_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,200}$")] = "rsafe-guard"
+    """Consumer group; also the Faust app id."""
+    worker_id: str | None = None
+    """Reported in audit records; default ``<hostname>-<pid>``."""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where a new consumer group starts: earliest (moderate the retained history) or latest."""
+    inputs: Annotated[list[InputTopic], Field(min_length=1)]
+    outputs: Outputs = Field(default_factory=Outputs)
+    batch: Batching = Field(default_factory=Batching)
+    retry: Retry = Field(default_factory=Retry)
+    audit: Audit = Field(default_factory=Audit)
+    engine: EngineConfig | None = None
+    """Engine settings (``rsafe.models.EngineConfig``); ``--model`` fills ``engine.model``."""
+    policy_dirs: list[str] = []
+    """Extra directories of policy YAML files (the bundled policies are always there)."""
+    default_policy: str = "rsafe-default"
+    policy_reload: PolicyReload = Field(default_factory=PolicyReload)
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """exactly_once: verdict, audit and DLQ records and the input offsets commit in one Kafka
+    transaction per input partition (consumers read with ``isolation_level=read_committed``)."""
+    create_topics: bool = True
+    """Create missing input and output topics at start (the audit topic compacted)."""
+    max_event_bytes: Annotated[int, Field(gt=0)] = 256_000
+    """Events larger than this go to the DLQ (``too_large``, first ``max_event_bytes`` kept) without
+    being parsed. Keep it under a third of the broker's ``message.max.bytes``: the audit record
+    carries the content next to the reasoning."""
+    commit_interval_s: Annotated[float, Field(gt=0)] = 2.0
+    shutdown_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    embedded_broker: EmbeddedBroker = Field(default_factory=EmbeddedBroker)
+    faults: Faults = Field(default_factory=Faults)
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _parse_broker(cls, value: Any) -> Any:
+        return parse_brokers(value) if isinstance(value, (str, list)) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> StreamConfig:
+        topics = [t.topic for t in self.inputs]
+        dupes = sorted({t for t in topics if topics.count(t) > 1})
+        if dupes:
+            raise ValueError(f"inputs: topic {dupes[0]!r} is listed twice")
+        outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, *self.verdict_topics().values()}
+        clash = outputs & set(topics)
+        if clash:
+            raise ValueError(f"inputs: topic {sorted(clash)[0]!r} is also an output topic")
+        if self.processing_guarantee == "exactly_once" and self.batch.max_inflight != 1:
+            # One open transaction per input partition: a second batch in flight would publish
+            # into the transaction that commits the first one's offsets.
+            self.batch = self.batch.model_copy(update={"max_inflight": 1})
+        return self
+
+    # ------------------------------------------------------------------ derived
+
+    def verdicts_topic(self, inp: InputTopic) -> str:
+        return inp.verdicts_topic or f"{inp.topic}{self.outputs.verdicts_suffix}"
+
+    def verdict_topics(self) -> dict[str, str]:
+        return {t.topic: self.verdicts_topic(t) for t in self.inputs}
+
+    def input(self, topic: str) -> InputTopic:
+        for t in self.inputs:
+            if t.topic == topic:
+                return t
+        raise KeyError(topic)
+
+    @property
+    def bootstrap(self) -> list[str]:
+        """``host:port`` list (for aiokafka / kafka-python)."""
+        return list(self.broker or [DEFAULT_BROKER.split("://", 1)[1]])
+
+    @property
+    def faust_broker(self) -> str:
+        return ";".join(f"kafka://{b}" for b in self.bootstrap)
+
+    @property
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def stream_buffer(self) -> int:
+        return self.batch.buffer or 2 * self.batch.size
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_path(data: dict, path: list[str], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        nxt = node.get(key)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[key] = nxt
+        node = nxt
+    node[path[-1]] = value
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``RSAFE_*`` variables that name a config field, as a nested dict."""
+    fields = set(StreamConfig.model_fields)
+    out: dict[str, Any] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if path[0] not in fields:
+            continue
+        raw = env[name]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if path == ["broker"] and value is not None:
+            value = str(raw)
+        _set_path(out, path, value)
+    return out
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
+
+
+def load_config(path: str | Path | None = None, *, data: Mapping[str, Any] | None = None,
+                env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None) -> StreamConfig:
+    """YAML file (or ``data``) ← environment (``RSAFE_*``) ← ``overrides`` (CLI flags)."""
+    source = str(path) if path else "<config>"
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as err:
+            raise ConfigError(f"{source}: cannot read config: {err}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the config must be a mapping, got {type(loaded).__name__}")
+        raw = loaded or {}
+    if data is not None:
+        raw = _merge(raw, data)
+    raw = _merge(raw, env_overrides(os.environ if env is None else env))
+    if overrides:
+        raw = _merge(raw, overrides)
+    try:
+        return StreamConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None

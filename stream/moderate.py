@@ -1,0 +1,308 @@
+"""One micro-batch of consumed messages → the records to publish. No Kafka in here.
+
+The steps read as a chain: ``decode`` (bytes → ``ChatEvent`` or DLQ) → ``route`` (topic → policy,
+level, adapter; checks the guard would refuse) → ``judge`` (one engine call for the batch, bounded
+retries with backoff, then the topic's ``on_error``) → ``records`` (verdict + audit, or DLQ).
+Every message gets exactly one outcome; nothing here raises except cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Sequence
+
+from pydantic import BaseModel
+
+from rsafe.models.guard import Guard, GuardRequest
+from rsafe.models.prompt import resolve_level
+from rsafe.models.verdict import Label, Verdict
+from rsafe.policies import Level as PolicyLevel
+from rsafe.stream.config import InputTopic, Level, OnError, StreamConfig
+from rsafe.stream.records import (
+    AuditContent,
+    AuditRecord,
+    ChatEvent,
+    ContentMode,
+    DLQReason,
+    DLQRecord,
+    Rejected,
+    SourceRef,
+    StreamTimings,
+    VerdictRecord,
+    b64,
+    decode_event,
+    dumps,
+    sha256_text,
+    utcnow,
+)
+from rsafe.stream.telemetry import Telemetry
+
+log = logging.getLogger("rsafe.stream.moderate")
+
+
+@dataclass
+class Incoming:
+    """A consumed message and where it came from."""
+
+    value: bytes | None
+    key: bytes | None
+    source: SourceRef
+    arrived: float = field(default_factory=time.perf_counter)
+    """``time.perf_counter()`` when consumed."""
+    consumed_at: datetime = field(default_factory=utcnow)
+    handle: Any = None
+    """The Faust event (acked once the outcome is published)."""
+
+
+@dataclass
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class Outcome:
+    incoming: Incoming
+    kind: Literal["verdict", "dlq"]
+    records: list[OutRecord]
+    verdict: VerdictRecord | None = None
+    audit: AuditRecord | None = None
+    dlq: DLQRecord | None = None
+
+
+@dataclass
+class _Routed:
+    incoming: Incoming
+    event: ChatEvent
+    topic: InputTopic
+    request: GuardRequest
+
+
+def summarize(reasoning: str | None, limit: int) -> str | None:
+    """The first ``limit`` characters of the reasoning, whitespace collapsed, cut at a word."""
+    if not reasoning or limit <= 0:
+        return None
+    text = re.sub(r"\s+", " ", reasoning).strip()
+    if len(text) <= limit:
+        return text or None
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;:") + "…"
+
+
+class Moderator:
+    """Turns batches of ``Incoming`` into ``Outcome``s with one engine call per batch."""
+
+    def __init__(self, cfg: StreamConfig, guard: Guard, *, worker_id: str, telemetry: Telemetry,
+                 model_version: str | None = None, adapter_versions: dict[str, str | None] | None = None):
+        self.cfg = cfg
+        self.guard = guard
+        self.worker_id = worker_id
+        self.telemetry = telemetry
+        self.model_version = model_version
+        self.adapter_versions = adapter_versions or {}
+        self.sampling = dataclasses.asdict(guard.generation)
+
+    # ------------------------------------------------------------------ decode + route
+
+    def route(self, inc: Incoming) -> _Routed:
+        """Decode and route one message, or raise ``Rejected`` (→ DLQ)."""
+        event = decode_event(inc.value, max_bytes=self.cfg.max_event_bytes)
+        try:
+            topic = self.cfg.input(inc.source.topic)
+        except KeyError:
+            raise Rejected(DLQReason.INTERNAL, f"no input configured for topic {inc.source.topic!r}",
+                           event.id) from None
+        policy = topic.policy
+        if event.policy is not None and event.policy != topic.policy:
+            if not topic.allow_policy_override:
+                raise Rejected(DLQReason.POLICY_OVERRIDE_DISABLED,
+                               f"event asks for policy {event.policy!r} but topic {topic.topic!r} "
+                               f"judges with {topic.policy!r} and does not allow overrides", event.id)
+            policy = event.policy
+        if policy not in self.guard.policies:
+            raise Rejected(DLQReason.UNKNOWN_POLICY, f"unknown policy {policy!r}; known: "
+                           f"{', '.join(self.guard.policies.names())}", event.id)
+        level: PolicyLevel | None = None
+        if topic.level == Level.PROMPT:
+            level = PolicyLevel.PROMPT
+        elif topic.level == Level.RESPONSE:
+            if event.response is None:
+                raise Rejected(DLQReason.SCHEMA, f"topic {topic.topic!r} judges responses but the event "
+                               "has no response", event.id)
+            level = PolicyLevel.RESPONSE
+        limits = self.guard.limits
+        if limits.on_oversize == "reject":
+            for name in ("prompt", "response"):
+                text = getattr(event, name)
+                if text is not None and len(text) > limits.max_chars:
+                    raise Rejected(DLQReason.TOO_LARGE, f"{name} is {len(text)} characters, over the "
+                                   f"limit of {limits.max_chars}", event.id)
+        request = GuardRequest(prompt=event.prompt,
+                               response=event.response if level != PolicyLevel.PROMPT else None,
+                               id=event.id, policy=policy, level=level, adapter=topic.adapter)
+        checked = self.guard.prepare(request, arrived=inc.arrived)
+        if isinstance(checked, Verdict):
+            raise Rejected(DLQReason.INVALID_CONTENT, checked.error_reason or "rejected by the guard", event.id)
+        return _Routed(inc, event, topic, request)
+
+    # ------------------------------------------------------------------ judge
+
+    async def judge(self, routed: Sequence[_Routed]) -> tuple[list[Verdict] | None, int, str | None]:
+        """One engine call for the batch, retried with backoff. (verdicts or None, attempts, error)."""
+        if not routed:
+            return [], 0, None
+        retry = self.cfg.retry
+        requests = [r.request for r in routed]
+        arrived = [r.incoming.arrived for r in routed]
+        error: str | None = None
+        for attempt in range(1, retry.attempts + 1):
+            try:
+                verdicts = await self.guard.aclassify(requests, arrived=arrived, raise_engine_errors=True)
+                return verdicts, attempt, None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - EngineError or anything the engine raised
+                error = f"{type(err).__name__}: {err}"
+                self.telemetry.engine_failure()
+                if attempt < retry.attempts:
+                    delay = min(retry.backoff_ms * 2 ** (attempt - 1), retry.max_backoff_ms) / 1e3
+                    log.warning("engine call for %d events failed (attempt %d/%d): %s; retrying in %.2f s",
+                                len(requests), attempt, retry.attempts, error, delay)
+                    await asyncio.sleep(delay)
+                else:
+                    log.error("engine call for %d events failed %d times, applying on_error: %s",
+                              len(requests), attempt, error)
+        return None, retry.attempts, error
+
+    # ------------------------------------------------------------------ records
+
+    def _content(self, event: ChatEvent) -> AuditContent:
+        mode = ContentMode(self.cfg.audit.content)
+        c = AuditContent(mode=mode, prompt_chars=len(event.prompt),
+                         response_chars=None if event.response is None else len(event.response))
+        if mode == ContentMode.FULL:
+            c.prompt, c.response, c.metadata = event.prompt, event.response, event.metadata
+        if mode in (ContentMode.FULL, ContentMode.HASH):
+            c.prompt_sha256, c.response_sha256 = sha256_text(event.prompt), sha256_text(event.response)
+        return c
+
+    def verdict_outcome(self, r: _Routed, v: Verdict | None, *, attempts: int, batch_size: int,
+                        engine_error: str | None, started: float, engine_ms: float) -> Outcome:
+        inc, event, topic = r.incoming, r.event, r.topic
+        now = time.perf_counter()
+        decided = utcnow()
+        failed = v is None or v.label == Label.ERROR
+        if failed:
+            reason = (v.error_reason if v is not None else None) or engine_error or "engine failure"
+            on_error = topic.on_error
+            label = on_error.value
+            fallback = True
+            policy_obj = self.guard.policies.get(r.request.policy) if r.request.policy in self.guard.policies else None
+            policy_name = v.policy if v is not None and v.policy else r.request.policy
+            policy_version = (v.policy_version if v is not None and v.policy_version
+                              else policy_obj.version if policy_obj else None)
+            unsafe_p, categories = None, []
+            if on_error != OnError.ERROR:
+                reason = f"{reason} (on_error: {on_error.value})"
+        else:
+            reason, label, fallback = None, v.label.value, False
+            policy_name, policy_version = v.policy, v.policy_version
+            unsafe_p, categories = v.unsafe_probability, list(v.categories)
+        if v is not None and v.level:
+            level = v.level
+        else:
+            policy_now = self.guard.policies.get(r.request.policy) if r.request.policy in self.guard.policies else None
+            level = resolve_level(policy_now, r.request.response, r.request.level).value if policy_now else None
+        timings = StreamTimings(queued_ms=(started - inc.arrived) * 1e3, engine_ms=engine_ms,
+                                total_ms=(now - inc.arrived) * 1e3, batch_size=batch_size, attempts=attempts)
+        adapter = r.request.adapter
+        common = dict(conversation_id=self.conversation_id(inc, event), label=label,
+                      unsafe_probability=unsafe_p, categories=categories, level=level,
+                      policy=policy_name, policy_version=policy_version, model=self.guard.model_id,
+                      model_version=self.model_version, adapter=adapter,
+                      adapter_version=self.adapter_versions.get(adapter) if adapter else None,
+                      error_reason=reason, fallback=fallback,
+                      truncated_input=bool(v and v.truncated_input), source=inc.source,
+                      worker_id=self.worker_id, decided_at=decided, timings=timings)
+        verdict = VerdictRecord(id=event.id, reasoning_summary=summarize(
+            v.reasoning if v is not None and not failed else None, self.cfg.outputs.reasoning_summary_chars),
+            **common)
+        audit = AuditRecord(
+            event_id=event.id, model_label=None if failed or v is None else v.label.value,
+            reasoning=v.reasoning if v is not None else None, raw_output=v.raw_output if v is not None else None,
+            format_ok=bool(v and v.format_ok), finish_reason=v.finish_reason if v is not None else None,
+            content=self._content(event), rendered_prompt_sha256=v.prompt_hash if v is not None else None,
+            prompt_tokens=v.prompt_tokens if v is not None else 0,
+            completion_tokens=v.completion_tokens if v is not None else 0,
+            sampling=self.sampling, processing_guarantee=self.cfg.processing_guarantee,
+            event_created_at=event.created_at, consumed_at=inc.consumed_at,
+            **common,
+        )
+        key = (verdict.conversation_id or event.id).encode("utf-8", "surrogatepass")
+        records = [OutRecord(self.cfg.verdicts_topic(topic), key, dumps(verdict)),
+                   OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), dumps(audit))]
+        self.telemetry.verdict(label, inc.source.topic, fallback)
+        return Outcome(inc, "verdict", records, verdict=verdict, audit=audit)
+
+    @staticmethod
+    def conversation_id(inc: Incoming, event: ChatEvent) -> str | None:
+        if event.conversation_id:
+            return event.conversation_id
+        if inc.key:
+            return inc.key.decode("utf-8", "replace")
+        return None
+
+    def dlq_outcome(self, inc: Incoming, reason: DLQReason, detail: str, event_id: str | None) -> Outcome:
+        cap = self.cfg.max_event_bytes  # a too-large input must not make a too-large DLQ record
+        value = inc.value
+        truncated = value is not None and len(value) > cap
+        rec = DLQRecord(reason=reason, detail=detail, event_id=event_id,
+                        original_b64=b64(value[:cap] if truncated else value), original_truncated=truncated,
+                        original_bytes=len(value or b""), key_b64=b64(inc.key), source=inc.source,
+                        worker_id=self.worker_id, dead_lettered_at=utcnow())
+        self.telemetry.dead_letter(reason.value, inc.source.topic)
+        log.info("dead-lettered %s[%d]@%d: %s: %s", inc.source.topic, inc.source.partition,
+                 inc.source.offset, reason.value, detail)
+        return Outcome(inc, "dlq", [OutRecord(self.cfg.outputs.dlq_topic, inc.key, dumps(rec))], dlq=rec)
+
+    # ------------------------------------------------------------------ the batch
+
+    async def moderate(self, batch: Sequence[Incoming]) -> list[Outcome]:
+        """Exactly one outcome per message, in input order."""
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        routed: list[tuple[int, _Routed]] = []
+        for i, inc in enumerate(batch):
+            try:
+                routed.append((i, self.route(inc)))
+            except Rejected as rej:
+                outcomes[i] = self.dlq_outcome(inc, rej.reason, rej.detail, rej.event_id)
+            except Exception as err:  # noqa: BLE001 - a bug must not lose the message
+                log.exception("routing failed for %s", inc.source)
+                outcomes[i] = self.dlq_outcome(inc, DLQReason.INTERNAL, f"{type(err).__name__}: {err}", None)
+        started = time.perf_counter()
+        with self.telemetry.tracer.start_as_current_span("rsafe.engine_call") as span:
+            span.set_attribute("rsafe.batch_size", len(routed))
+            verdicts, attempts, error = await self.judge([r for _, r in routed])
+            span.set_attribute("rsafe.attempts", attempts)
+        engine_ms = (time.perf_counter() - started) * 1e3
+        for j, (i, r) in enumerate(routed):
+            v = verdicts[j] if verdicts is not None else None
+            try:
+                outcomes[i] = self.verdict_outcome(r, v, attempts=attempts, batch_size=len(routed),
+                                                   engine_error=error, started=started, engine_ms=engine_ms)
+            except Exception as err:  # noqa: BLE001
+                log.exception("building the verdict failed for %s", r.incoming.source)
+                outcomes[i] = self.dlq_outcome(r.incoming, DLQReason.INTERNAL,
+                                               f"{type(err).__name__}: {err}", r.event.id)
+        return [o for o in outcomes if o is not None]
+
+
+def record_json(record: BaseModel) -> dict[str, Any]:
+    return record.model_dump(mode="json")

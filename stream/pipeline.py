@@ -1,0 +1,140 @@
+"""Bounded in-flight batches: moderate → publish (broker-acknowledged) → ack → (commit).
+
+* At most ``max_inflight`` batches are in the engine at once; ``submit`` waits for a free slot, so
+  the agent stops taking events, Faust's stream buffer fills and the consumer pauses fetching.
+* Batches publish in submission order (a conversation's verdicts keep their order).
+* A message is acked only after every record of its outcome was acknowledged by the broker;
+  Faust commits acked offsets. A publish failure is retried with backoff and never acked early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Protocol, Sequence
+
+from rsafe.stream.moderate import Incoming, Moderator, Outcome
+from rsafe.stream.telemetry import Telemetry
+
+log = logging.getLogger("rsafe.stream.pipeline")
+
+
+class LeftForRedelivery(Exception):
+    """Raised by a moderator to drop a batch unacked on purpose (e.g. the engine died at shutdown):
+    its messages are redelivered to the next worker instead of getting ``on_error`` verdicts."""
+
+
+class NotPublishable(Exception):
+    """A publish that retrying cannot fix (e.g. the input partition's transaction was revoked in a
+    rebalance): the outcomes are dropped unacked, so the partition's new owner processes them."""
+
+
+class Sink(Protocol):
+    """Where outcomes go. ``write`` returns once the broker acknowledged every record."""
+
+    async def write(self, outcomes: Sequence[Outcome]) -> None: ...
+
+
+Ack = Callable[[Incoming], Awaitable[object]]
+OnPublished = Callable[[Sequence[Outcome]], object]
+
+
+class BatchPipeline:
+    def __init__(self, moderator: Moderator, sink: Sink, ack: Ack, *, max_inflight: int,
+                 telemetry: Telemetry, commit: Callable[[], Awaitable[object]] | None = None,
+                 on_published: OnPublished | None = None, publish_backoff_s: float = 0.5,
+                 max_publish_backoff_s: float = 10.0):
+        self.moderator = moderator
+        self.sink = sink
+        self.ack = ack
+        self.commit = commit
+        self.on_published = on_published
+        self.telemetry = telemetry
+        self.max_inflight = max_inflight
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._tail: asyncio.Future | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.publish_backoff_s = publish_backoff_s
+        self.max_publish_backoff_s = max_publish_backoff_s
+        self.stopping = False
+        self._running = 0
+        """Set at shutdown: a publish that keeps failing is given up (left unacked → replayed)."""
+
+    @property
+    def inflight(self) -> int:
+        """Batches holding an engine slot now."""
+        return self._running
+
+    async def submit(self, batch: Sequence[Incoming]) -> None:
+        """Start a batch once a slot is free (waiting here is the backpressure)."""
+        if not batch:
+            return
+        await self._slots.acquire()
+        self._running += 1
+        prev, done = self._tail, asyncio.get_running_loop().create_future()
+        self._tail = done
+        task = asyncio.create_task(self._run(list(batch), prev, done), name="rsafe-batch")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for every submitted batch to finish (published and acked, or given up)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _run(self, batch: list[Incoming], prev: asyncio.Future | None, done: asyncio.Future) -> None:
+        started = time.perf_counter()
+        self.telemetry.batch_started(len(batch))
+        try:
+            with self.telemetry.tracer.start_as_current_span("rsafe.batch") as span:
+                span.set_attribute("rsafe.batch_size", len(batch))
+                outcomes = await self.moderator.moderate(batch)
+                judged = time.perf_counter()
+                if prev is not None:
+                    await asyncio.shield(prev)  # publish in submission order
+                published = await self._publish(outcomes)
+                log.debug("batch of %d: moderated in %.0f ms, published in %.0f ms", len(batch),
+                          (judged - started) * 1e3, (time.perf_counter() - judged) * 1e3)
+                if published:
+                    for inc in batch:
+                        await self.ack(inc)
+                    if self.commit is not None:
+                        await self.commit()
+                    if self.on_published is not None:
+                        self.on_published(outcomes)
+        except asyncio.CancelledError:
+            raise
+        except LeftForRedelivery as why:
+            log.warning("batch of %d left unacked for redelivery: %s", len(batch), why)
+        except Exception:  # noqa: BLE001 - never crash the worker; unacked messages are replayed
+            log.exception("batch of %d failed; its messages stay unacked and will be redelivered", len(batch))
+        finally:
+            if not done.done():
+                done.set_result(None)
+            self._running -= 1
+            self._slots.release()
+            self.telemetry.batch_finished(len(batch), (time.perf_counter() - started) * 1e3)
+
+    async def _publish(self, outcomes: Sequence[Outcome]) -> bool:
+        delay, attempt = self.publish_backoff_s, 0
+        while True:
+            attempt += 1
+            try:
+                await self.sink.write(outcomes)
+                return True
+            except asyncio.CancelledError:
+                raise
+            except NotPublishable as err:
+                log.warning("not publishing %d outcomes: %s (they will be redelivered)", len(outcomes), err)
+                return False
+            except Exception as err:  # noqa: BLE001 - broker trouble: retry, never ack early
+                self.telemetry.publish_failure()
+                if self.stopping and attempt >= 3:
+                    log.error("giving up publishing %d outcomes at shutdown: %s (they will be redelivered)",
+                              len(outcomes), err)
+                    return False
+                log.warning("publishing %d outcomes failed (attempt %d): %s; retrying in %.1f s",
+                            len(outcomes), attempt, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_publish_backoff_s)

@@ -1,0 +1,261 @@
+"""Wire schemas: the chat event read from input topics and the three records the worker writes.
+
+All are JSON on the wire (UTF-8). docs/STREAM.md shows an example of each.
+
+* ``ChatEvent``      input topics, key = conversation id
+* ``VerdictRecord``  ``<input-topic>.verdicts``, key = conversation id (else event id)
+* ``AuditRecord``    ``rsafe.audit``, key = event id (a compacted topic keeps the last decision)
+* ``DLQRecord``      ``rsafe.dlq``, key = the original key
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def sha256_text(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# --------------------------------------------------------------------------- in
+
+
+class ChatEvent(BaseModel):
+    """One chat message to moderate. ``response`` present → response-level moderation (on
+    ``auto`` topics). Unknown fields are ignored (producers may add fields)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: Annotated[str, Field(min_length=1, max_length=512)]
+    """Unique per message; a replay carries the same id so consumers can deduplicate."""
+    conversation_id: Annotated[str | None, Field(max_length=512)] = None
+    """Also the Kafka key (so a conversation stays on one partition, in order)."""
+    prompt: str
+    response: str | None = None
+    policy: str | None = None
+    """Another policy for this event; only on topics with ``allow_policy_override``."""
+    metadata: dict[str, Any] = {}
+    created_at: datetime | None = None
+
+    @field_validator("id", "conversation_id", mode="before")
+    @classmethod
+    def _int_ids(cls, value: Any) -> Any:
+        # Integer ids are common in producers' JSON; booleans are not ids.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# --------------------------------------------------------------------------- out
+
+
+class SourceRef(BaseModel):
+    """Where an event was read: enough to find the original message again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = None
+    """The Kafka record timestamp."""
+
+
+class StreamTimings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queued_ms: float = 0.0
+    """Consumed → engine call started (batching linger and waiting for an engine slot)."""
+    engine_ms: float = 0.0
+    """The (last) engine call for this event's batch."""
+    total_ms: float = 0.0
+    """Consumed → verdict ready (publishing not included)."""
+    batch_size: int = 0
+    attempts: int = 0
+    """Engine calls made for the batch (1 = no retry)."""
+
+
+class VerdictRecord(BaseModel):
+    """The decision on one event: what a downstream service acts on."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str
+    conversation_id: str | None = None
+    label: Literal["safe", "unsafe", "unknown", "error"]
+    unsafe_probability: float | None = None
+    categories: list[str] = []
+    level: str | None = None
+    policy: str | None = None
+    policy_version: str | None = None
+    model: str | None = None
+    model_version: str | None = None
+    adapter: str | None = None
+    adapter_version: str | None = None
+    reasoning_summary: str | None = None
+    error_reason: str | None = None
+    fallback: bool = False
+    """True when ``label`` comes from the topic's ``on_error`` setting, not from the model."""
+    truncated_input: bool = False
+    source: SourceRef
+    worker_id: str
+    decided_at: datetime
+    timings: StreamTimings = StreamTimings()
+
+
+class ContentMode(str, Enum):
+    FULL = "full"
+    HASH = "hash"
+    REDACTED = "redacted"
+
+
+class AuditContent(BaseModel):
+    """The judged content, as the privacy setting allows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: ContentMode
+    prompt: str | None = None
+    """full: the text; hash / redacted: absent."""
+    response: str | None = None
+    prompt_sha256: str | None = None
+    response_sha256: str | None = None
+    prompt_chars: int = 0
+    response_chars: int | None = None
+    metadata: dict[str, Any] | None = None
+    """full only (metadata can hold personal data)."""
+
+
+class AuditRecord(BaseModel):
+    """Everything needed to reproduce and review one decision."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str
+    conversation_id: str | None = None
+    label: Literal["safe", "unsafe", "unknown", "error"]
+    model_label: str | None = None
+    """What the model said (None when it said nothing); differs from ``label`` on fallbacks."""
+    unsafe_probability: float | None = None
+    categories: list[str] = []
+    fallback: bool = False
+    error_reason: str | None = None
+    reasoning: str | None = None
+    raw_output: str | None = None
+    format_ok: bool = False
+    finish_reason: str | None = None
+    truncated_input: bool = False
+    content: AuditContent
+    level: str | None = None
+    policy: str | None = None
+    policy_version: str | None = None
+    rendered_prompt_sha256: str | None = None
+    """sha256 of the exact prompt the engine received (chat template applied)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    model: str | None = None
+    model_version: str | None = None
+    adapter: str | None = None
+    adapter_version: str | None = None
+    sampling: dict[str, Any] = {}
+    source: SourceRef
+    worker_id: str
+    processing_guarantee: str
+    event_created_at: datetime | None = None
+    consumed_at: datetime
+    decided_at: datetime
+    timings: StreamTimings = StreamTimings()
+
+
+class DLQReason(str, Enum):
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    NOT_JSON = "not_json"
+    SCHEMA = "schema"
+    UNKNOWN_POLICY = "unknown_policy"
+    POLICY_OVERRIDE_DISABLED = "policy_override_disabled"
+    INVALID_CONTENT = "invalid_content"
+    INTERNAL = "internal"
+
+
+class DLQRecord(BaseModel):
+    """An event that could not be moderated, with the reason and the original bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    reason: DLQReason
+    detail: str
+    event_id: str | None = None
+    """When the bytes were JSON with a string id."""
+    original_b64: str | None = None
+    original_bytes: int = 0
+    """Size of the original message; ``original_b64`` holds at most ``max_event_bytes`` of it."""
+    original_truncated: bool = False
+    key_b64: str | None = None
+    source: SourceRef
+    worker_id: str
+    dead_lettered_at: datetime
+
+    def original(self) -> bytes | None:
+        return None if self.original_b64 is None else base64.b64decode(self.original_b64)
+
+
+def b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+class Rejected(Exception):
+    """An input message that cannot be moderated (→ DLQ)."""
+
+    def __init__(self, reason: DLQReason, detail: str, event_id: str | None = None):
+        super().__init__(detail)
+        self.reason, self.detail, self.event_id = reason, detail, event_id
+
+
+def _schema_detail(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in err.errors())
+
+
+def decode_event(value: bytes | None, *, max_bytes: int) -> ChatEvent:
+    """Bytes from an input topic → ``ChatEvent``, or ``Rejected`` saying why not."""
+    if value is None or not value.strip():
+        raise Rejected(DLQReason.EMPTY, "empty message (null or blank value)")
+    if len(value) > max_bytes:
+        raise Rejected(DLQReason.TOO_LARGE, f"message is {len(value)} bytes, over the limit of {max_bytes}")
+    try:
+        data = json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise Rejected(DLQReason.NOT_JSON, f"not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise Rejected(DLQReason.SCHEMA, f"expected a JSON object, got {type(data).__name__}")
+    raw_id = data.get("id")
+    event_id = str(raw_id) if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool) else None
+    try:
+        return ChatEvent.model_validate(data)
+    except ValidationError as err:
+        raise Rejected(DLQReason.SCHEMA, f"schema violation: {_schema_detail(err)}", event_id) from None
+
+
+def dumps(record: BaseModel) -> bytes:
+    """UTF-8 JSON. Text with lone surrogates (legal in JSON input) is written \\u-escaped."""
+    try:
+        return record.model_dump_json().encode("utf-8")
+    except (ValueError, UnicodeError):
+        return json.dumps(record.model_dump(mode="json"), ensure_ascii=True).encode("ascii")

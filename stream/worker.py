@@ -1,0 +1,323 @@
+"""The streaming worker: broker → engine → Faust app, until SIGTERM/SIGINT; SIGHUP reloads policies.
+
+Start order: broker (the embedded one when none is configured or reachable), topics, engine (the
+slow part, before joining the consumer group so no partition waits on it), Faust app.
+
+Stop (SIGTERM/SIGINT): Faust stops fetching and clears its buffers, the batches already taken
+finish and publish, their offsets are committed, then the engine and the embedded broker stop;
+exit status 0. An engine failure during shutdown leaves its batch unacked (it is redelivered)
+instead of producing ``on_error`` verdicts: a Ctrl-C in a terminal reaches vLLM's engine
+processes too (same process group), and they exit at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Sequence
+
+from rsafe.stream.broker import BrokerError, EmbeddedBroker, ensure_topics, reachable
+from rsafe.stream.config import StreamConfig
+from rsafe.stream.moderate import Moderator, Outcome
+from rsafe.stream.pipeline import LeftForRedelivery
+from rsafe.stream.telemetry import Telemetry
+
+log = logging.getLogger("rsafe.stream.worker")
+
+EXIT_OK, EXIT_FAILED, EXIT_CRASHED = 0, 1, 3
+
+
+class WorkerError(RuntimeError):
+    """The worker cannot start (config, broker, engine); the message says why."""
+
+
+class _StoppingModerator(Moderator):
+    """Moderator that, once the worker is stopping, lets an engine failure leave the batch unacked
+    (a terminal Ctrl-C also reaches vLLM's engine processes, which then exit)."""
+
+    stopping = False
+
+    async def judge(self, routed):  # type: ignore[override]
+        verdicts, attempts, error = await super().judge(routed)
+        if verdicts is None and self.stopping:
+            raise LeftForRedelivery(f"the engine failed during shutdown ({error})")
+        return verdicts, attempts, error
+
+
+def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
+    out = cfg.outputs
+    specs = [(t.topic, t.partitions, {}) for t in cfg.inputs]
+    specs += [(v, out.partitions, {}) for v in cfg.verdict_topics().values()]
+    specs += [(out.audit_topic, out.partitions, {"cleanup.policy": "compact"}),
+              (out.dlq_topic, out.partitions, {})]
+    return specs
+
+
+def _start_backend(engine_cfg: Any) -> Any:
+    from rsafe.models.engines import make_backend
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM-CPU needs it set (ENVIRONMENT.md)
+    return make_backend(engine_cfg)
+
+
+class GuardWorker:
+    """One worker process's moderation service. ``run()`` returns the exit status."""
+
+    def __init__(self, cfg: StreamConfig, *, backend: Any = None,
+                 on_published: Callable[[Sequence[Outcome]], object] | None = None):
+        self.cfg = cfg
+        self.worker_id = cfg.resolved_worker_id
+        self.telemetry = Telemetry(self.worker_id)
+        self._backend = backend
+        self._owns_backend = backend is None
+        self._on_published = on_published
+        self._stop = asyncio.Event()
+        self._reload_requested = False
+        self.ready = asyncio.Event()
+        self.broker: EmbeddedBroker | None = None
+        self.guard: Any = None
+        self.app: Any = None
+        self.pipeline: Any = None
+        self.watcher: Any = None
+        self.moderator: Any = None
+        self._datadir: str | None = None
+        self.exit_code = EXIT_OK
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("already stopping (waiting for in-flight batches)")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.request_reload()
+        else:
+            self._reload_requested = True
+
+    # ------------------------------------------------------------------ start
+
+    def _resolve_broker(self) -> None:
+        cfg = self.cfg
+        if cfg.broker is not None:
+            return
+        if reachable(cfg.bootstrap):
+            log.info("using the broker at %s", ",".join(cfg.bootstrap))
+            return
+        if not cfg.embedded_broker.enabled:
+            raise WorkerError(f"no broker configured and none reachable at {cfg.bootstrap[0]}; set "
+                              "broker (or RSAFE_BROKER) or enable embedded_broker")
+        emb = cfg.embedded_broker
+        self.broker = EmbeddedBroker(emb.data_dir, port=emb.port).start()
+        self.cfg = cfg.model_copy(update={"broker": [self.broker.bootstrap]})
+        log.info("no broker configured or reachable: started the embedded broker on %s", self.broker.url)
+
+    def _engine_backend(self) -> Any:
+        if self._backend is not None:
+            return self._backend
+        if self.cfg.engine is None:
+            raise WorkerError("no engine configured: set engine.model in the config (or --model)")
+        try:
+            return _start_backend(self.cfg.engine)
+        except Exception as err:  # noqa: BLE001 - EngineError or a vLLM start failure
+            raise WorkerError(f"engine failed to start: {err}") from err
+
+    def _build_guard(self, backend: Any, registry: Any) -> Any:
+        from rsafe.models.config import GenerationConfig, InputLimits
+        from rsafe.models.guard import Guard
+
+        engine_cfg = self.cfg.engine or getattr(backend, "cfg", None)
+        generation = engine_cfg.generation if engine_cfg is not None else GenerationConfig()
+        limits = engine_cfg.limits if engine_cfg is not None else InputLimits()
+        if self.cfg.faults.engine_fail_marker:
+            from rsafe.stream.faults import FaultyBackend
+
+            log.warning("fault injection on: batches with %r fail in the engine", self.cfg.faults.engine_fail_marker)
+            backend = FaultyBackend(backend, self.cfg.faults.engine_fail_marker)
+        return Guard(backend, policies=registry, default_policy=self.cfg.default_policy,
+                     generation=generation, limits=limits)
+
+    def _check_adapters(self, backend: Any) -> None:
+        engine_cfg = self.cfg.engine or getattr(backend, "cfg", None)
+        known = set(engine_cfg.lora_adapters) if engine_cfg is not None else set()
+        for t in self.cfg.inputs:
+            if t.adapter and t.adapter not in known:
+                raise WorkerError(f"inputs[{t.topic}].adapter {t.adapter!r} is not in engine.lora_adapters "
+                                  f"({', '.join(sorted(known)) or 'none configured'})")
+
+    async def _start(self) -> None:
+        from rsafe.policies import PolicyError
+        from rsafe.stream.app import FaustSink, ack, build_app, wire
+        from rsafe.stream.pipeline import BatchPipeline
+        from rsafe.stream.policy_watch import PolicyWatcher, load_registry
+        from rsafe.stream.versions import artifact_version
+
+        cfg = self.cfg
+        try:
+            registry = load_registry(cfg)
+        except PolicyError as err:
+            raise WorkerError(str(err)) from None
+        await asyncio.to_thread(self._resolve_broker)
+        cfg = self.cfg
+        if cfg.create_topics:
+            try:
+                created = await asyncio.to_thread(ensure_topics, cfg.bootstrap, topic_specs(cfg),
+                                                  cfg.security.client_kwargs())
+            except BrokerError as err:
+                raise WorkerError(str(err)) from None
+            if created:
+                log.info("created topics: %s", ", ".join(created))
+        if self._stop.is_set():
+            return
+        started = time.perf_counter()
+        backend = await asyncio.to_thread(self._engine_backend)
+        self._backend = backend
+        if self._stop.is_set():  # SIGTERM while the engine was starting
+            return
+        self._check_adapters(backend)
+        log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, backend.model_id)
+        self.guard = self._build_guard(backend, registry)
+        engine_cfg = cfg.engine or getattr(backend, "cfg", None)
+        model_version = artifact_version(engine_cfg.model) if engine_cfg is not None else None
+        adapters = {n: artifact_version(p) for n, p in (engine_cfg.lora_adapters.items() if engine_cfg else [])}
+        self.moderator = _StoppingModerator(cfg, self.guard, worker_id=self.worker_id, telemetry=self.telemetry,
+                                            model_version=model_version, adapter_versions=adapters)
+        self._datadir = tempfile.mkdtemp(prefix="rsafe-faust-")  # Faust's state dir; removed at exit
+        app = self.app = build_app(cfg, datadir=self._datadir)
+        eos = cfg.processing_guarantee == "exactly_once"
+
+        async def commit() -> None:  # exactly_once: close the batch's transaction now
+            if not await app.consumer.commit():
+                await app.consumer.commit()
+
+        self.pipeline = BatchPipeline(self.moderator, FaustSink(app, transactional=eos), ack,
+                                      max_inflight=cfg.batch.max_inflight, telemetry=self.telemetry,
+                                      commit=commit if eos else None, on_published=self._on_published)
+        wire(app, cfg, self.pipeline)
+        self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload)
+        if self._reload_requested:
+            self.watcher.request_reload()
+        app.in_worker = True  # what faust.Worker sets; exactly_once needs it
+        await app.start()
+        await app.producer.maybe_start()
+        log.info("worker %s consuming %s as group %s (%s, batch %d / %.0f ms, %d in flight)",
+                 self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,
+                 cfg.processing_guarantee, cfg.batch.size, cfg.batch.linger_ms, cfg.batch.max_inflight)
+
+    def _count_reload(self, changed: dict[str, str]) -> None:
+        self.telemetry.policy_reloads += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Telemetry counters plus how often Faust paused fetching because the buffer was full."""
+        out = self.telemetry.snapshot()
+        monitor = getattr(self.app, "_monitor", None) if self.app is not None else None
+        full = getattr(monitor, "topic_buffer_full", None) if monitor is not None else None
+        out["fetch_pauses"] = sum(full.values()) if full else 0
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self) -> int:
+        watch_task = None
+        try:
+            try:
+                await self._start()
+            except WorkerError as err:
+                log.error("%s", err)
+                return EXIT_FAILED
+            if self.app is None:  # stopped while starting
+                return EXIT_OK
+            watch_task = asyncio.create_task(self.watcher.run(), name="rsafe-policy-watch")
+            self.ready.set()
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    pass
+                if self.app.crashed:
+                    log.error("the Faust app crashed: %r; stopping", self.app.crash_reason)
+                    self.exit_code = EXIT_CRASHED
+                    break
+            await self._shutdown()
+            return self.exit_code
+        finally:
+            if watch_task is not None:
+                watch_task.cancel()
+            await self._close()
+
+    async def _shutdown(self) -> None:
+        cfg = self.cfg
+        log.info("stopping: no more fetching; finishing %d in-flight batch(es)", self.pipeline.inflight)
+        self.moderator.stopping = True
+        self.pipeline.stopping = True  # a publish that keeps failing now gives up (→ redelivered)
+        started = time.perf_counter()
+        try:
+            # Faust: stop fetching, clear buffers, wait until every taken message is acked (the
+            # pipeline publishes and acks them), commit, then stop agents, consumer and producer.
+            await asyncio.wait_for(self.app.stop(), timeout=cfg.shutdown_timeout_s)
+        except asyncio.TimeoutError:
+            log.error("shutdown took over %.0f s; exiting with work unacked (it will be redelivered)",
+                      cfg.shutdown_timeout_s)
+            self.exit_code = self.exit_code or EXIT_FAILED
+        try:
+            await asyncio.wait_for(self.pipeline.drain(), timeout=5)
+        except asyncio.TimeoutError:
+            pass
+        log.info("stopped in %.1f s; stats %s", time.perf_counter() - started, json.dumps(self.stats()))
+
+    async def _close(self) -> None:
+        if self._datadir is not None:
+            shutil.rmtree(self._datadir, ignore_errors=True)
+        if self._owns_backend and self._backend is not None:
+            backend, self._backend = self._backend, None
+            await asyncio.to_thread(backend.close)
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+            self.broker = None
+
+
+async def serve(cfg: StreamConfig, *, backend: Any = None, install_signals: bool = True,
+                on_ready: Callable[[GuardWorker], object] | None = None) -> int:
+    """Run a worker in the current event loop until SIGTERM/SIGINT (or ``request_stop``)."""
+    worker = GuardWorker(cfg, backend=backend)
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        loop.add_signal_handler(signal.SIGTERM, worker.request_stop)
+        loop.add_signal_handler(signal.SIGINT, worker.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, worker.request_reload)
+    ready_task = None
+    if on_ready is not None:
+        async def _ready() -> None:
+            await worker.ready.wait()
+            on_ready(worker)
+        ready_task = asyncio.create_task(_ready())
+    try:
+        return await worker.run()
+    finally:
+        if ready_task is not None:
+            ready_task.cancel()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    quiet = logging.WARNING if level.upper() != "DEBUG" else logging.DEBUG
+    for name in ("faust", "mode", "aiokafka", "kafka", "vllm", "transformers", "opentelemetry"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def run_worker(cfg: StreamConfig) -> int:
+    """``rsafe worker``: blocking entry point; returns the exit status."""
+    return asyncio.run(serve(cfg))
+

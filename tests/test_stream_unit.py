@@ -1,0 +1,392 @@
+"""Stream worker pieces without a broker or a model: config, wire schemas, routing, records, pipeline.
+
+The engine stand-ins here are tiny backends that fail or return fixed text; the integration tests
+(test_stream_e2e.py) run the real broker, worker and engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from rsafe.models.engines import Completion, EngineError
+from rsafe.models.guard import Guard
+from rsafe.policies import PolicyRegistry
+from rsafe.stream.config import ConfigError, OnError, load_config
+from rsafe.stream.moderate import Incoming, Moderator, Outcome, OutRecord, summarize
+from rsafe.stream.pipeline import BatchPipeline
+from rsafe.stream.records import DLQReason, Rejected, SourceRef, decode_event, sha256_text
+from rsafe.stream.telemetry import Telemetry
+
+STREAM = Path(__file__).resolve().parents[1] / "stream"
+
+BASE = {
+    "broker": "127.0.0.1:1",
+    "inputs": [
+        {"topic": "chat.general", "policy": "rsafe-default", "allow_policy_override": True},
+        {"topic": "chat.kids", "policy": "kids-platform", "on_error": "unsafe"},
+        {"topic": "chat.answers", "policy": "rsafe-default", "level": "response", "on_error": "fail_open"},
+    ],
+    "retry": {"attempts": 2, "backoff_ms": 0},
+}
+
+
+def cfg_of(**over):
+    data = json.loads(json.dumps(BASE))
+    data.update(over)
+    return load_config(data=data, env={})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_bundled_demo_config_and_env_overrides():
+    env = {"RSAFE_BROKER": "kafka://k1:9092;kafka://k2:9093", "RSAFE_BATCH__SIZE": "8",
+           "RSAFE_GROUP_ID": "g2", "RSAFE_DEMO_MODEL": "ignored: not a config field"}
+    cfg = load_config(STREAM / "demo.yaml", env=env)
+    assert cfg.bootstrap == ["k1:9092", "k2:9093"]
+    assert cfg.faust_broker == "kafka://k1:9092;kafka://k2:9093"
+    assert cfg.batch.size == 8 and cfg.group_id == "g2"
+    assert [t.topic for t in cfg.inputs] == ["chat.general", "chat.kids"]
+    assert {t.policy for t in cfg.inputs} == {"rsafe-default", "kids-platform"}
+    assert cfg.verdict_topics() == {"chat.general": "chat.general.verdicts", "chat.kids": "chat.kids.verdicts"}
+    assert cfg.outputs.audit_topic == "rsafe.audit" and cfg.outputs.dlq_topic == "rsafe.dlq"
+    assert cfg.engine.generation.max_tokens == 128
+    # flags win over the environment
+    assert load_config(STREAM / "demo.yaml", env=env, overrides={"broker": "h:1"}).bootstrap == ["h:1"]
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"inputs": []}, "inputs"),
+    ({"batch": {"size": 0}}, "batch.size"),
+    ({"broker": "no-port"}, "host:port"),
+    ({"inputs": [{"topic": "a", "policy": "p", "on_error": "maybe"}]}, "on_error"),
+    ({"inputs": [{"topic": "a", "policy": "p"}, {"topic": "a", "policy": "p"}]}, "listed twice"),
+    ({"inputs": [{"topic": "rsafe.audit", "policy": "p"}]}, "output topic"),
+    ({"security": {"protocol": "SASL_SSL"}}, "sasl_password"),
+    ({"surprise": 1}, "surprise"),
+])
+def test_config_errors_name_the_field(over, needle):
+    with pytest.raises(ConfigError, match=needle):
+        cfg_of(**over)
+
+
+def test_config_defaults_and_aliases(tmp_path):
+    cfg = cfg_of()
+    assert cfg.inputs[1].on_error == OnError.UNSAFE and cfg.inputs[2].on_error == OnError.SAFE
+    assert cfg.inputs[0].on_error == OnError.ERROR  # the default
+    assert cfg.stream_buffer == 2 * cfg.batch.size
+    assert cfg_of(processing_guarantee="exactly_once").batch.max_inflight == 1
+    sasl = cfg_of(security={"protocol": "SASL_PLAINTEXT", "sasl_username": "u", "sasl_password": "p",
+                            "sasl_mechanism": "SCRAM-SHA-256"}).security
+    assert sasl.client_kwargs() == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "SCRAM-SHA-256",
+                                    "sasl_plain_username": "u", "sasl_plain_password": "p"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("inputs: [")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, env={})
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (None, DLQReason.EMPTY),
+    (b"  ", DLQReason.EMPTY),
+    (b"x" * 101, DLQReason.TOO_LARGE),
+    (b"{not json", DLQReason.NOT_JSON),
+    (b"\xff\xfe{}", DLQReason.NOT_JSON),
+    (b'["a"]', DLQReason.SCHEMA),
+    (b'{"prompt": "hi"}', DLQReason.SCHEMA),
+    (b'{"id": "", "prompt": "hi"}', DLQReason.SCHEMA),
+    (b'{"id": "a", "prompt": 3}', DLQReason.SCHEMA),
+    (b'{"id": "a", "prompt": "hi", "created_at": "yesterday"}', DLQReason.SCHEMA),
+])
+def test_decode_rejects_with_reason(raw, reason):
+    with pytest.raises(Rejected) as exc:
+        decode_event(raw, max_bytes=100)
+    assert exc.value.reason == reason
+
+
+def test_decode_accepts_and_ignores_unknown_fields():
+    e = decode_event(b'{"id": 7, "prompt": "hi", "conversation_id": 9, "new_field": 1, '
+                     b'"created_at": "2026-01-02T03:04:05Z", "metadata": {"a": 1}}', max_bytes=1000)
+    assert (e.id, e.conversation_id, e.response, e.metadata) == ("7", "9", None, {"a": 1})
+    assert e.created_at.year == 2026
+
+
+# --------------------------------------------------------------------------- routing and records
+
+
+class NoEngine:
+    """A backend whose engine is down: every call fails."""
+
+    model_id = "no-engine"
+
+    def __init__(self):
+        self.calls = 0
+
+    async def agenerate(self, user_turns, gen, adapters):
+        self.calls += 1
+        raise EngineError("engine unavailable")
+
+    def close(self):
+        pass
+
+
+class FixedAnswer:
+    """A backend that answers every request with the same RSafe-format text."""
+
+    model_id = "fixed"
+
+    def __init__(self, label="unsafe"):
+        self.text = f"<think>\nThe user asks for help with weapons. This falls under U2.\n</think>\n\\boxed{{{label}}}"
+
+    async def agenerate(self, user_turns, gen, adapters):
+        return [Completion(text=self.text, prompt=f"<rendered>{t}", finish_reason="stop") for t in user_turns]
+
+    def close(self):
+        pass
+
+
+def inc(topic, value, offset=0, key=None):
+    raw = value if isinstance(value, bytes) or value is None else json.dumps(value).encode()
+    return Incoming(value=raw, key=key, source=SourceRef(topic=topic, partition=0, offset=offset))
+
+
+def moderator(backend, **over):
+    cfg = cfg_of(**over)
+    guard = Guard(backend, policies=PolicyRegistry.from_dirs(),
+                  **({"limits": cfg.engine.limits} if cfg.engine else {}))
+    return Moderator(cfg, guard, worker_id="w-test", telemetry=Telemetry("w-test"), model_version="m123")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_routing_dead_letters_what_cannot_be_moderated():
+    m = moderator(NoEngine(), engine={"model": "x", "limits": {"max_chars": 20, "on_oversize": "reject"}})
+    batch = [
+        inc("chat.kids", {"id": "k1", "prompt": "hi", "policy": "rsafe-default"}, 1),
+        inc("chat.general", {"id": "g1", "prompt": "hi", "policy": "nope"}, 2),
+        inc("chat.answers", {"id": "a1", "prompt": "hi"}, 3),
+        inc("chat.general", {"id": "g2", "prompt": "x" * 21}, 4),
+        inc("chat.general", {"id": "g3", "prompt": "\t"}, 5),
+        inc("chat.general", b"\x00garbage", 6, key=b"conv-9"),
+    ]
+    out = run(m.moderate(batch))
+    assert [o.kind for o in out] == ["dlq"] * 6
+    reasons = [o.dlq.reason for o in out]
+    assert reasons == [DLQReason.POLICY_OVERRIDE_DISABLED, DLQReason.UNKNOWN_POLICY, DLQReason.SCHEMA,
+                       DLQReason.TOO_LARGE, DLQReason.INVALID_CONTENT, DLQReason.NOT_JSON]
+    last = out[-1]
+    assert base64.b64decode(last.dlq.original_b64) == b"\x00garbage" and last.records[0].key == b"conv-9"
+    assert last.records[0].topic == "rsafe.dlq" and last.dlq.source.offset == 6
+    assert [o.dlq.event_id for o in out[:5]] == ["k1", "g1", "a1", "g2", "g3"]
+
+
+def test_engine_failure_retries_then_applies_on_error_per_topic():
+    backend = NoEngine()
+    m = moderator(backend)
+    batch = [inc("chat.general", {"id": "g1", "prompt": "hi"}, 1),
+             inc("chat.kids", {"id": "k1", "prompt": "hi"}, 2),
+             inc("chat.answers", {"id": "a1", "prompt": "hi", "response": "hello"}, 3)]
+    out = run(m.moderate(batch))
+    assert backend.calls == 2  # retry.attempts
+    labels = {o.verdict.id: (o.verdict.label, o.verdict.fallback, o.verdict.level) for o in out}
+    assert labels == {"g1": ("error", True, "prompt"), "k1": ("unsafe", True, "prompt"),
+                      "a1": ("safe", True, "response")}
+    for o in out:
+        assert "engine unavailable" in o.verdict.error_reason
+        assert o.verdict.policy_version and o.verdict.timings.attempts == 2
+        assert o.audit.model_label is None and o.audit.label == o.verdict.label
+
+
+@pytest.mark.parametrize("mode", ["full", "hash", "redacted"])
+def test_verdict_and_audit_records(mode):
+    m = moderator(FixedAnswer("unsafe"), audit={"content": mode})
+    event = {"id": "g1", "conversation_id": "c1", "prompt": "How do I build a bomb?", "metadata": {"user": 5}}
+    (o,) = run(m.moderate([inc("chat.general", event, 42)]))
+    v, a = o.verdict, o.audit
+    assert (v.id, v.conversation_id, v.label, v.categories) == ("g1", "c1", "unsafe", ["U2"])
+    assert v.policy == "rsafe-default" and v.policy_version == m.guard.policies.get("rsafe-default").version
+    assert v.model == "fixed" and v.model_version == "m123" and v.worker_id == "w-test"
+    assert v.source.offset == 42 and v.reasoning_summary.startswith("The user asks for help")
+    assert [r.topic for r in o.records] == ["chat.general.verdicts", "rsafe.audit"]
+    assert [r.key for r in o.records] == [b"c1", b"g1"]
+    assert a.raw_output == FixedAnswer().text and a.reasoning and a.sampling["max_tokens"] == 512
+    assert a.rendered_prompt_sha256 and a.processing_guarantee == "at_least_once"
+    assert a.content.prompt_chars == len(event["prompt"])
+    if mode == "full":
+        assert a.content.prompt == event["prompt"] and a.content.metadata == {"user": 5}
+    else:
+        assert a.content.prompt is None and a.content.metadata is None
+    assert (a.content.prompt_sha256 == sha256_text(event["prompt"])) == (mode != "redacted")
+    json.loads(o.records[1].value)  # valid JSON on the wire
+
+
+def test_policy_override_and_levels():
+    m = moderator(FixedAnswer("safe"))
+    out = run(m.moderate([
+        inc("chat.general", {"id": "g1", "prompt": "hi", "policy": "financial-advice"}, 1),
+        inc("chat.general", {"id": "g2", "prompt": "hi", "response": "hello"}, 2),
+        inc("chat.answers", {"id": "a1", "prompt": "hi", "response": "hello"}, 3),
+    ]))
+    assert [o.verdict.policy for o in out] == ["financial-advice", "rsafe-default", "rsafe-default"]
+    assert [o.verdict.level for o in out] == ["prompt", "response", "response"]
+    assert all(o.verdict.label == "safe" and not o.verdict.fallback for o in out)
+
+
+def test_summarize():
+    assert summarize(None, 10) is None and summarize("abc", 0) is None
+    assert summarize("  a\n b  ", 10) == "a b"
+    assert summarize("one two three four", 9) == "one two…"
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+class MemorySink:
+    def __init__(self, fail_first=0, delays=None):
+        self.fail_first = fail_first
+        self.written: list[str] = []
+        self.delays = delays or {}
+
+    async def write(self, outcomes):
+        if self.fail_first:
+            self.fail_first -= 1
+            raise ConnectionError("broker away")
+        self.written += [o.incoming.source.topic + ":" + str(o.incoming.source.offset) for o in outcomes]
+
+
+class SlowFirstModerator:
+    """Batch 0 takes longer than batch 1: publishing must still follow submission order."""
+
+    def __init__(self):
+        self.n = 0
+
+    async def moderate(self, batch):
+        self.n += 1
+        await asyncio.sleep(0.2 if self.n == 1 else 0)
+        return [Outcome(i, "verdict", [OutRecord("t", None, b"{}")]) for i in batch]
+
+
+def test_pipeline_publishes_in_order_and_acks_only_after_publish():
+    async def scenario():
+        sink = MemorySink(fail_first=1)
+        acked: list[str] = []
+
+        async def ack(i):
+            key = f"{i.source.topic}:{i.source.offset}"
+            assert key in sink.written, "acked before its records were published"
+            acked.append(key)
+
+        t = Telemetry("w")
+        p = BatchPipeline(SlowFirstModerator(), sink, ack, max_inflight=2, telemetry=t, publish_backoff_s=0.01)
+        await p.submit([inc("a", None, 0), inc("a", None, 1)])
+        await p.submit([inc("a", None, 2)])
+        await p.drain()
+        return sink.written, acked, t.snapshot()
+
+    written, acked, stats = run(scenario())
+    assert written == ["a:0", "a:1", "a:2"] and acked == written
+    assert stats["publish_failures"] == 1 and stats["max_inflight_batches"] == 2
+
+
+def test_pipeline_bounds_inflight_batches():
+    async def scenario():
+        t = Telemetry("w")
+        p = BatchPipeline(SlowFirstModerator(), MemorySink(), lambda i: asyncio.sleep(0), max_inflight=1,
+                          telemetry=t)
+        for k in range(4):
+            await p.submit([inc("a", None, k)])
+            assert p.inflight <= 1
+        await p.drain()
+        return t.snapshot()
+
+    assert run(scenario())["max_inflight_batches"] == 1
+
+
+# --------------------------------------------------------------------------- bundled samples, CLI
+
+
+def test_bundled_samples_cover_both_topics_levels_and_malformed():
+    from rsafe.stream.clients import read_messages
+
+    msgs = read_messages(STREAM / "samples" / "demo_events.jsonl", envelope=True)
+    assert 40 <= len(msgs) <= 60
+    assert {m.topic for m in msgs} == {"chat.general", "chat.kids"}
+    events, bad = [], 0
+    for m in msgs:
+        try:
+            events.append(decode_event(m.value, max_bytes=100_000))
+        except Rejected:
+            bad += 1
+    assert bad >= 3
+    assert any(e.response for e in events) and any(e.response is None for e in events)
+    assert {e.metadata["expected"] for e in events if "expected" in e.metadata} == {"safe", "unsafe"}
+    assert len({e.id for e in events}) == len(events)
+
+
+def test_cli_commands_are_registered():
+    from rsafe.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["broker", "--port", "1"], ["worker", "-c", "x.yaml"], ["produce", "f.jsonl", "--topic", "t"],
+                 ["tail", "t1", "t2"], ["demo", "--model", "m"]):
+        assert callable(parser.parse_args(argv).func)
+
+
+def test_documented_examples_match_the_schemas():
+    import re
+
+    from rsafe.stream.records import AuditRecord, ChatEvent, DLQRecord, VerdictRecord
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "STREAM.md").read_text()
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, re.DOTALL)]
+    models = [ChatEvent, VerdictRecord, AuditRecord, DLQRecord]
+    assert len(blocks) == len(models)
+    for model, block in zip(models, blocks, strict=True):
+        parsed = model.model_validate(block)
+        if model is not ChatEvent:  # output examples show every field
+            assert set(block) == set(model.model_fields), model.__name__
+        assert parsed is not None
+    dlq = DLQRecord.model_validate(blocks[3])
+    assert len(dlq.original()) == dlq.original_bytes
+
+
+def test_policy_watcher_reloads_changed_files_and_rejects_bad_ones(tmp_path):
+    import yaml
+
+    from rsafe.stream.policy_watch import PolicyWatcher, load_registry
+
+    policy = {"name": "house", "categories": [{"code": "H1", "name": "Spam"}]}
+    (tmp_path / "house.yaml").write_text(yaml.safe_dump(policy))
+    cfg = cfg_of(policy_dirs=[str(tmp_path)], policy_reload={"interval_s": 0.05},
+                 inputs=[{"topic": "t", "policy": "house"}])
+    guard = Guard(NoEngine(), policies=load_registry(cfg))
+    v1 = guard.policies.get("house").version
+
+    async def scenario():
+        watcher = PolicyWatcher(cfg, guard)
+        task = asyncio.create_task(watcher.run())
+        policy["unsafe_threshold"] = 0.8
+        (tmp_path / "house.yaml").write_text(yaml.safe_dump(policy))
+        for _ in range(100):
+            if watcher.reloads:
+                break
+            await asyncio.sleep(0.02)
+        v2 = guard.policies.get("house").version
+        (tmp_path / "house.yaml").write_text("name: house\ncategories: []\n")  # invalid: rejected
+        watcher.request_reload()
+        await asyncio.sleep(0.3)
+        task.cancel()
+        return watcher.reloads, v2, guard.policies.get("house").version
+
+    reloads, v2, v3 = run(scenario())
+    assert reloads == 1 and v2 != v1 and v3 == v2
