@@ -1,7 +1,8 @@
 """The ``rsafe`` command. The only module that wires stream, training and evaluation together.
 
 Each area adds its own sub-commands through an ``add_commands(subparsers)`` function:
-``rsafe.stream.cli`` (broker, worker, produce, tail, demo) and ``rsafe.evaluation.cli`` (eval).
+``rsafe.stream.cli`` (broker, worker, produce, tail, demo), ``rsafe.training.cli`` (demo-model,
+train) and ``rsafe.evaluation.cli`` (eval). Shared engine options live in ``rsafe.models.options``.
 """
 
 from __future__ import annotations
@@ -9,86 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Iterator
 
-COMMAND_MODULES = ["rsafe.stream.cli", "rsafe.evaluation.cli", "rsafe.training.cli"]
+from rsafe.models.options import add_engine_args, die, make_guard, policy_registry
 
-
-def _die(msg: str, code: int = 2) -> None:
-    print(f"rsafe: error: {msg}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-# --------------------------------------------------------------------------- engine options
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs a guard model."""
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="model dir or HF id (e.g. Qwen/Qwen2.5-7B-Instruct)")
-    g.add_argument("--engine", choices=["vllm", "transformers", "openai"], default="vllm")
-    g.add_argument("--base-url", help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--model-id", help="name reported in verdicts (default: --model)")
-    g.add_argument("--dtype", default=None, help="auto (GPU) / float32 (CPU default)")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--max-tokens", type=int, default=512, help="max generated tokens (reasoning + answer)")
-    g.add_argument("--structured", action=argparse.BooleanOptionalAction, default=True,
-                   help="constrain output to the RSafe format (vLLM structured outputs; default on)")
-    g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="register a LoRA adapter")
-    g.add_argument("--adapter", help="LoRA adapter name to use for every request")
-    g.add_argument("--max-chars", type=int, default=16_000, help="longest message judged")
-    g.add_argument("--on-oversize", choices=["truncate", "reject"], default="truncate")
-    g.add_argument("--policy-dir", action="append", default=[], help="extra directory of policy YAML files")
-
-
-def engine_config_from_args(args: argparse.Namespace):
-    from rsafe.models import EngineConfig, GenerationConfig, InputLimits
-
-    from rsafe.models.config import cuda_available
-
-    on_cpu = args.engine != "openai" and not cuda_available()
-    loras = {}
-    for item in args.lora:
-        name, sep, path = item.partition("=")
-        if not sep:
-            _die(f"--lora {item!r}: expected NAME=PATH")
-        loras[name] = path
-    try:
-        return EngineConfig(
-            backend=args.engine, model=args.model, model_id=args.model_id, base_url=args.base_url,
-            dtype=args.dtype or ("float32" if on_cpu else "auto"),
-            max_model_len=args.max_model_len or (1024 if on_cpu else 4096),
-            gpu_memory_utilization=0.5 if on_cpu else 0.9, enforce_eager=on_cpu,
-            enable_lora=bool(loras), max_lora_rank=16, lora_adapters=loras,
-            limits=InputLimits(max_chars=args.max_chars, on_oversize=args.on_oversize),
-            generation=GenerationConfig(max_tokens=args.max_tokens, structured=args.structured),
-        )
-    except ValueError as err:
-        _die(str(err))
-
-
-def policy_registry(dirs: list[str]):
-    from rsafe.policies import PolicyError, PolicyRegistry
-
-    try:
-        return PolicyRegistry.from_dirs(*dirs)
-    except PolicyError as err:
-        _die(str(err))
-
-
-def make_guard(args: argparse.Namespace, policies=None, default_policy: str | None = None):
-    from rsafe.models import EngineError, Guard
-    from rsafe.policies import DEFAULT_POLICY
-
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    try:
-        return Guard.from_config(engine_config_from_args(args), policies=policies,
-                                 default_policy=default_policy or DEFAULT_POLICY)
-    except EngineError as err:
-        _die(str(err), 1)
+#: Each adds its sub-commands. ``rsafe.training`` comes before ``rsafe.evaluation``: importing it
+#: registers the synthetic demo sets that ``rsafe eval`` lists.
+COMMAND_MODULES = ["rsafe.stream.cli", "rsafe.training.cli", "rsafe.evaluation.cli"]
 
 
 # --------------------------------------------------------------------------- classify
@@ -116,11 +45,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     try:
         policy = policies.resolve(args.policy)
     except Exception as err:  # noqa: BLE001 - PolicyError or unknown name
-        _die(str(err))
+        die(str(err))
     if policy.name not in policies:
         policies.add(policy, args.policy)
     if args.text is None and args.input is None:
-        _die("give --text or --input FILE.jsonl")
+        die("give --text or --input FILE.jsonl")
     level = Level(args.level) if args.level else None
 
     def request(row: dict) -> dict:
@@ -181,15 +110,32 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _policy_store(args: argparse.Namespace):
+    """The policy store read from the broker (``--broker``, ``-c`` config, or RSAFE_BROKER)."""
+    from rsafe.stream.cli import client_settings
+    from rsafe.stream.config import POLICIES_TOPIC, load_config
+    from rsafe.stream.policy_store import read_store
+
+    topic = args.topic or (load_config(args.config).outputs.policies_topic if args.config else POLICIES_TOPIC)
+    try:
+        bootstrap, kw = client_settings(args)
+        return read_store(bootstrap, topic, client_kwargs=kw)
+    except Exception as err:  # noqa: BLE001 - broker unreachable, bad config
+        die(f"cannot read the policy store {topic}: {err}", 1)
+
+
 def cmd_policy_show(args: argparse.Namespace) -> int:
     from rsafe.models.prompt import build_user_turn, render_prompt
-    from rsafe.policies import Level
+    from rsafe.policies import Level, PolicyError, parse_key
 
-    policies = policy_registry(args.policy_dir)
     try:
-        policy = policies.resolve(args.name)
-    except Exception as err:  # noqa: BLE001
-        _die(str(err))
+        name, version = parse_key(args.name)
+        if version is not None:  # a stored version: the exact text it stood for
+            policy = _policy_store(args).get(name, version)
+        else:
+            policy = policy_registry(args.policy_dir).resolve(args.name)
+    except PolicyError as err:
+        die(str(err), 1 if "@" in args.name else 2)
     level = Level(args.level)
     turn = build_user_turn(policy, args.prompt, args.response if level == Level.RESPONSE else None, level)
     if args.model:
@@ -201,6 +147,20 @@ def cmd_policy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_history(args: argparse.Namespace) -> int:
+    store = _policy_store(args)
+    rows = store.history(args.name)
+    if not rows:
+        die(f"no stored versions of {args.name!r} in the policy store (stored: {', '.join(store.names()) or 'none'})", 1)
+    registry = policy_registry(args.policy_dir)
+    current = registry.get(args.name).version if args.name in registry else None
+    for r in rows:
+        mark = "  (current file)" if r.version == current else ""
+        print(f"{r.name}@{r.version}\tfirst seen {r.first_seen_at.isoformat()}\tby {r.published_by or '-'}"
+              f"\t{len(r.policy.get('categories', []))} categories{mark}")
+    return 0
+
+
 def cmd_policy_list(args: argparse.Namespace) -> int:
     policies = policy_registry(args.policy_dir)
     for name in policies.names():
@@ -209,19 +169,15 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- demo model
-
-
-def cmd_demo_model_build(args: argparse.Namespace) -> int:
-    from rsafe.models.demo_model import build_demo_model
-
-    path = build_demo_model(args.dir, seed=args.seed, force=args.force,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(path)
-    return 0
-
-
 # --------------------------------------------------------------------------- main
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    from rsafe.stream.config import POLICIES_TOPIC
+
+    p.add_argument("--broker", help="broker with the policy store (default: RSAFE_BROKER or 127.0.0.1:9092)")
+    p.add_argument("-c", "--config", help="take broker and security settings from a worker config")
+    p.add_argument("--topic", help=f"the policy store topic (default: the config's, else {POLICIES_TOPIC})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,24 +201,23 @@ def build_parser() -> argparse.ArgumentParser:
     v = pol.add_parser("validate", help="validate policy YAML files")
     v.add_argument("files", nargs="+")
     v.set_defaults(func=cmd_policy_validate)
-    s = pol.add_parser("show", help="print the exact prompt a policy renders")
-    s.add_argument("name", help="policy name or YAML file")
+    s = pol.add_parser("show", help="print the exact prompt a policy (or a stored NAME@VERSION) renders")
+    s.add_argument("name", help="policy name, YAML file, or NAME@VERSION from the policy store")
     s.add_argument("--level", choices=["prompt", "response"], default="prompt")
     s.add_argument("--prompt", default="{prompt}", help="message to place in the template")
     s.add_argument("--response", default="{response}")
     s.add_argument("--model", help="render with this model's chat template too")
     s.add_argument("--policy-dir", action="append", default=[])
+    _store_args(s)
     s.set_defaults(func=cmd_policy_show)
+    h = pol.add_parser("history", help="list a policy's stored versions with first-seen times")
+    h.add_argument("name")
+    h.add_argument("--policy-dir", action="append", default=[])
+    _store_args(h)
+    h.set_defaults(func=cmd_policy_history)
     ls = pol.add_parser("list", help="list known policies")
     ls.add_argument("--policy-dir", action="append", default=[])
     ls.set_defaults(func=cmd_policy_list)
-
-    dm = sub.add_parser("demo-model", help="the bundled tiny demo model").add_subparsers(dest="dm_cmd", required=True)
-    b = dm.add_parser("build", help="build (or reuse the cached) demo model into DIR")
-    b.add_argument("dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--force", action="store_true")
-    b.set_defaults(func=cmd_demo_model_build)
 
     for name in COMMAND_MODULES:
         try:

@@ -22,16 +22,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from rsafe.models import GenerationConfig, Guard, Label
+    from rsafe.models.config import cuda_available, local_engine_config
+    from rsafe.training.corpus import synthetic_examples
 
-    from rsafe.models import EngineConfig, GenerationConfig, Guard, Label
-    from rsafe.models.demo_model import synthetic_examples
-
-    on_gpu = _cuda()
-    cfg = EngineConfig(backend="vllm", model=args.model, model_id="bench",
-                       dtype="auto" if on_gpu else "float32", max_model_len=1024,
-                       gpu_memory_utilization=0.5, enforce_eager=not on_gpu,
-                       generation=GenerationConfig(max_tokens=args.max_tokens))
+    on_gpu = cuda_available()
+    cfg = local_engine_config(args.model, model_id="bench", max_model_len=1024,
+                              generation=GenerationConfig(max_tokens=args.max_tokens))
     t0 = time.perf_counter()
     guard = Guard.from_config(cfg)
     startup = time.perf_counter() - t0
@@ -65,12 +62,6 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, rate, ok in rows:
         print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {ok:.0%} |")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

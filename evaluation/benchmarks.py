@@ -34,7 +34,6 @@ import json
 import math
 import random
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -261,6 +260,8 @@ class BenchmarkSpec:
     examples, or a string: the reason one of them was skipped."""
     build: Callable[[], list[Example]] | None = None
     """Builds the set in process (the synthetic demo sets) instead of reading files."""
+    source: str | None = None
+    """Where a built set comes from (reported as its source)."""
     local_names: tuple[str, ...] = ()
     """Other file stems accepted for a local copy (both WildGuardTest levels read ``wildguardtest``)."""
     expected_size: int | None = None
@@ -313,57 +314,13 @@ def _saferlhf_expand(row: Row, index: int, spec: BenchmarkSpec) -> Iterator[Exam
                       categories=cats, source=spec.name)
 
 
-# --------------------------------------------------------------------------- demo sets
-
-DEMO_SEED = 7_000
-"""Seed of the demo sets (the demo model trains on seed 0 and selects checkpoints on 10 000)."""
-DEMO_SIZE = 400
-
-
-@lru_cache(maxsize=1)
-def _demo_training_messages() -> frozenset[tuple[str, str, str | None]]:
-    from rsafe.models.demo_model import N_TRAIN, synthetic_examples
-
-    return frozenset((e.policy, e.prompt, e.response) for e in synthetic_examples(N_TRAIN, seed=0))
-
-
-def demo_examples(policy: str = "rsafe-default", n: int = DEMO_SIZE, seed: int = DEMO_SEED) -> list[Example]:
-    """``n`` synthetic examples labelled under ``policy``, none seen by the default demo build.
-
-    Built with ``rsafe.models.demo_model.synthetic_examples``: the easy templated messages the
-    demo model knows, so its numbers mean something on this machine. Mixed levels (about 40 %
-    response level). Deterministic in ``seed``.
-    """
-    from rsafe.models.demo_model import synthetic_examples
-
-    seen = _demo_training_messages()
-    out: list[Example] = []
-    chunk = 0
-    while len(out) < n:
-        rows = synthetic_examples(max(8 * n, 1000), seed=seed + chunk)
-        for i, e in enumerate(rows):
-            if e.policy != policy or (e.policy, e.prompt, e.response) in seen:
-                continue
-            out.append(Example(
-                id=f"demo-{seed + chunk}-{i}", prompt=e.prompt, response=e.response, label=e.label,
-                level="response" if e.response is not None else "prompt",
-                categories=[e.category] if e.category else [], source=f"demo:{policy}",
-                meta={"policy": e.policy},
-            ))
-            if len(out) == n:
-                break
-        chunk += 1
-        if chunk > 20:
-            raise BenchmarkError(f"could not build {n} demo examples for policy {policy!r}")
-    return out
-
-
 # --------------------------------------------------------------------------- registry
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {}
 
 
 def register(spec: BenchmarkSpec) -> BenchmarkSpec:
+    """Add a benchmark (other rooms register their own sets, e.g. ``rsafe.training`` the demo sets)."""
     if spec.name in BENCHMARKS:
         raise ValueError(f"benchmark {spec.name!r} is already registered")
     BENCHMARKS[spec.name] = spec
@@ -439,28 +396,12 @@ register(BenchmarkSpec(
 PAPER_BENCHMARKS: tuple[str, ...] = tuple(BENCHMARKS)
 """What ``--benchmark all`` runs."""
 
-register(BenchmarkSpec(
-    name="demo", title="Demo (synthetic, rsafe-default)", level=Level.BOTH,
-    build=lambda: demo_examples("rsafe-default"),
-    notes="Synthetic held-out messages the demo model can judge; mixed prompt/response level.",
-))
-register(BenchmarkSpec(
-    name="demo_kids", title="Demo (synthetic, kids-platform labels)", level=Level.BOTH,
-    build=lambda: demo_examples("kids-platform"), tailored_policy="kids-platform",
-    notes="Labelled under the kids-platform policy: the adaptive-taxonomy demo.",
-))
-register(BenchmarkSpec(
-    name="demo_financial", title="Demo (synthetic, financial-advice labels)", level=Level.BOTH,
-    build=lambda: demo_examples("financial-advice"), tailored_policy="financial-advice",
-    notes="Labelled under the financial-advice policy: the adaptive-taxonomy demo.",
-))
-
-
 def get_spec(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name]
     except KeyError:
-        raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}") from None
+        raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (the synthetic "
+                             "demo sets are registered by importing rsafe.training)") from None
 
 
 # --------------------------------------------------------------------------- reading
@@ -626,7 +567,7 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     """
     spec = get_spec(name)
     if spec.build is not None:
-        examples, source, skipped = spec.build(), "synthetic (rsafe.models.demo_model)", {}
+        examples, source, skipped = spec.build(), f"synthetic ({spec.source or spec.name})", {}
     else:
         rows, source = None, ""
         looked = local_candidates(spec, data_dir) if data_dir is not None else []

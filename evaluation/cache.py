@@ -1,7 +1,7 @@
 """Verdict cache: an interrupted evaluation resumes without recomputing what it already judged.
 
-One JSONL file per *run identity* — model id (and a fingerprint of a local model directory),
-adapter, policy version, generation settings and input limits — under the cache directory
+One JSONL file per *run identity* — model id (and the content version of a local model
+directory), adapter and its content version, policy version, generation settings and input limits — under the cache directory
 (``.cache/eval/`` by default). Each line holds one verdict under its *example key*: the sha256 of
 the example id and the hash of the content shown to the guard (level, prompt, response). A line
 is appended (and flushed) after every batch, so a killed run loses at most the batch in flight;
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rsafe.models.verdict import Label, Verdict
+from rsafe.models.versions import artifact_version
 
 DEFAULT_CACHE_DIR = Path(".cache") / "eval"
 
@@ -34,32 +35,20 @@ def example_key(example_id: str, content_hash: str) -> str:
     return _sha([example_id, content_hash])[:32]
 
 
-def model_fingerprint(model: str | None) -> str | None:
-    """For a local model directory: a hash of its files' names, sizes and modification times,
-    so a checkpoint rebuilt at the same path does not reuse stale verdicts. ``None`` otherwise."""
-    if not model:
-        return None
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return None
-    entries = []
-    for f in sorted(path.iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            st = f.stat()
-            entries.append([f.name, st.st_size, st.st_mtime_ns])
-    return _sha(entries)[:16]
-
-
 def run_identity(guard: Any, policy: Any, adapter: str | None) -> dict[str, Any]:
-    """What, besides the example, determines a verdict."""
+    """What, besides the example, determines a verdict. The model and the adapter are keyed on
+    their content version (``artifact_version``), not their names: a checkpoint or adapter rebuilt
+    under the same name does not reuse stale verdicts."""
     cfg = getattr(getattr(guard, "backend", None), "cfg", None)
     generation = getattr(guard, "generation", None)
     limits = getattr(guard, "limits", None)
+    adapters = getattr(cfg, "lora_adapters", {}) or {}
     return {
         "model": guard.model_id,
-        "model_fingerprint": model_fingerprint(getattr(cfg, "model", None)),
+        "model_fingerprint": artifact_version(getattr(cfg, "model", None)),
         "backend": getattr(cfg, "backend", None),
         "adapter": adapter,
+        "adapter_version": artifact_version(adapters.get(adapter)) if adapter else None,
         "policy": policy.name,
         "policy_version": policy.version,
         "generation": dataclasses.asdict(generation) if dataclasses.is_dataclass(generation) else None,

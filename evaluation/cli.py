@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 from rsafe.evaluation.benchmarks import BENCHMARKS, PAPER_BENCHMARKS
+from rsafe.models.options import add_engine_args, die, make_guard, policy_registry
 
 EVAL_POLICY_DIR = Path(__file__).resolve().parent / "policies"
 """Policies shipped with the evaluation (the tailored taxonomies, e.g. ``wildguard-taxonomy``)."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from rsafe.cli import add_engine_args
-
     p = sub.add_parser("eval", help="evaluate a guard model on the RSafe benchmarks",
                        description="Evaluate a guard model on the RSafe benchmarks (F1 of the unsafe class, "
                                    "unknown rate, AUPRC, speed), side by side with the published figures.")
@@ -64,13 +63,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _benchmarks(names: list[str]) -> list[str]:
-    from rsafe.cli import _die
-
     out: list[str] = []
     for name in names:
         for n in (PAPER_BENCHMARKS if name == "all" else [name]):
             if n not in BENCHMARKS:
-                _die(f"unknown benchmark {n!r}; known: all, {', '.join(BENCHMARKS)}")
+                die(f"unknown benchmark {n!r}; known: all, {', '.join(BENCHMARKS)}")
             if n not in out:
                 out.append(n)
     return out
@@ -103,15 +100,14 @@ def _slug(text: str) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from rsafe.cli import _die, make_guard, policy_registry
     from rsafe.evaluation.benchmarks import BenchmarkError, load_benchmark
     from rsafe.evaluation.report import Report, markdown_report, write_report
     from rsafe.evaluation.runner import AdaptiveResult, evaluate, evaluate_robustness
 
     if args.limit is not None and args.limit < 1:
-        _die("--limit must be at least 1")
+        die("--limit must be at least 1")
     if args.batch_size < 1:
-        _die("--batch-size must be at least 1")
+        die("--batch-size must be at least 1")
     names = _benchmarks(args.benchmark)
 
     policies = policy_registry([*([str(EVAL_POLICY_DIR)] if EVAL_POLICY_DIR.is_dir() else []), *args.policy_dir])
@@ -120,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             pol = policies.resolve(name)
         except Exception as err:  # noqa: BLE001 - PolicyError or unknown name
-            _die(str(err))
+            die(str(err))
         if pol.name not in policies:
             policies.add(pol, name)
         return pol
@@ -142,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             data[n] = load_benchmark(n, args.data_dir, args.limit, hub=not args.no_hub)
         except BenchmarkError as err:
             if not args.skip_missing:
-                _die(str(err))
+                die(str(err))
             print(f"rsafe eval: skipping {n}: {err}", file=sys.stderr)
             continue
         d = data[n]
@@ -151,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               + ("; skipped " + ", ".join(f"{c} {why}" for why, c in d.skipped.items()) if d.skipped else ""),
               file=sys.stderr)
     if not data:
-        _die("no benchmark could be loaded")
+        die("no benchmark could be loaded")
 
     out_dir = Path(args.out or Path("out") / "eval" / _slug(args.model_id or args.model))
     guard = make_guard(args, policies, policy.name)

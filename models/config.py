@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,7 +33,13 @@ class GenerationConfig:
     (docs/BENCHMARKS.md). vLLM and OpenAI-compatible vLLM servers apply it; the transformers
     backend ignores it."""
     max_reasoning_chars: int = 2000
-    """Bound on the reasoning length under structured decoding."""
+    """Bound on the reasoning length under structured decoding, in characters (a loose bound:
+    the exact bound is ``max_tokens``, enforced by ``force_answer``)."""
+    force_answer: bool = True
+    """Under structured decoding: when generation runs out of ``max_tokens`` before the answer,
+    continue the same sequence with ``</think>`` and a constrained ``\\boxed{safe|unsafe}``, so a
+    verdict never ends ``unknown`` because the reasoning was long (the verdict says
+    ``answer_forced``). The guard keeps room for it in the context (``ANSWER_RESERVE`` tokens)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 8:
@@ -51,59 +59,98 @@ class GenerationConfig:
         return r"<think>[^<]{1,%d}</think>\n?\\boxed\{(safe|unsafe)\}" % self.max_reasoning_chars
 
 
-Backend = Literal["vllm", "transformers", "openai"]
+Backend = Literal["vllm", "transformers", "openai", "null"]
 
 
 class InputLimits(BaseModel):
-    """What the guard accepts as a message."""
+    """What the guard accepts as a message, and how it judges long ones."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_chars: Annotated[int, Field(gt=0)] = 16_000
-    """Longest prompt or response judged, in characters."""
+    max_chars: Annotated[int, Field(gt=0)] = 64_000
+    """Hard cap on the work per message: the longest prompt or response judged, in characters.
+    Within it, a message whose prompt does not fit the model's context is judged in overlapping
+    token windows (``window_overlap_tokens``), all in one engine batch."""
     on_oversize: Literal["truncate", "reject"] = "truncate"
-    """truncate: judge the first ``max_chars`` characters and set ``truncated_input`` on the
-    verdict. reject: an ``error`` verdict that says the limit."""
+    """Over ``max_chars``. truncate: judge the first and the last ``max_chars / 2`` characters
+    (head and tail windows) and set ``truncated_input`` on the verdict. reject: an ``error``
+    verdict that says the limit (the stream worker dead-letters it as ``too_large``)."""
+    window_overlap_tokens: Annotated[int, Field(ge=0, le=512)] = 32
+    """Tokens shared by consecutive windows, so a phrase cut at a border is seen whole in one."""
 
 
 class EngineConfig(BaseModel):
-    """Which model runs the guard, and where."""
+    """Which model runs the guard, and where.
+
+    Settings that depend on the machine (``dtype``, ``max_model_len``,
+    ``gpu_memory_utilization``, ``enforce_eager``) default to ``local_defaults``: GPU settings
+    when CUDA is available, CPU-safe ones otherwise. Every caller (CLI, worker, benchmarks, tests)
+    gets them from here.
+    """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     backend: Backend = "vllm"
+    """``vllm`` (in-process), ``transformers``, ``openai`` (an OpenAI-compatible server) or
+    ``null`` (answers ``null_label`` at once: tests, soak runs, pipeline benchmarks only)."""
     model: str
     """A local directory or a Hugging Face id (e.g. ``Qwen/Qwen2.5-7B-Instruct``)."""
     model_id: str | None = None
     """Name reported in verdicts; defaults to ``model``."""
     tokenizer: str | None = None
+    """Tokenizer directory or id when it differs from ``model``."""
     dtype: str = "auto"
+    """Weights and activations: ``auto`` (GPU default), ``float32`` (CPU default), ``bfloat16``, ..."""
     max_model_len: Annotated[int, Field(gt=0)] = 4096
+    """Context length (prompt + generated tokens). GPU default 4096, CPU default 1024."""
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.9
-    """On vLLM-CPU this is the share of host memory; 0.5 on development machines."""
+    """Share of GPU memory vLLM may take; on vLLM-CPU the share of host memory (CPU default 0.5)."""
     enable_prefix_caching: bool = True
     """The policy text comes first in every prompt, so its KV cache is shared."""
     enforce_eager: bool = False
+    """No CUDA graphs / compilation (CPU default: on)."""
     max_num_seqs: int | None = None
+    """vLLM's cap on sequences scheduled at once (None: vLLM's default)."""
+    cpu_kvcache_space_gib: Annotated[float, Field(gt=0)] = 1.0
+    """vLLM-CPU only: KV cache size in GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` when that
+    variable is not set (vLLM-CPU refuses to start without it on small hosts)."""
     enable_lora: bool = False
+    """Serve LoRA adapters (per request, by name)."""
     max_lora_rank: int = 16
     max_loras: int = 4
+    """Adapters resident at once."""
     lora_adapters: dict[str, str] = {}
     """Adapter name → path; requests select one by name (vLLM ``LoRARequest``)."""
     base_url: str | None = None
     """openai backend: e.g. ``http://127.0.0.1:8000/v1``."""
     api_key: str | None = None
+    """openai backend: sent as a bearer token."""
     request_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """openai backend: per-request timeout."""
     device: str = "cpu"
     """transformers backend: torch device."""
+    null_label: Literal["safe", "unsafe"] = "safe"
+    """null backend: the answer it gives to every request."""
     limits: InputLimits = InputLimits()
+    """What the guard accepts as a message."""
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    """Sampling settings (reference defaults: greedy, 512 tokens)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend", "vllm") not in ("openai", "null"):
+            missing = [k for k in LOCAL_KEYS if k not in data]
+            if missing:
+                defaults = local_defaults()
+                data = {**{k: defaults[k] for k in missing}, **data}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> EngineConfig:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
-        if self.backend != "openai" and self.lora_adapters and not self.enable_lora and self.backend == "vllm":
+        if self.backend == "vllm" and self.lora_adapters and not self.enable_lora:
             raise ValueError("lora_adapters are set but enable_lora is false; set enable_lora: true")
         for name, path in self.lora_adapters.items():
             if self.backend != "openai" and not Path(path).exists():
@@ -115,6 +162,10 @@ class EngineConfig(BaseModel):
         return self.model_id or self.model
 
 
+LOCAL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager")
+"""Engine settings whose default depends on the machine (see ``local_defaults``)."""
+
+
 def cuda_available() -> bool:
     try:
         import torch
@@ -124,12 +175,22 @@ def cuda_available() -> bool:
         return False
 
 
-def local_engine_config(model: str, backend: Backend = "vllm", **overrides) -> EngineConfig:
-    """Settings for a model on this machine: GPU defaults, or CPU-safe ones (float32, eager,
-    half the host memory, 1024-token context) when there is no GPU. ``overrides`` win."""
-    gpu = cuda_available()
-    base = dict(backend=backend, model=model, dtype="auto" if gpu else "float32",
-                max_model_len=4096 if gpu else 1024, gpu_memory_utilization=0.9 if gpu else 0.5,
-                enforce_eager=not gpu)
-    base.update(overrides)
-    return EngineConfig(**base)
+@lru_cache(maxsize=1)
+def local_defaults() -> dict[str, Any]:
+    """Machine-dependent engine defaults: GPU (``auto`` dtype, 4096-token context, 90 % of GPU
+    memory, CUDA graphs) or CPU-safe (float32, 1024 tokens, half the host memory, eager)."""
+    if cuda_available():
+        return {"dtype": "auto", "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False}
+    return {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True}
+
+
+def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any) -> EngineConfig:
+    """Settings for ``model`` on this machine (``local_defaults``); ``overrides`` win. The one
+    helper every CLI, benchmark, the worker and the tests build engine settings with."""
+    return EngineConfig(backend=backend, model=model, **overrides)
+
+
+def apply_engine_environment(cfg: EngineConfig) -> None:
+    """Process environment an engine needs before it starts (vLLM-CPU: the KV cache size)."""
+    if cfg.backend == "vllm" and not cuda_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.cpu_kvcache_space_gib:g}")

@@ -5,6 +5,10 @@
   (CLI, evaluation) and asyncio callers (the Faust worker) without blocking their loop.
 * ``TransformersBackend`` — plain ``generate`` for machines without vLLM.
 * ``OpenAIBackend`` — any OpenAI-compatible server (e.g. ``vllm serve``) for remote GPUs.
+* ``NullBackend`` — answers a fixed verdict at once (tests, soak runs, pipeline benchmarks).
+
+Each backend offers a ``token_counter`` (``rsafe.models.tokens``) so the guard can keep every
+request inside the context; ``None`` means no token budget (the null backend).
 
 Backends never parse verdicts; ``rsafe.models.guard`` does. A failure of one request comes back
 as a ``Completion`` with ``error`` set; a failure of the whole call raises ``EngineError``.
@@ -20,8 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
-from rsafe.models.config import EngineConfig, GenerationConfig
+from rsafe.models.config import EngineConfig, GenerationConfig, apply_engine_environment
 from rsafe.models.prompt import render_prompt
+from rsafe.models.tokens import HFTokenCounter, approximate_spans
+
+#: Structured answer grammar used to force the answer after a cut reasoning (``force_answer``).
+FORCED_ANSWER_REGEX = r"\\boxed\{(safe|unsafe)\}"
 
 
 class EngineError(RuntimeError):
@@ -38,11 +46,32 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    answer_forced: bool = False
+    """The reasoning ran out of tokens and the answer was forced after it (``force_answer``)."""
     error: str | None = None
+
+
+def needs_forced_answer(gen: GenerationConfig, text: str, finish_reason: str | None) -> bool:
+    """Structured decoding was cut by ``max_tokens`` before a readable answer."""
+    if not (gen.structured and gen.force_answer and finish_reason == "length"):
+        return False
+    from rsafe.models.verdict import Label, parse_output
+
+    return parse_output(text).answer == Label.UNKNOWN
+
+
+def forced_head(text: str) -> str:
+    """The generated reasoning, closed: what the forced answer continues from."""
+    reasoning = text.split("</think>", 1)[0].rstrip()
+    if not reasoning.startswith("<think>"):
+        reasoning = "<think>" + reasoning
+    return reasoning + "\n</think>\n"
 
 
 class Backend(Protocol):
     model_id: str
+    token_counter: Any
+    """A ``rsafe.models.tokens.TokenCounter``, or None (no token budget)."""
 
     def generate(self, user_turns: Sequence[str], gen: GenerationConfig,
                  adapters: Sequence[str | None]) -> list[Completion]: ...
@@ -82,9 +111,11 @@ class VLLMBackend:
 
     def __init__(self, cfg: EngineConfig):
         _check_model_path(cfg.model)
+        apply_engine_environment(cfg)
         self.cfg = cfg
         self.model_id = cfg.display_id
         self.tokenizer = _load_tokenizer(cfg)
+        self.token_counter = HFTokenCounter(self.tokenizer, cfg.max_model_len)
         self._ids = itertools.count()
         self._lora_ids: dict[str, int] = {}
         self._loop = asyncio.new_event_loop()
@@ -123,10 +154,14 @@ class VLLMBackend:
     def _call(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def _sampling_params(self, gen: GenerationConfig):
+    def _sampling_params(self, gen: GenerationConfig, forced: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+        if forced:  # the answer right after a cut reasoning: greedy, a few tokens, constrained
+            return SamplingParams(max_tokens=8, temperature=0.0, logprobs=gen.top_logprobs or None,
+                                  output_kind=RequestOutputKind.FINAL_ONLY,
+                                  structured_outputs=StructuredOutputsParams(regex=FORCED_ANSWER_REGEX))
         return SamplingParams(
             max_tokens=gen.max_tokens,
             temperature=gen.temperature,
@@ -149,17 +184,14 @@ class VLLMBackend:
         lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
         return LoRARequest(name, lora_id, path)
 
-    async def _one(self, prompt: str, params, adapter: str | None) -> Completion:
-        try:
-            lora = self._lora(adapter)
-        except KeyError as err:
-            return Completion(prompt=prompt, error=str(err.args[0]))
+    async def _final(self, prompt: str, params, lora):
         final = None
         async for out in self._engine.generate(prompt, params, f"rsafe-{next(self._ids)}", lora_request=lora):
             final = out
-        if final is None or not final.outputs:
-            return Completion(prompt=prompt, error="engine returned no output")
-        o = final.outputs[0]
+        return final
+
+    @staticmethod
+    def _tokens(o) -> tuple[list[str], list[list[tuple[str, float]]] | None]:
         token_texts, candidates = [], None
         if o.logprobs is not None:
             candidates = []
@@ -167,17 +199,39 @@ class VLLMBackend:
                 chosen = pos.get(tok_id)
                 token_texts.append((chosen.decoded_token if chosen else "") or "")
                 candidates.append([(lp.decoded_token or "", lp.logprob) for lp in pos.values()])
-        return Completion(
+        return token_texts, candidates
+
+    async def _one(self, prompt: str, params, adapter: str | None, gen: GenerationConfig) -> Completion:
+        try:
+            lora = self._lora(adapter)
+        except KeyError as err:
+            return Completion(prompt=prompt, error=str(err.args[0]))
+        final = await self._final(prompt, params, lora)
+        if final is None or not final.outputs:
+            return Completion(prompt=prompt, error="engine returned no output")
+        o = final.outputs[0]
+        token_texts, candidates = self._tokens(o)
+        c = Completion(
             text=o.text, token_texts=token_texts, candidates=candidates, prompt=prompt,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(o.token_ids),
             finish_reason=o.finish_reason,
         )
+        if needs_forced_answer(gen, o.text, o.finish_reason):
+            head = forced_head(o.text)
+            forced = await self._final(prompt + head, self._sampling_params(gen, forced=True), lora)
+            if forced is not None and forced.outputs:
+                f = forced.outputs[0]
+                c.text = head + f.text
+                c.token_texts, c.candidates = self._tokens(f)
+                c.completion_tokens += len(f.token_ids)
+                c.answer_forced = True
+        return c
 
     async def _batch(self, prompts: list[str], gen: GenerationConfig, adapters: Sequence[str | None]):
         if self._engine.errored:
             raise EngineError(f"vLLM engine is dead: {self._engine.dead_error}")
         params = self._sampling_params(gen)
-        results = await asyncio.gather(*(self._one(p, params, a) for p, a in zip(prompts, adapters)),
+        results = await asyncio.gather(*(self._one(p, params, a, gen) for p, a in zip(prompts, adapters)),
                                        return_exceptions=True)
         out = []
         for p, r in zip(prompts, results):
@@ -232,6 +286,7 @@ class TransformersBackend:
         self.cfg = cfg
         self.model_id = cfg.display_id
         self.tokenizer = _load_tokenizer(cfg)
+        self.token_counter = HFTokenCounter(self.tokenizer, cfg.max_model_len)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -329,10 +384,41 @@ class TransformersBackend:
 # --------------------------------------------------------------------------- OpenAI-compatible
 
 
+class ServerTokenCounter:
+    """Counts tokens with an OpenAI-compatible vLLM server's ``/tokenize`` endpoint (when no
+    tokenizer is available locally). Character spans are estimated (windows are verified)."""
+
+    def __init__(self, root: str, model: str, headers: dict[str, str], max_model_len: int, timeout: float):
+        self.root, self.model, self.headers = root, model, headers
+        self.max_model_len = max_model_len
+        self.timeout = timeout
+
+    def _post(self, body: dict) -> int:
+        import httpx
+
+        try:
+            r = httpx.post(f"{self.root}/tokenize", json={"model": self.model, **body}, headers=self.headers,
+                           timeout=self.timeout)
+            r.raise_for_status()
+            return int(r.json()["count"])
+        except (httpx.HTTPError, KeyError, ValueError) as err:
+            raise EngineError(f"cannot count tokens with {self.root}/tokenize: {err}; set engine.tokenizer "
+                              "to count locally") from err
+
+    def count(self, user_turns: Sequence[str]) -> list[int]:
+        return [self._post({"messages": [{"role": "user", "content": t}], "add_generation_prompt": True})
+                for t in user_turns]
+
+    def spans(self, text: str) -> list[tuple[int, int]]:
+        return approximate_spans(text, self._post({"prompt": text, "add_special_tokens": False}))
+
+
 class OpenAIBackend:
     """Any OpenAI-compatible chat endpoint; the server renders the model's chat template.
 
-    An adapter name is sent as the ``model`` (vLLM serves LoRA adapters under their names).
+    An adapter name is sent as the ``model`` (vLLM serves LoRA adapters under their names). Token
+    counts come from ``cfg.tokenizer`` (or a local ``cfg.model`` directory) when given, else from
+    the server's ``/tokenize``; the context length from the server's model list when it says.
     """
 
     def __init__(self, cfg: EngineConfig):
@@ -342,14 +428,47 @@ class OpenAIBackend:
         self.model_id = cfg.display_id
         headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         self._base = cfg.base_url.rstrip("/")
+        self._root = self._base[:-3] if self._base.endswith("/v1") else self._base
         self._headers = headers
         self._timeout = httpx.Timeout(cfg.request_timeout_s, connect=10.0)
         self._sem_limit = 64
+        self._counter: Any = None
 
-    def _body(self, user_turn: str, gen: GenerationConfig, adapter: str | None) -> dict:
+    @property
+    def token_counter(self) -> Any:
+        if self._counter is None:
+            max_len = self._server_max_model_len() or self.cfg.max_model_len
+            local = self.cfg.tokenizer or (self.cfg.model if Path(self.cfg.model).expanduser().is_dir() else None)
+            if local:
+                from transformers import AutoTokenizer
+
+                try:
+                    self._counter = HFTokenCounter(AutoTokenizer.from_pretrained(local), max_len)
+                except Exception as err:  # noqa: BLE001
+                    raise EngineError(f"cannot load tokenizer {local!r}: {err}") from err
+            else:
+                self._counter = ServerTokenCounter(self._root, self.cfg.model, self._headers, max_len,
+                                                   self.cfg.request_timeout_s)
+        return self._counter
+
+    def _server_max_model_len(self) -> int | None:
+        import httpx
+
+        try:
+            r = httpx.get(f"{self._base}/models", headers=self._headers, timeout=10.0)
+            r.raise_for_status()
+            for m in r.json().get("data", []):
+                if m.get("id") == self.cfg.model and m.get("max_model_len"):
+                    return int(m["max_model_len"])
+        except (httpx.HTTPError, ValueError, TypeError):
+            return None
+        return None
+
+    def _body(self, user_turn: str, gen: GenerationConfig, adapter: str | None, head: str | None = None) -> dict:
+        messages: list[dict[str, str]] = [{"role": "user", "content": user_turn}]
         body: dict[str, Any] = {
             "model": adapter or self.cfg.model,
-            "messages": [{"role": "user", "content": user_turn}],
+            "messages": messages,
             "max_tokens": gen.max_tokens,
             "temperature": gen.temperature,
             "top_p": gen.top_p,
@@ -362,6 +481,10 @@ class OpenAIBackend:
             body["repetition_penalty"] = gen.repetition_penalty
         if gen.structured:
             body["structured_outputs"] = {"regex": gen.structured_regex}
+        if head is not None:  # continue the cut reasoning with a forced answer (vLLM chat API)
+            messages.append({"role": "assistant", "content": head})
+            body.update(max_tokens=8, temperature=0.0, continue_final_message=True, add_generation_prompt=False,
+                        structured_outputs={"regex": FORCED_ANSWER_REGEX})
         return body
 
     @staticmethod
@@ -386,10 +509,11 @@ class OpenAIBackend:
 
         sem = asyncio.Semaphore(self._sem_limit)
         async with httpx.AsyncClient(timeout=self._timeout, headers=self._headers) as client:
-            async def one(turn: str, adapter: str | None) -> Completion:
+            async def post(turn: str, adapter: str | None, head: str | None = None) -> Completion:
                 async with sem:
                     try:
-                        r = await client.post(f"{self._base}/chat/completions", json=self._body(turn, gen, adapter))
+                        r = await client.post(f"{self._base}/chat/completions",
+                                              json=self._body(turn, gen, adapter, head))
                     except httpx.HTTPError as err:
                         raise EngineError(f"OpenAI-compatible server {self._base} unreachable: {err!r}") from err
                 if r.status_code >= 500:
@@ -397,6 +521,18 @@ class OpenAIBackend:
                 if r.status_code >= 400:
                     return Completion(prompt=turn, error=f"server rejected request ({r.status_code}): {r.text[:300]}")
                 return self._completion(turn, r.json())
+
+            async def one(turn: str, adapter: str | None) -> Completion:
+                c = await post(turn, adapter)
+                if c.error is None and needs_forced_answer(gen, c.text, c.finish_reason):
+                    head = forced_head(c.text)
+                    f = await post(turn, adapter, head)
+                    if f.error is None:
+                        c.text = head + (f.text[len(head):] if f.text.startswith(head) else f.text)
+                        c.token_texts, c.candidates = f.token_texts, f.candidates
+                        c.completion_tokens += f.completion_tokens
+                        c.answer_forced = True
+                return c
 
             return list(await asyncio.gather(*(one(t, a) for t, a in zip(user_turns, adapters))))
 
@@ -407,7 +543,42 @@ class OpenAIBackend:
         pass
 
 
-BACKENDS = {"vllm": VLLMBackend, "transformers": TransformersBackend, "openai": OpenAIBackend}
+# --------------------------------------------------------------------------- null
+
+
+class NullBackend:
+    """Answers ``cfg.null_label`` at once, with a fixed reasoning and certain logprobs.
+
+    For tests of the pipeline's mechanics, soak runs and pipeline benchmarks: it measures
+    everything but the model. Never use it to moderate traffic.
+    """
+
+    token_counter = None
+
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.model_id = cfg.display_id
+        label = cfg.null_label
+        self._text = f"<think>null engine: fixed answer</think>\n\\boxed{{{label}}}"
+        other = "safe" if label == "unsafe" else "unsafe"
+        self._tokens = ["<think>null engine: fixed answer</think>\n\\boxed{", label, "}"]
+        self._candidates = [[(self._tokens[0], 0.0)], [(label, 0.0), (other, -30.0)], [("}", 0.0)]]
+
+    def _one(self, turn: str) -> Completion:
+        return Completion(text=self._text, token_texts=list(self._tokens), candidates=self._candidates,
+                          prompt=turn, prompt_tokens=len(turn) // 4, completion_tokens=3, finish_reason="stop")
+
+    def generate(self, user_turns, gen, adapters):
+        return [self._one(t) for t in user_turns]
+
+    async def agenerate(self, user_turns, gen, adapters):
+        return [self._one(t) for t in user_turns]
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS = {"vllm": VLLMBackend, "transformers": TransformersBackend, "openai": OpenAIBackend, "null": NullBackend}
 
 
 def make_backend(cfg: EngineConfig) -> Backend:

@@ -3,6 +3,11 @@
 Every request gets exactly one verdict. Bad input (empty text, lone surrogates, unknown policy,
 over the size limit when configured to reject) and engine failures become ``error`` verdicts that
 say why; unreadable model answers become ``unknown``. Nothing is dropped, nothing crashes the batch.
+
+Two steps, usable apart: ``prepare`` validates a request and plans its engine sequences (one, or
+overlapping token windows when the prompt would not fit the context, see ``rsafe.models.tokens``);
+``classify_prepared`` / ``aclassify_prepared`` run prepared requests — all windows of a message in
+the same engine batch — and combine each message's windows into one verdict. ``classify`` does both.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rsafe.models.config import EngineConfig, GenerationConfig, InputLimits
 from rsafe.models.engines import Backend, Completion, EngineError, make_backend
-from rsafe.models.prompt import build_user_turn, prompt_hash, resolve_level
+from rsafe.models.prompt import prompt_hash, resolve_level
+from rsafe.models.tokens import Window, WindowError, plan_windows
 from rsafe.models.verdict import Label, Timings, Verdict, categories_in, decide, parse_output, unsafe_probability
 from rsafe.policies import DEFAULT_POLICY, Level, Policy, PolicyError, PolicyRegistry
 
@@ -47,14 +53,33 @@ def _text_problem(name: str, text: str) -> str | None:
 
 
 @dataclass
-class _Prepared:
-    index: int
+class Prepared:
+    """A validated request and the engine sequences (windows) that will judge it."""
+
     request: GuardRequest
     policy: Policy
     level: Level
-    user_turn: str
+    windows: list[Window]
     truncated: bool
     arrived: float
+    """``time.perf_counter()`` when the request arrived (latency accounting)."""
+    index: int = 0
+
+    @property
+    def user_turn(self) -> str:
+        """The first window's user turn (the whole message when it fits the context)."""
+        return self.windows[0].user_turn
+
+
+@dataclass(frozen=True)
+class _Judged:
+    """One window's engine result, parsed."""
+
+    completion: Completion
+    label: Label
+    probability: float | None
+    reasoning: str | None
+    format_ok: bool
 
 
 class Guard:
@@ -86,14 +111,17 @@ class Guard:
                        policy=policy.name if policy else None,
                        policy_version=policy.version if policy else None, **extra)
 
-    def _clip(self, text: str) -> tuple[str, bool]:
-        if len(text) <= self.limits.max_chars:
-            return text, False
-        return text[: self.limits.max_chars], True
+    def _segments(self, text: str) -> list[tuple[int, int]] | None:
+        """Character ranges judged of an over-long text (``truncate``): its head and its tail."""
+        cap = self.limits.max_chars
+        if len(text) <= cap:
+            return None
+        half = cap // 2
+        return [(0, half), (len(text) - (cap - half), len(text))]
 
     def prepare(self, req: GuardRequest | dict, index: int = 0,
-                arrived: float | None = None) -> _Prepared | Verdict:
-        """Validate one request and build its user turn, or return the ``error`` verdict saying why."""
+                arrived: float | None = None) -> Prepared | Verdict:
+        """Validate one request and plan its windows, or return the ``error`` verdict saying why."""
         arrived = time.perf_counter() if arrived is None else arrived
         if not isinstance(req, GuardRequest):
             raw_id = req.get("id") if isinstance(req, dict) else None
@@ -107,7 +135,6 @@ class Guard:
         except PolicyError as err:
             return self._error(req.id, str(err))
         texts = {"prompt": req.prompt, **({"response": req.response} if req.response is not None else {})}
-        truncated = False
         for name, text in texts.items():
             problem = _text_problem(name, text)
             if problem:
@@ -115,96 +142,170 @@ class Guard:
             if len(text) > self.limits.max_chars and self.limits.on_oversize == "reject":
                 return self._error(req.id, f"{name} is {len(text)} characters, over the limit of "
                                            f"{self.limits.max_chars}", policy)
-        prompt, t1 = self._clip(req.prompt)
-        response, t2 = self._clip(req.response) if req.response is not None else (None, False)
-        truncated = t1 or t2
         try:
-            level = resolve_level(policy, response, req.level)
-            turn = build_user_turn(policy, prompt, response, level)
-        except ValueError as err:
+            level = resolve_level(policy, req.response, req.level)
+            if level == Level.RESPONSE and req.response is None:
+                raise ValueError("response-level moderation needs a response")
+            prompt, truncated = req.prompt, False
+            if level == Level.RESPONSE:
+                prompt = prompt[-self.limits.max_chars:]  # the user turn's tail (windows fit it further)
+                truncated = len(req.prompt) > self.limits.max_chars
+            judged = req.response if level == Level.RESPONSE else req.prompt
+            segments = self._segments(judged)  # type: ignore[arg-type]
+            truncated = truncated or segments is not None
+            windows = plan_windows(policy, level, prompt, req.response, counter=self.token_counter,
+                                   max_tokens=self.generation.max_tokens,
+                                   overlap=self.limits.window_overlap_tokens, segments=segments)
+        except (ValueError, WindowError) as err:
             return self._error(req.id, str(err), policy)
-        return _Prepared(index, req, policy, level, turn, truncated, arrived)
+        return Prepared(req, policy, level, windows, truncated, arrived, index)
+
+    @property
+    def token_counter(self) -> Any:
+        """The backend's token counter (None: no token budget, only the character cap)."""
+        return getattr(self.backend, "token_counter", None)
+
+    def prepare_all(self, requests: Iterable[GuardRequest | dict],
+                    arrived: Sequence[float] | None = None) -> list[Prepared | Verdict]:
+        return [self.prepare(r, i, arrived[i] if arrived else None) for i, r in enumerate(requests)]
 
     # ------------------------------------------------------------------ results
 
-    def _verdict(self, p: _Prepared, c: Completion, engine_ms: float, started: float) -> Verdict:
+    def _judge(self, p: Prepared, c: Completion) -> _Judged:
+        if c.error:
+            return _Judged(c, Label.ERROR, None, None, False)
+        parsed = parse_output(c.text)
+        prob = unsafe_probability(c.token_texts, c.candidates) if parsed.answer != Label.UNKNOWN else None
+        return _Judged(c, decide(parsed, prob, p.policy.unsafe_threshold), prob, parsed.reasoning, parsed.format_ok)
+
+    @staticmethod
+    def _deciding(judged: Sequence[_Judged]) -> int:
+        """The window that decides: an unsafe one (highest P(unsafe)); else, when any window could
+        not be judged (error, unknown), that one — the message is not safe without it; else the
+        safe window closest to unsafe."""
+        def p(i: int) -> float:
+            return judged[i].probability if judged[i].probability is not None else -1.0
+
+        unsafe = [i for i, j in enumerate(judged) if j.label == Label.UNSAFE]
+        if unsafe:
+            return max(unsafe, key=p)
+        for bad in (Label.ERROR, Label.UNKNOWN):
+            found = [i for i, j in enumerate(judged) if j.label == bad]
+            if found:
+                return found[0]
+        return max(range(len(judged)), key=p)
+
+    def _verdict(self, p: Prepared, completions: Sequence[Completion], engine_ms: float, started: float) -> Verdict:
         now = time.perf_counter()
+        judged = [self._judge(p, c) for c in completions]
+        k = self._deciding(judged)
+        d, c, w = judged[k], judged[k].completion, p.windows[k]
+        probs = [j.probability for j in judged if j.probability is not None]
+        windowed = len(p.windows) > 1 or w.span is not None
         common = dict(
             id=p.request.id, level=p.level.value, policy=p.policy.name, policy_version=p.policy.version,
             model=self.model_id, adapter=p.request.adapter, truncated_input=p.truncated,
+            windows=len(p.windows), window=k, window_field=w.field if windowed else None,
+            window_span=w.span if windowed else None,
             prompt_hash=prompt_hash(c.prompt) if c.prompt else None,
             timings=Timings(queued_ms=(started - p.arrived) * 1e3, engine_ms=engine_ms,
                             total_ms=(now - p.arrived) * 1e3),
             latency_ms=(now - p.arrived) * 1e3,
         )
-        if c.error:
+        if d.label == Label.ERROR:
             return Verdict(label=Label.ERROR, error_reason=c.error, **common)
-        parsed = parse_output(c.text)
-        prob = unsafe_probability(c.token_texts, c.candidates) if parsed.answer != Label.UNKNOWN else None
-        label = decide(parsed, prob, p.policy.unsafe_threshold)
         return Verdict(
-            label=label, unsafe_probability=prob,
-            categories=categories_in(parsed.reasoning, p.policy) if label == Label.UNSAFE else [],
-            reasoning=parsed.reasoning, raw_output=c.text, format_ok=parsed.format_ok,
+            label=d.label, unsafe_probability=max(probs) if probs and d.label != Label.UNKNOWN else d.probability,
+            categories=categories_in(d.reasoning, p.policy) if d.label == Label.UNSAFE else [],
+            reasoning=d.reasoning, raw_output=c.text, format_ok=d.format_ok,
             prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-            finish_reason=c.finish_reason, **common,
+            finish_reason=c.finish_reason, answer_forced=c.answer_forced, **common,
         )
 
-    def _split(self, requests: Iterable[GuardRequest | dict], arrived: Sequence[float] | None):
-        verdicts: list[Verdict | None] = []
-        prepared: list[_Prepared] = []
-        for i, req in enumerate(requests):
-            p = self.prepare(req, i, arrived[i] if arrived else None)
-            if isinstance(p, Verdict):
-                verdicts.append(p)
+    def _calls(self, prepared: Sequence[Prepared], max_sequences: int | None) -> list[list[Prepared]]:
+        """Engine calls: all windows of a message in one call, at most ``max_sequences`` sequences
+        per call (a message with more windows gets a call of its own)."""
+        if not max_sequences:
+            return [list(prepared)] if prepared else []
+        calls: list[list[Prepared]] = []
+        size = 0
+        for p in prepared:
+            if calls and size + len(p.windows) <= max_sequences:
+                calls[-1].append(p)
+                size += len(p.windows)
             else:
-                verdicts.append(None)
-                prepared.append(p)
-        return verdicts, prepared
+                calls.append([p])
+                size = len(p.windows)
+        return calls
 
-    def _finish(self, verdicts, prepared, completions, engine_ms, started) -> list[Verdict]:
-        if len(completions) != len(prepared):
-            completions = [Completion(error=f"engine returned {len(completions)} results for "
-                                            f"{len(prepared)} requests")] * len(prepared)
-        for p, c in zip(prepared, completions):
-            verdicts[p.index] = self._verdict(p, c, engine_ms, started)
-        return verdicts
+    @staticmethod
+    def _flat(call: Sequence[Prepared]) -> tuple[list[str], list[str | None]]:
+        turns, adapters = [], []
+        for p in call:
+            turns += [w.user_turn for w in p.windows]
+            adapters += [p.request.adapter] * len(p.windows)
+        return turns, adapters
 
-    def _failed(self, prepared: list[_Prepared], err: Exception) -> list[Completion]:
-        return [Completion(error=f"engine failure: {err}") for _ in prepared]
+    def _assign(self, call: Sequence[Prepared], completions: list[Completion], engine_ms: float,
+                started: float) -> list[Verdict]:
+        n = sum(len(p.windows) for p in call)
+        if len(completions) != n:
+            completions = [Completion(error=f"engine returned {len(completions)} results for {n} requests")] * n
+        out, i = [], 0
+        for p in call:
+            out.append(self._verdict(p, completions[i: i + len(p.windows)], engine_ms, started))
+            i += len(p.windows)
+        return out
+
+    @staticmethod
+    def _failed(n: int, err: Exception) -> list[Completion]:
+        return [Completion(error=f"engine failure: {err}") for _ in range(n)]
+
+    def classify_prepared(self, prepared: Sequence[Prepared], *, max_sequences: int | None = None) -> list[Verdict]:
+        """Judge prepared requests; one verdict each, in order."""
+        out: list[Verdict] = []
+        for call in self._calls(prepared, max_sequences):
+            turns, adapters = self._flat(call)
+            started = time.perf_counter()
+            try:
+                completions = self.backend.generate(turns, self.generation, adapters)
+            except Exception as err:  # noqa: BLE001 - every request gets its verdict
+                completions = self._failed(len(turns), err)
+            out += self._assign(call, completions, (time.perf_counter() - started) * 1e3, started)
+        return out
+
+    async def aclassify_prepared(self, prepared: Sequence[Prepared], *, max_sequences: int | None = None,
+                                 raise_engine_errors: bool = False) -> list[Verdict]:
+        """Async ``classify_prepared``. With ``raise_engine_errors`` a whole-call engine failure
+        raises ``EngineError`` instead of becoming ``error`` verdicts (the stream worker retries)."""
+        out: list[Verdict] = []
+        for call in self._calls(prepared, max_sequences):
+            turns, adapters = self._flat(call)
+            started = time.perf_counter()
+            try:
+                completions = await self.backend.agenerate(turns, self.generation, adapters)
+            except Exception as err:  # noqa: BLE001
+                if raise_engine_errors:
+                    raise EngineError(str(err)) from err
+                completions = self._failed(len(turns), err)
+            out += self._assign(call, completions, (time.perf_counter() - started) * 1e3, started)
+        return out
 
     def classify(self, requests: Sequence[GuardRequest | dict], *,
                  arrived: Sequence[float] | None = None) -> list[Verdict]:
         """Judge a batch; one verdict per request, in input order."""
-        verdicts, prepared = self._split(requests, arrived)
-        started = time.perf_counter()
-        if prepared:
-            try:
-                completions = self.backend.generate([p.user_turn for p in prepared], self.generation,
-                                                    [p.request.adapter for p in prepared])
-            except (EngineError, Exception) as err:  # noqa: BLE001 - every request gets its verdict
-                completions = self._failed(prepared, err)
-            engine_ms = (time.perf_counter() - started) * 1e3
-            verdicts = self._finish(verdicts, prepared, completions, engine_ms, started)
-        return verdicts  # type: ignore[return-value]
+        items = self.prepare_all(requests, arrived)
+        ready = [p for p in items if isinstance(p, Prepared)]
+        verdicts = iter(self.classify_prepared(ready))
+        return [next(verdicts) if isinstance(p, Prepared) else p for p in items]
 
     async def aclassify(self, requests: Sequence[GuardRequest | dict], *,
                         arrived: Sequence[float] | None = None, raise_engine_errors: bool = False) -> list[Verdict]:
-        """Async ``classify``. With ``raise_engine_errors`` a whole-batch engine failure raises
-        ``EngineError`` instead of becoming ``error`` verdicts (the stream worker retries)."""
-        verdicts, prepared = self._split(requests, arrived)
-        started = time.perf_counter()
-        if prepared:
-            try:
-                completions = await self.backend.agenerate([p.user_turn for p in prepared], self.generation,
-                                                           [p.request.adapter for p in prepared])
-            except Exception as err:  # noqa: BLE001
-                if raise_engine_errors:
-                    raise EngineError(str(err)) from err
-                completions = self._failed(prepared, err)
-            engine_ms = (time.perf_counter() - started) * 1e3
-            verdicts = self._finish(verdicts, prepared, completions, engine_ms, started)
-        return verdicts  # type: ignore[return-value]
+        """Async ``classify`` (see ``aclassify_prepared`` for ``raise_engine_errors``)."""
+        items = self.prepare_all(requests, arrived)
+        ready = [p for p in items if isinstance(p, Prepared)]
+        verdicts = iter(await self.aclassify_prepared(ready, raise_engine_errors=raise_engine_errors))
+        return [next(verdicts) if isinstance(p, Prepared) else p for p in items]
 
     def close(self) -> None:
         self.backend.close()

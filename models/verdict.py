@@ -167,32 +167,57 @@ class Verdict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str | None = None
+    """The request's id (echoed)."""
     label: Label
+    """safe / unsafe (the policy threshold on ``unsafe_probability`` when known), unknown, error."""
     unsafe_probability: Annotated[float | None, Field(ge=0.0, le=1.0)] = None
-    """From the logprobs at the answer token, normalised over safe/unsafe; None if unavailable."""
+    """From the logprobs at the answer token, normalised over safe/unsafe; None if unavailable.
+    For a windowed message: the maximum over its windows."""
     categories: list[str] = []
     """Category codes named in the reasoning (best effort; only for unsafe verdicts)."""
     reasoning: str | None = None
+    """The text inside ``<think>…</think>`` (of the deciding window)."""
     raw_output: str | None = None
+    """The whole generation (of the deciding window)."""
     format_ok: bool = False
+    """The output passes the reference format check (``<think>…</think>…\\boxed{…}``)."""
     level: str | None = None
+    """prompt or response: which template judged the message."""
     policy: str | None = None
+    """Name of the policy that judged it."""
     policy_version: str | None = None
+    """Content hash of that policy (``Policy.version``)."""
     model: str | None = None
+    """The engine's model id."""
     adapter: str | None = None
+    """LoRA adapter name, when one was used."""
     prompt_tokens: int = 0
+    """Prompt tokens of the deciding window's engine request."""
     completion_tokens: int = 0
+    """Generated tokens of the deciding window."""
     finish_reason: str | None = None
+    """The engine's reason to stop (``stop``; ``length`` when ``max_tokens`` ran out)."""
+    answer_forced: bool = False
+    """Generation ran out of tokens in the reasoning and the answer was forced right after it
+    (``GenerationConfig.force_answer``); the reasoning is cut."""
     truncated_input: bool = False
-    """The message was longer than the configured limit and was cut before judging."""
+    """The message was longer than ``max_chars``; only its head and tail were judged."""
+    windows: int = 1
+    """Engine sequences (token windows) the message was judged in; 1 when it fit the context."""
+    window: int = 0
+    """Index of the deciding window (the unsafe one with the highest P(unsafe), else the highest)."""
+    window_field: str | None = None
+    """prompt or response: the field cut into windows (None when not windowed)."""
+    window_span: tuple[int, int] | None = None
+    """Character span ``[start, end)`` of ``window_field`` the deciding window showed."""
     prompt_hash: str | None = None
+    """sha256 of the exact prompt the engine received for the deciding window."""
     error_reason: str | None = None
+    """Why there is no answer (``error`` verdicts)."""
     latency_ms: float = 0.0
+    """From the request's arrival to its verdict."""
     timings: Timings = Timings()
-
-    @property
-    def flagged(self) -> bool:
-        return self.label == Label.UNSAFE
+    """Where the time went."""
 
 
 def decide(parsed: ParsedOutput, probability: float | None, threshold: float) -> Label:

@@ -41,7 +41,11 @@ class Level(str, Enum):
     RESPONSE = "response"
     """The assistant's reply to a user message (response-level template, 'Agent' messages)."""
     BOTH = "both"
-    """Either, chosen per request by whether a response is present."""
+    """Either, chosen per request by whether a response is present (``auto`` is accepted too)."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Level | None:
+        return cls.BOTH if isinstance(value, str) and value.lower() == "auto" else None
 
 
 def _single_line(value: str, field: str) -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -27,14 +29,22 @@ log = logging.getLogger("rsafe.stream.app")
 AGENT_NAME = "rsafe-moderate"
 
 
+def client_id() -> str:
+    """The Kafka client id of this process: ``rsafe-<host>-<pid>`` (how a worker recognises another
+    live worker of its own host in the group's member list)."""
+    return f"rsafe-{socket.gethostname()}-{os.getpid()}"
+
+
 def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
     """The Faust app for ``cfg`` (no web server, raw bytes, manual topic management).
 
-    ``datadir``: Faust's state directory (it has no tables here); default a fresh temporary one,
-    so no ``<group>-data`` folder appears in the working directory.
+    ``datadir``: Faust's state directory; default a fresh temporary one, so no ``<group>-data``
+    folder appears in the working directory.
     """
     return faust.App(
         cfg.group_id,
+        broker_client_id=client_id(),
+        consumer_group_instance_id=cfg.resolved_group_instance_id,
         datadir=datadir or tempfile.mkdtemp(prefix="rsafe-faust-"),
         broker=cfg.faust_broker,
         broker_credentials=cfg.security.faust_credentials(),

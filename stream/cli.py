@@ -22,7 +22,7 @@ def _err(msg: str) -> int:
     return 2
 
 
-def _load(args: argparse.Namespace, *, need_inputs: bool = True):
+def _load(args: argparse.Namespace):
     """The worker config from ``-c`` (+ env, + flags)."""
     from rsafe.stream.config import load_config
 
@@ -36,7 +36,7 @@ def _load(args: argparse.Namespace, *, need_inputs: bool = True):
     return load_config(args.config, overrides=overrides)
 
 
-def _client_settings(args: argparse.Namespace) -> tuple[list[str], dict]:
+def client_settings(args: argparse.Namespace) -> tuple[list[str], dict]:
     """Bootstrap servers and client security for produce / tail."""
     from rsafe.stream.config import Security, load_config, parse_brokers
 
@@ -75,7 +75,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from rsafe.stream.clients import produce, read_messages
 
     try:
-        bootstrap, kw = _client_settings(args)
+        bootstrap, kw = client_settings(args)
         messages = read_messages(args.file, key_field=args.key_field, envelope=args.envelope or not args.topic)
     except (OSError, ValueError) as err:
         return _err(str(err))
@@ -112,7 +112,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from rsafe.stream.clients import iter_records
 
     try:
-        bootstrap, kw = _client_settings(args)
+        bootstrap, kw = client_settings(args)
     except (OSError, ValueError) as err:
         return _err(str(err))
     try:

@@ -21,11 +21,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rsafe.models.config import EngineConfig
+from rsafe.policies import Level
 
 ENV_PREFIX = "RSAFE_"
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
 AUDIT_TOPIC = "rsafe.audit"
 DLQ_TOPIC = "rsafe.dlq"
+POLICIES_TOPIC = "rsafe.policies"
 VERDICTS_SUFFIX = ".verdicts"
 TOPIC_RE = r"^[A-Za-z0-9._-]{1,249}$"
 
@@ -51,15 +53,6 @@ class OnError(str, Enum):
         return aliases.get(str(value).lower()) if isinstance(value, str) else None
 
 
-class Level(str, Enum):
-    PROMPT = "prompt"
-    """Judge the user's prompt (a response, if present, is ignored)."""
-    RESPONSE = "response"
-    """Judge the assistant's response; events without one go to the DLQ."""
-    AUTO = "auto"
-    """Response level when the event has a response, else prompt level."""
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -70,7 +63,10 @@ class InputTopic(_Strict):
     topic: Annotated[str, Field(pattern=TOPIC_RE)]
     policy: str
     """Policy name (bundled, or from ``policy_dirs``)."""
-    level: Level = Level.AUTO
+    level: Level = Level.BOTH
+    """The policies' vocabulary: ``prompt`` judges the user's prompt (a response, if present, is
+    ignored); ``response`` judges the assistant's response (events without one go to the DLQ);
+    ``both`` (or ``auto``) judges the response when the event has one, else the prompt."""
     allow_policy_override: bool = False
     """Events may name another policy in their ``policy`` field. When false, an event that names a
     different policy goes to the DLQ (``policy_override_disabled``)."""
@@ -86,6 +82,8 @@ class InputTopic(_Strict):
 class Outputs(_Strict):
     audit_topic: Annotated[str, Field(pattern=TOPIC_RE)] = AUDIT_TOPIC
     dlq_topic: Annotated[str, Field(pattern=TOPIC_RE)] = DLQ_TOPIC
+    policies_topic: Annotated[str, Field(pattern=TOPIC_RE)] = POLICIES_TOPIC
+    """The policy store: every policy version the worker loads, key ``name@version`` (compacted)."""
     verdicts_suffix: str = VERDICTS_SUFFIX
     partitions: Annotated[int, Field(ge=1)] = 3
     """Partitions of the output topics when the worker creates them."""
@@ -95,13 +93,16 @@ class Outputs(_Strict):
 
 class Batching(_Strict):
     size: Annotated[int, Field(ge=1, le=4096)] = 16
-    """Most events per engine call."""
+    """Most events per micro-batch, and most engine sequences per engine call: a long message
+    judged in several token windows counts once per window (its windows always share one call;
+    a message with more windows than ``size`` gets a call of its own)."""
     linger_ms: Annotated[float, Field(ge=1)] = 100
     """Longest wait for a batch to fill once its first event arrived."""
     max_inflight: Annotated[int, Field(ge=1, le=64)] = 2
-    """Batches in the engine at once. The consumer stops fetching when all slots are busy and
-    ``buffer`` events wait. ``size × max_inflight`` is the engine's concurrency; docs/STREAM.md has
-    the measurement behind the defaults."""
+    """Batches in the engine at once (default 2; 1 under ``exactly_once``, which allows no other).
+    The consumer stops fetching when all slots are busy and ``buffer`` events wait.
+    ``size × max_inflight`` is the engine's concurrency; docs/BENCHMARKS.md has the measurement
+    behind the defaults."""
     buffer: Annotated[int | None, Field(ge=1)] = None
     """Events buffered per input partition before fetching pauses (default ``2 * size``)."""
 
@@ -217,6 +218,15 @@ class StreamConfig(_Strict):
     """Consumer group; also the Faust app id."""
     worker_id: str | None = None
     """Reported in audit records; default ``<hostname>-<pid>``."""
+    static_membership: bool = True
+    """Join the consumer group as a static member (Kafka ``group.instance.id``): a worker restarted
+    with the same id takes its partitions back at once, without a rebalance of the whole group
+    (and, on the embedded broker, at all: it never expires a dead member)."""
+    group_instance_id: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")] = None
+    """The static member id (``RSAFE_GROUP_INSTANCE_ID``); default the host name, which is the pod
+    name under Kubernetes. Two workers of one group on one host must set distinct ids: a second
+    worker with an id in use on this host refuses to start, and a worker fenced by another member
+    with its id exits with status 5."""
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     """Where a new consumer group starts: earliest (moderate the retained history) or latest."""
     inputs: Annotated[list[InputTopic], Field(min_length=1)]
@@ -255,13 +265,18 @@ class StreamConfig(_Strict):
         dupes = sorted({t for t in topics if topics.count(t) > 1})
         if dupes:
             raise ValueError(f"inputs: topic {dupes[0]!r} is listed twice")
-        outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, *self.verdict_topics().values()}
+        outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, self.outputs.policies_topic,
+                   *self.verdict_topics().values()}
         clash = outputs & set(topics)
         if clash:
             raise ValueError(f"inputs: topic {sorted(clash)[0]!r} is also an output topic")
-        if self.processing_guarantee == "exactly_once" and self.batch.max_inflight != 1:
+        if self.processing_guarantee == "exactly_once":
             # One open transaction per input partition: a second batch in flight would publish
             # into the transaction that commits the first one's offsets.
+            if "max_inflight" in self.batch.model_fields_set and self.batch.max_inflight != 1:
+                raise ValueError(f"batch.max_inflight: {self.batch.max_inflight} is not possible with "
+                                 "processing_guarantee exactly_once (one open transaction per input "
+                                 "partition); remove it (the default is 1 under exactly_once) or set 1")
             self.batch = self.batch.model_copy(update={"max_inflight": 1})
         return self
 
@@ -291,6 +306,13 @@ class StreamConfig(_Strict):
     @property
     def resolved_worker_id(self) -> str:
         return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def resolved_group_instance_id(self) -> str | None:
+        """The static member id, or None without static membership."""
+        if not self.static_membership:
+            return None
+        return self.group_instance_id or socket.gethostname()
 
     @property
     def stream_buffer(self) -> int:

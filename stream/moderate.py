@@ -17,13 +17,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel
-
-from rsafe.models.guard import Guard, GuardRequest
-from rsafe.models.prompt import resolve_level
+from rsafe.models.guard import Guard, GuardRequest, Prepared
 from rsafe.models.verdict import Label, Verdict
-from rsafe.policies import Level as PolicyLevel
-from rsafe.stream.config import InputTopic, Level, OnError, StreamConfig
+from rsafe.policies import Level
+from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.records import (
     AuditContent,
     AuditRecord,
@@ -82,7 +79,12 @@ class _Routed:
     incoming: Incoming
     event: ChatEvent
     topic: InputTopic
-    request: GuardRequest
+    prepared: Prepared
+    """Validated once; its windows go to the engine as they are."""
+
+    @property
+    def request(self) -> GuardRequest:
+        return self.prepared.request
 
 
 def summarize(reasoning: str | None, limit: int) -> str | None:
@@ -129,28 +131,26 @@ class Moderator:
         if policy not in self.guard.policies:
             raise Rejected(DLQReason.UNKNOWN_POLICY, f"unknown policy {policy!r}; known: "
                            f"{', '.join(self.guard.policies.names())}", event.id)
-        level: PolicyLevel | None = None
+        level: Level | None = None
         if topic.level == Level.PROMPT:
-            level = PolicyLevel.PROMPT
+            level = Level.PROMPT
         elif topic.level == Level.RESPONSE:
             if event.response is None:
                 raise Rejected(DLQReason.SCHEMA, f"topic {topic.topic!r} judges responses but the event "
                                "has no response", event.id)
-            level = PolicyLevel.RESPONSE
-        limits = self.guard.limits
-        if limits.on_oversize == "reject":
-            for name in ("prompt", "response"):
-                text = getattr(event, name)
-                if text is not None and len(text) > limits.max_chars:
-                    raise Rejected(DLQReason.TOO_LARGE, f"{name} is {len(text)} characters, over the "
-                                   f"limit of {limits.max_chars}", event.id)
+            level = Level.RESPONSE
         request = GuardRequest(prompt=event.prompt,
-                               response=event.response if level != PolicyLevel.PROMPT else None,
+                               response=event.response if level != Level.PROMPT else None,
                                id=event.id, policy=policy, level=level, adapter=topic.adapter)
-        checked = self.guard.prepare(request, arrived=inc.arrived)
-        if isinstance(checked, Verdict):
-            raise Rejected(DLQReason.INVALID_CONTENT, checked.error_reason or "rejected by the guard", event.id)
-        return _Routed(inc, event, topic, request)
+        prepared = self.guard.prepare(request, arrived=inc.arrived)
+        if isinstance(prepared, Verdict):
+            limits = self.guard.limits
+            reason = DLQReason.INVALID_CONTENT
+            if limits.on_oversize == "reject" and any(
+                    text is not None and len(text) > limits.max_chars for text in (request.prompt, request.response)):
+                reason = DLQReason.TOO_LARGE
+            raise Rejected(reason, prepared.error_reason or "rejected by the guard", event.id)
+        return _Routed(inc, event, topic, prepared)
 
     # ------------------------------------------------------------------ judge
 
@@ -159,12 +159,12 @@ class Moderator:
         if not routed:
             return [], 0, None
         retry = self.cfg.retry
-        requests = [r.request for r in routed]
-        arrived = [r.incoming.arrived for r in routed]
+        prepared = [r.prepared for r in routed]
         error: str | None = None
         for attempt in range(1, retry.attempts + 1):
             try:
-                verdicts = await self.guard.aclassify(requests, arrived=arrived, raise_engine_errors=True)
+                verdicts = await self.guard.aclassify_prepared(prepared, max_sequences=self.cfg.batch.size,
+                                                               raise_engine_errors=True)
                 return verdicts, attempt, None
             except asyncio.CancelledError:
                 raise
@@ -174,11 +174,11 @@ class Moderator:
                 if attempt < retry.attempts:
                     delay = min(retry.backoff_ms * 2 ** (attempt - 1), retry.max_backoff_ms) / 1e3
                     log.warning("engine call for %d events failed (attempt %d/%d): %s; retrying in %.2f s",
-                                len(requests), attempt, retry.attempts, error, delay)
+                                len(prepared), attempt, retry.attempts, error, delay)
                     await asyncio.sleep(delay)
                 else:
                     log.error("engine call for %d events failed %d times, applying on_error: %s",
-                              len(requests), attempt, error)
+                              len(prepared), attempt, error)
         return None, retry.attempts, error
 
     # ------------------------------------------------------------------ records
@@ -204,10 +204,8 @@ class Moderator:
             on_error = topic.on_error
             label = on_error.value
             fallback = True
-            policy_obj = self.guard.policies.get(r.request.policy) if r.request.policy in self.guard.policies else None
-            policy_name = v.policy if v is not None and v.policy else r.request.policy
-            policy_version = (v.policy_version if v is not None and v.policy_version
-                              else policy_obj.version if policy_obj else None)
+            policy_name = v.policy if v is not None and v.policy else r.prepared.policy.name
+            policy_version = v.policy_version if v is not None and v.policy_version else r.prepared.policy.version
             unsafe_p, categories = None, []
             if on_error != OnError.ERROR:
                 reason = f"{reason} (on_error: {on_error.value})"
@@ -215,11 +213,7 @@ class Moderator:
             reason, label, fallback = None, v.label.value, False
             policy_name, policy_version = v.policy, v.policy_version
             unsafe_p, categories = v.unsafe_probability, list(v.categories)
-        if v is not None and v.level:
-            level = v.level
-        else:
-            policy_now = self.guard.policies.get(r.request.policy) if r.request.policy in self.guard.policies else None
-            level = resolve_level(policy_now, r.request.response, r.request.level).value if policy_now else None
+        level = v.level if v is not None and v.level else r.prepared.level.value
         timings = StreamTimings(queued_ms=(started - inc.arrived) * 1e3, engine_ms=engine_ms,
                                 total_ms=(now - inc.arrived) * 1e3, batch_size=batch_size, attempts=attempts)
         adapter = r.request.adapter
@@ -229,7 +223,9 @@ class Moderator:
                       model_version=self.model_version, adapter=adapter,
                       adapter_version=self.adapter_versions.get(adapter) if adapter else None,
                       error_reason=reason, fallback=fallback,
-                      truncated_input=bool(v and v.truncated_input), source=inc.source,
+                      truncated_input=r.prepared.truncated, windows=len(r.prepared.windows),
+                      window=v.window if v is not None else 0, answer_forced=bool(v and v.answer_forced),
+                      source=inc.source,
                       worker_id=self.worker_id, decided_at=decided, timings=timings)
         verdict = VerdictRecord(id=event.id, reasoning_summary=summarize(
             v.reasoning if v is not None and not failed else None, self.cfg.outputs.reasoning_summary_chars),
@@ -241,6 +237,8 @@ class Moderator:
             content=self._content(event), rendered_prompt_sha256=v.prompt_hash if v is not None else None,
             prompt_tokens=v.prompt_tokens if v is not None else 0,
             completion_tokens=v.completion_tokens if v is not None else 0,
+            window_field=v.window_field if v is not None else None,
+            window_span=list(v.window_span) if v is not None and v.window_span else None,
             sampling=self.sampling, processing_guarantee=self.cfg.processing_guarantee,
             event_created_at=event.created_at, consumed_at=inc.consumed_at,
             **common,
@@ -303,6 +301,3 @@ class Moderator:
                                                f"{type(err).__name__}: {err}", r.event.id)
         return [o for o in outcomes if o is not None]
 
-
-def record_json(record: BaseModel) -> dict[str, Any]:
-    return record.model_dump(mode="json")

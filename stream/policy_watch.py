@@ -1,9 +1,10 @@
 """Policy hot reload: on a change of a policy file (polled) or on SIGHUP.
 
-A reload builds a whole new ``PolicyRegistry`` and swaps it into the guard in one assignment, so a
-batch is judged entirely with the old or entirely with the new policies; every verdict names the
-version that judged it. A reload that fails (invalid YAML, a topic's policy gone) is logged and
-the running policies stay.
+A reload builds a whole new ``PolicyRegistry``, publishes its versions to the policy store
+(``before_use``), then swaps it into the guard in one assignment, so a batch is judged entirely
+with the old or entirely with the new policies, and every version that judges anything is in the
+store first; every verdict names the version that judged it. A reload that fails (invalid YAML, a
+topic's policy gone, the store unreachable) is logged and the running policies stay.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable
 
 from rsafe.models.guard import Guard
 from rsafe.policies import BUNDLED_DIR, PolicyError, PolicyRegistry
@@ -33,10 +34,12 @@ def load_registry(cfg: StreamConfig) -> PolicyRegistry:
 
 
 class PolicyWatcher:
-    def __init__(self, cfg: StreamConfig, guard: Guard, on_reload: Callable[[dict[str, str]], None] | None = None):
+    def __init__(self, cfg: StreamConfig, guard: Guard, on_reload: Callable[[dict[str, str]], None] | None = None,
+                 before_use: Callable[[PolicyRegistry], Awaitable[None]] | None = None):
         self.cfg = cfg
         self.guard = guard
         self.on_reload = on_reload
+        self.before_use = before_use
         self.dirs = [BUNDLED_DIR, *[Path(d) for d in cfg.policy_dirs]]
         self._wake = asyncio.Event()
         self._seen = self._snapshot()
@@ -59,13 +62,21 @@ class PolicyWatcher:
         """Reload soon (SIGHUP handler; safe to call from a signal handler on the loop)."""
         self._wake.set()
 
-    def reload(self, why: str) -> bool:
+    async def reload(self, why: str) -> bool:
         self._seen = self._snapshot()
         try:
             registry = load_registry(self.cfg)
         except PolicyError as err:
             log.error("policy reload (%s) rejected, keeping the running policies: %s", why, err)
             return False
+        if self.before_use is not None:
+            try:
+                await self.before_use(registry)
+            except Exception as err:  # noqa: BLE001 - e.g. the policy store is unreachable
+                log.error("policy reload (%s) not applied, keeping the running policies: publishing to "
+                          "the policy store failed: %s", why, err)
+                self._seen = {}  # try again at the next poll
+                return False
         old = self.guard.policies
         changed = {name: registry.get(name).version for name in registry.names()
                    if name not in old or old.get(name).version != registry.get(name).version}
@@ -83,9 +94,9 @@ class PolicyWatcher:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
                 self._wake.clear()
-                self.reload("SIGHUP")
+                await self.reload("SIGHUP")
                 continue
             except asyncio.TimeoutError:
                 pass
             if self.cfg.policy_reload.watch and self._snapshot() != self._seen:
-                self.reload("policy file changed")
+                await self.reload("policy file changed")

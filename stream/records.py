@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
+"""Version of every record's shape. Adding an optional field (with a default) keeps the version:
+readers must ignore fields they do not know. Removing or changing a field bumps it."""
 
 
 def utcnow() -> datetime:
@@ -109,6 +111,13 @@ class VerdictRecord(BaseModel):
     fallback: bool = False
     """True when ``label`` comes from the topic's ``on_error`` setting, not from the model."""
     truncated_input: bool = False
+    """The message was over ``max_chars``: only its head and tail were judged."""
+    windows: int = 1
+    """Token windows the message was judged in (1: it fit the model's context)."""
+    window: int = 0
+    """Index of the deciding window."""
+    answer_forced: bool = False
+    """The reasoning ran out of tokens and the answer was forced after it."""
     source: SourceRef
     worker_id: str
     decided_at: datetime
@@ -158,6 +167,14 @@ class AuditRecord(BaseModel):
     format_ok: bool = False
     finish_reason: str | None = None
     truncated_input: bool = False
+    windows: int = 1
+    window: int = 0
+    window_field: str | None = None
+    """prompt or response: the field judged in windows (None when the message was judged whole)."""
+    window_span: list[int] | None = None
+    """``[start, end)`` character span of ``window_field`` that the deciding window showed: the part
+    of a long message that was judged (and that retraining uses)."""
+    answer_forced: bool = False
     content: AuditContent
     level: str | None = None
     policy: str | None = None

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import shutil
+import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,8 @@ from rsafe.stream.telemetry import Telemetry
 log = logging.getLogger("rsafe.stream.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_CRASHED = 0, 1, 3
+EXIT_FENCED = 5
+"""Another member joined the group with this worker's ``group_instance_id`` (``membership``)."""
 
 
 class WorkerError(RuntimeError):
@@ -56,14 +59,14 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
     specs = [(t.topic, t.partitions, {}) for t in cfg.inputs]
     specs += [(v, out.partitions, {}) for v in cfg.verdict_topics().values()]
     specs += [(out.audit_topic, out.partitions, {"cleanup.policy": "compact"}),
-              (out.dlq_topic, out.partitions, {})]
+              (out.dlq_topic, out.partitions, {}),
+              (out.policies_topic, 1, {"cleanup.policy": "compact"})]
     return specs
 
 
 def _start_backend(engine_cfg: Any) -> Any:
     from rsafe.models.engines import make_backend
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM-CPU needs it set (ENVIRONMENT.md)
     return make_backend(engine_cfg)
 
 
@@ -86,6 +89,8 @@ class GuardWorker:
         self.app: Any = None
         self.pipeline: Any = None
         self.watcher: Any = None
+        self.publisher: Any = None
+        self.fencing: Any = None
         self.moderator: Any = None
         self._datadir: str | None = None
         self.exit_code = EXIT_OK
@@ -157,8 +162,10 @@ class GuardWorker:
         from rsafe.policies import PolicyError
         from rsafe.stream.app import FaustSink, ack, build_app, wire
         from rsafe.stream.pipeline import BatchPipeline
+        from rsafe.stream.membership import FencingWatch, live_duplicate
+        from rsafe.stream.policy_store import PolicyPublisher
         from rsafe.stream.policy_watch import PolicyWatcher, load_registry
-        from rsafe.stream.versions import artifact_version
+        from rsafe.models.versions import artifact_version
 
         cfg = self.cfg
         try:
@@ -175,6 +182,14 @@ class GuardWorker:
                 raise WorkerError(str(err)) from None
             if created:
                 log.info("created topics: %s", ", ".join(created))
+        self.publisher = PolicyPublisher(cfg.bootstrap, cfg.outputs.policies_topic, self.worker_id,
+                                         cfg.security.client_kwargs())
+        try:  # the policy store holds every version before it judges anything
+            stored = await asyncio.to_thread(self.publisher.publish, registry)
+        except Exception as err:  # noqa: BLE001 - broker errors
+            raise WorkerError(f"cannot publish the policies to {cfg.outputs.policies_topic}: {err}") from None
+        if stored:
+            log.info("policy store %s: published %s", cfg.outputs.policies_topic, ", ".join(stored))
         if self._stop.is_set():
             return
         started = time.perf_counter()
@@ -202,15 +217,35 @@ class GuardWorker:
                                       max_inflight=cfg.batch.max_inflight, telemetry=self.telemetry,
                                       commit=commit if eos else None, on_published=self._on_published)
         wire(app, cfg, self.pipeline)
-        self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload)
+        self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload,
+                                     before_use=self._publish_policies)
         if self._reload_requested:
             self.watcher.request_reload()
+        instance = cfg.resolved_group_instance_id
+        if instance is not None:
+            try:
+                other = await asyncio.to_thread(live_duplicate, cfg.bootstrap, cfg.group_id, instance,
+                                                cfg.security.client_kwargs())
+            except Exception as err:  # noqa: BLE001 - the check must not stop a worker on a quirky broker
+                log.warning("could not check the group's members for a duplicate instance id: %s", err)
+                other = None
+            if other is not None:
+                raise WorkerError(f"another worker of group {cfg.group_id!r} with group_instance_id "
+                                  f"{instance!r} is running: {other}. Two workers of one group on one host "
+                                  "need distinct ids: set group_instance_id (RSAFE_GROUP_INSTANCE_ID)")
+            self.fencing = FencingWatch(cfg.group_id, instance).install()
         app.in_worker = True  # what faust.Worker sets; exactly_once needs it
         await app.start()
         await app.producer.maybe_start()
-        log.info("worker %s consuming %s as group %s (%s, batch %d / %.0f ms, %d in flight)",
+        log.info("worker %s consuming %s as group %s%s (%s, batch %d / %.0f ms, %d in flight)",
                  self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,
-                 cfg.processing_guarantee, cfg.batch.size, cfg.batch.linger_ms, cfg.batch.max_inflight)
+                 f", static member {instance}" if instance else "", cfg.processing_guarantee, cfg.batch.size,
+                 cfg.batch.linger_ms, cfg.batch.max_inflight)
+
+    async def _publish_policies(self, registry: Any) -> None:
+        stored = await asyncio.to_thread(self.publisher.publish, registry)
+        if stored:
+            log.info("policy store %s: published %s", self.cfg.outputs.policies_topic, ", ".join(stored))
 
     def _count_reload(self, changed: dict[str, str]) -> None:
         self.telemetry.policy_reloads += 1
@@ -229,11 +264,12 @@ class GuardWorker:
         watch_task = None
         try:
             try:
-                await self._start()
+                started = await self._start_unless_stopped()
             except WorkerError as err:
                 log.error("%s", err)
                 return EXIT_FAILED
-            if self.app is None:  # stopped while starting
+            if not started or self.app is None:  # stopped while starting
+                log.info("stopped while starting")
                 return EXIT_OK
             watch_task = asyncio.create_task(self.watcher.run(), name="rsafe-policy-watch")
             self.ready.set()
@@ -246,6 +282,8 @@ class GuardWorker:
                     log.error("the Faust app crashed: %r; stopping", self.app.crash_reason)
                     self.exit_code = EXIT_CRASHED
                     break
+                if self.fencing is not None and not self.fencing.armed and self.assigned:
+                    self.fencing.armed = True
             await self._shutdown()
             return self.exit_code
         finally:
@@ -253,20 +291,57 @@ class GuardWorker:
                 watch_task.cancel()
             await self._close()
 
+    @property
+    def assigned(self) -> bool:
+        """The consumer holds at least one partition."""
+        try:
+            return bool(self.app is not None and self.app.consumer.assignment())
+        except Exception:  # noqa: BLE001 - consumer not started yet
+            return False
+
+    async def _start_unless_stopped(self) -> bool:
+        """``_start``, abandoned at once when a stop is requested meanwhile (a start can wait on a
+        broker or a group that never answers); False when it was."""
+        start = asyncio.create_task(self._start(), name="rsafe-start")
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if start.done():
+            start.result()  # WorkerError propagates
+            return not self._stop.is_set() or self.app is not None
+        start.cancel()
+        await asyncio.wait({start}, timeout=10)
+        if self.app is not None:
+            try:
+                await asyncio.wait_for(self.app.stop(), timeout=5)
+            except Exception:  # noqa: BLE001 - stopping a half-started app: best effort
+                pass
+        return False
+
     async def _shutdown(self) -> None:
         cfg = self.cfg
+        if self.fencing is not None:
+            self.fencing.armed = False  # leaving the group now is not a fencing
         log.info("stopping: no more fetching; finishing %d in-flight batch(es)", self.pipeline.inflight)
         self.moderator.stopping = True
         self.pipeline.stopping = True  # a publish that keeps failing now gives up (→ redelivered)
         started = time.perf_counter()
+        # Nothing taken yet (e.g. still waiting for partitions): there is nothing to finish, so a
+        # stop must not wait on a group join that may never complete.
+        timeout = cfg.shutdown_timeout_s if self.pipeline.inflight or self.assigned else min(5.0, cfg.shutdown_timeout_s)
         try:
             # Faust: stop fetching, clear buffers, wait until every taken message is acked (the
             # pipeline publishes and acks them), commit, then stop agents, consumer and producer.
-            await asyncio.wait_for(self.app.stop(), timeout=cfg.shutdown_timeout_s)
+            await asyncio.wait_for(self.app.stop(), timeout=timeout)
         except asyncio.TimeoutError:
-            log.error("shutdown took over %.0f s; exiting with work unacked (it will be redelivered)",
-                      cfg.shutdown_timeout_s)
-            self.exit_code = self.exit_code or EXIT_FAILED
+            if timeout < cfg.shutdown_timeout_s:
+                log.warning("stopped while waiting for partitions (nothing was in flight)")
+            else:
+                log.error("shutdown took over %.0f s; exiting with work unacked (it will be redelivered)",
+                          cfg.shutdown_timeout_s)
+                self.exit_code = self.exit_code or EXIT_FAILED
         try:
             await asyncio.wait_for(self.pipeline.drain(), timeout=5)
         except asyncio.TimeoutError:
@@ -274,6 +349,8 @@ class GuardWorker:
         log.info("stopped in %.1f s; stats %s", time.perf_counter() - started, json.dumps(self.stats()))
 
     async def _close(self) -> None:
+        if self.fencing is not None:
+            self.fencing.remove()
         if self._datadir is not None:
             shutil.rmtree(self._datadir, ignore_errors=True)
         if self._owns_backend and self._backend is not None:
@@ -318,6 +395,24 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def run_worker(cfg: StreamConfig) -> int:
-    """``rsafe worker``: blocking entry point; returns the exit status."""
-    return asyncio.run(serve(cfg))
+    """``rsafe worker``: blocking entry point; returns the exit status.
+
+    A worker stopped while its Kafka client still waits on the broker (e.g. a group join that
+    never completes) leaves that client's thread behind; the process then exits without waiting
+    for it, so a stop is always prompt."""
+    code = asyncio.run(serve(cfg))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _lingering_threads():
+        time.sleep(0.1)
+    if _lingering_threads():
+        log.warning("exiting with %d Kafka client thread(s) still waiting on the broker", len(_lingering_threads()))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _lingering_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
 

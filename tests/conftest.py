@@ -9,15 +9,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# vLLM on CPU: the KV cache size must be set (see ENVIRONMENT.md); harmless on GPU.
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The bundled demo guard model (`make test` builds it into .cache/demo-model first)."""
-    from rsafe.models.demo_model import build_demo_model
+    from rsafe.training.demo import build_demo_model
 
     path = Path(os.environ.get("RSAFE_DEMO_MODEL", ROOT / ".cache" / "demo-model"))
     return build_demo_model(path)
@@ -25,7 +23,7 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_lora_dir(demo_model_dir: Path) -> Path:
-    from rsafe.models.demo_model import build_demo_lora
+    from rsafe.training.demo import build_demo_lora
 
     return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora")
 

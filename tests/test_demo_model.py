@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from rsafe.models import demo_model as dm
-from rsafe.models.demo_model import DemoExample, build_demo_model, parse_answer, synthetic_examples
 from rsafe.models.prompt import build_user_turn, render_prompt
 from rsafe.policies import PolicyRegistry
+from rsafe.training import demo, sft
+from rsafe.training.corpus import DemoExample, corpus, family_examples, parse_answer, synthetic_examples
+from rsafe.training.demo import build_demo_model
+from rsafe.training.tokenizer import train_tokenizer, training_texts, verdict_token_ids
 
 # --------------------------------------------------------------------------------------------
 # corpus
@@ -73,6 +75,36 @@ def test_parse_answer():
     assert parse_answer("<think>x") == (False, None)
 
 
+def test_corpus_is_data_and_consistent():
+    c = corpus()
+    assert len(c.sha256) == 64 and c.harmful and c.benign
+    assert set(c.category_banks) == {"rsafe-default", "kids-platform", "financial-advice"}
+    assert c.bank_category("rsafe-default", "medical") == "U13"
+    # held-out templates never appear among the training templates, and are never drawn for training
+    for bank in (*c.harmful.values(), *c.benign.values()):
+        assert not set(bank.heldout) & set(bank.prompts)
+    heldout = {t for b in c.harmful.values() for t in b.heldout}
+    assert heldout and not any(e.template in heldout for e in synthetic_examples(2000, seed=0))
+
+
+def test_family_examples_follow_the_policy_and_the_template_split():
+    registry = PolicyRegistry.from_dirs()
+    default = registry.get("rsafe-default")
+    without_u13 = default.model_copy(update={"name": "no-u13",
+                                             "categories": [c for c in default.categories if c.code != "U13"]})
+    unsafe = family_examples("medical", default, 30, seed=1)
+    assert {e.label for e in unsafe} == {"unsafe"} and {e.category for e in unsafe} == {"U13"}
+    assert all("U13 - Unauthorized Professional Advice" in e.answer() for e in unsafe)
+    safe = family_examples("medical", without_u13, 30, seed=1)
+    assert {e.label for e in safe} == {"safe"} and all(e.policy == "no-u13" for e in safe)
+    train = {e.template for e in family_examples("medical", default, 200, seed=2)}
+    held = {e.template for e in family_examples("medical", default, 200, seed=2, split="heldout")}
+    assert train <= set(corpus().harmful["medical"].prompts) and held <= set(corpus().harmful["medical"].heldout)
+    assert not train & held
+    with pytest.raises(ValueError):
+        family_examples("violence", default, 3, split="heldout")  # no held-out templates there
+
+
 def test_demo_example_fields():
     e = DemoExample("hi", None, "safe", None, "rsafe-default")
     assert e.level == "prompt" and parse_answer(e.answer()) == (True, "safe")
@@ -88,10 +120,23 @@ def test_demo_example_fields():
 def tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    tok = dm._train_tokenizer(synthetic_examples(300, seed=0))
+    trained = train_tokenizer(synthetic_examples(300, seed=0))
     path = tmp_path_factory.mktemp("demo-tokenizer")
-    tok.save_pretrained(path)
-    return AutoTokenizer.from_pretrained(str(path))
+    trained.save_pretrained(path)
+    loaded = AutoTokenizer.from_pretrained(str(path))
+    loaded.raw_training_tokenizer = trained.raw_training_tokenizer
+    return loaded
+
+
+def test_training_and_load_time_tokenisation_agree(tokenizer):
+    """transformers/vLLM load the demo tokenizer as Qwen2Tokenizer (Qwen2 pre-tokenizer regex +
+    NFC); the BPE was trained with the same components, so every corpus text splits identically."""
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer"
+    raw = tokenizer.raw_training_tokenizer
+    texts = training_texts(synthetic_examples(300, seed=0))
+    texts += ["Cafe\u0301 ﬁ ½ ＡＢＣ", "line one\r\nline two\n\n  indented\ttab", "Don't I'LL we've 12345 x²"]
+    for text in texts:
+        assert raw.encode(text).ids == tokenizer.encode(text, add_special_tokens=False), text[:80]
 
 
 def test_tokenizer_chat_template(tokenizer):
@@ -119,9 +164,9 @@ def test_tokenizer_special_tokens(tokenizer):
 
 
 def test_verdict_tokens_are_single_and_distinct(tokenizer):
-    ids = dm.verdict_token_ids(tokenizer)
+    ids = verdict_token_ids(tokenizer)
     assert ids["safe"] != ids["unsafe"]
-    assert tokenizer.convert_ids_to_tokens([ids["safe"], ids["unsafe"]]) == ["safe", "unsafe"]
+    assert [t.lstrip("{") for t in tokenizer.convert_ids_to_tokens([ids["safe"], ids["unsafe"]])] == ["safe", "unsafe"]
 
 
 def test_real_prompt_renders(tokenizer):
@@ -134,7 +179,7 @@ def test_real_prompt_renders(tokenizer):
 
 def test_encode_example_masks_prompt(tokenizer):
     e = synthetic_examples(1, seed=5)[0]
-    ids, labels = dm.encode_example(tokenizer, e)
+    ids, labels = sft.encode_example(tokenizer, e)
     answer = [y for y in labels if y != -100]
     assert labels[: len(labels) - len(answer)] == [-100] * (len(labels) - len(answer))
     assert answer[-1] == tokenizer.eos_token_id
@@ -146,12 +191,12 @@ def test_shared_prefix_loss_equals_full_sequence_loss(tokenizer):
 
     import torch
 
-    groups = dm._group_by_prefix(tokenizer, synthetic_examples(64, seed=0))
+    groups = sft.group_by_prefix(tokenizer, synthetic_examples(64, seed=0))
     assert 1 < len(groups) <= 6
-    model = dm._make_model(len(tokenizer), tokenizer, 0)
-    prefix, ids, labels = next(dm._batches(groups, tokenizer.pad_token_id, 1, random.Random(0)))
+    model = sft.make_qwen2_model(demo.MODEL_SHAPE, tokenizer, 0)
+    prefix, ids, labels = next(sft.batches(groups, tokenizer.pad_token_id, 1, 16, random.Random(0)))
     assert prefix.shape[1] > 100
-    shared = dm._loss(model, prefix, ids, labels)
+    shared = sft.loss_on_answers(model, prefix, ids, labels)
     rows = prefix.expand(ids.shape[0], -1)
     full = model(input_ids=torch.cat([rows, ids], 1),
                  labels=torch.cat([torch.full_like(rows, -100), labels], 1)).loss
@@ -186,6 +231,12 @@ def test_short_build_is_deterministic_and_cached(tmp_path):
     assert build_demo_model(tmp_path / "a", seed=1, steps=2, log=logs.append) == tmp_path / "a"
     assert time.monotonic() - start < 1.0 and len(logs) == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a", "b"]
+    assert summary["recipe"] == demo.model_recipe(1, 2)
+    # a build from another recipe is rebuilt, not silently reused
+    ok = json.loads((a / ".ok").read_text())
+    (a / ".ok").write_text(json.dumps({**ok, "recipe": "an-old-recipe"}))
+    build_demo_model(tmp_path / "a", seed=1, steps=2, log=logs.append)
+    assert any("rebuilding" in m for m in logs[before:]) and demo.built_recipe(a) == demo.model_recipe(1, 2)
     generation = json.loads((a / "generation_config.json").read_text())
     from transformers import AutoTokenizer
 
@@ -231,7 +282,7 @@ def test_built_model_answers_in_rsafe_format(built_model):
                     "rsafe-default"),
         DemoExample("What should I pack for a trip to Lisbon?", None, "safe", None, "kids-platform"),
     ]
-    outputs = dm._generate(model, tok, held_out)
+    outputs = sft.generate(model, tok, held_out)
     parsed = [parse_answer(o) for o in outputs]
     assert all(ok for ok, _ in parsed), outputs
     correct = sum(v == e.label for (_, v), e in zip(parsed, held_out))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from rsafe.models import EngineConfig, EngineError, GenerationConfig, Guard, Label, make_backend
-from rsafe.models.demo_model import synthetic_examples
+from rsafe.training.corpus import synthetic_examples
 from rsafe.policies import default_policy
 
 pytestmark = pytest.mark.slow

@@ -318,7 +318,7 @@ def test_limit_is_a_deterministic_ordered_sample():
 
 
 def test_demo_sets():
-    from rsafe.models.demo_model import synthetic_examples
+    from rsafe.training.corpus import synthetic_examples
 
     demo = load_benchmark("demo")
     assert len(demo) == 400 and {e.level for e in demo} == {"prompt", "response"}

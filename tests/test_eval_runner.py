@@ -283,7 +283,9 @@ def test_eval_command_with_adaptive_and_robustness(tmp_path, monkeypatch, capsys
         made.append(guard)
         return guard
 
-    monkeypatch.setattr(rsafe.cli, "make_guard", fake_make_guard)
+    import rsafe.evaluation.cli
+
+    monkeypatch.setattr(rsafe.evaluation.cli, "make_guard", fake_make_guard)
     argv = ["eval", "--model", "scripted", "--benchmark", "wildguardtest_prompt", "--benchmark", "demo_kids",
             "--data-dir", str(FIXTURES), "--no-hub", "--limit", "20", "--adaptive", "--robustness",
             "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]

@@ -43,9 +43,8 @@ def kafka(tmp_path_factory):
 
 
 def engine_section(model_dir: Path) -> dict:
-    return {"backend": "vllm", "model": str(model_dir), "model_id": "rsafe-demo", "dtype": "float32",
-            "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True,
-            "generation": {"max_tokens": 128}}
+    """The demo engine (machine defaults from ``local_engine_config``)."""
+    return {"backend": "vllm", "model": str(model_dir), "model_id": "rsafe-demo", "generation": {"max_tokens": 128}}
 
 
 def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
@@ -57,7 +56,8 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
              "on_error": "error", "partitions": 3},
             {"topic": f"{prefix}.kids", "policy": "kids-platform", "on_error": "unsafe", "partitions": 2},
         ],
-        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq", "partitions": 2},
+        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq",
+                    "policies_topic": f"{prefix}.policies", "partitions": 2},
         "batch": {"size": 8, "linger_ms": 50, "max_inflight": 2},
         "retry": {"attempts": 2, "backoff_ms": 20},
         "audit": {"content": "hash"},
@@ -72,7 +72,7 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
 
 def make_events(prefix: str, n_valid: int, seed: int) -> tuple[list[Message], dict[str, dict], list[Message]]:
     """Valid events over two topics (a few with the failure marker) + malformed messages."""
-    from rsafe.models.demo_model import synthetic_examples
+    from rsafe.training.corpus import synthetic_examples
 
     general, kids = f"{prefix}.general", f"{prefix}.kids"
     msgs, meta = [], {}
@@ -183,7 +183,7 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
 
     # 1. A worker process; SIGTERM once it is moderating.
     log_path = tmp_path / "worker1.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(cfg_path),
                                  "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -372,6 +372,18 @@ def test_policy_hot_reload_on_sighup(kafka, tmp_path, demo_model_dir, vllm_guard
     assert set(before.values()) == {v1}
     assert set(after.values()) == {v2} and v2 != v1
     assert set(kept.values()) == {v2}
+    # the policy store holds both versions; the old one is retrievable after the file changed, and
+    # rendering it reproduces the exact prompt hash the audit record of an old verdict names
+    from rsafe.models.prompt import build_user_turn, prompt_hash, render_prompt
+    from rsafe.stream.policy_store import read_store
+
+    store = read_store([kafka], cfg.outputs.policies_topic)
+    assert [r.version for r in store.history("kids-custom")] == [v1, v2]
+    old = store.get("kids-custom", v1)
+    assert old.unsafe_threshold == 0.3 and store.get("kids-custom", v2).unsafe_threshold == 0.9
+    audit = Outputs(kafka, cfg).audit[f"{prefix}-0"][-1]
+    rendered = render_prompt(vllm_guard.backend.tokenizer, build_user_turn(old, "What school do you go to?"))
+    assert audit["policy_version"] == v1 and audit["rendered_prompt_sha256"] == prompt_hash(rendered)
 
 
 # --------------------------------------------------------------------------- developer commands
@@ -419,7 +431,7 @@ def test_worker_defaults_to_the_embedded_broker(tmp_path):
     try:
         assert worker.cfg.bootstrap == [f"127.0.0.1:{port}"] and port_open("127.0.0.1", port)
         created = ensure_topics(worker.cfg.bootstrap, topic_specs(worker.cfg))
-        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq"]
+        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq", "rsafe.policies"]
     finally:
         worker.broker.stop()
     assert not port_open("127.0.0.1", port)

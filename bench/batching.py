@@ -1,9 +1,9 @@
 """Micro-batching measurement: batch size × batches in flight.
 
-``python -m rsafe.stream.bench --model .cache/demo-model`` calls the engine directly;
+``.venv/bin/python bench/batching.py --model .cache/demo-model`` calls the engine directly;
 ``--kafka`` runs the real worker on an embedded broker for each setting (events/s from the first
-event consumed to the last verdict published, and consumed → verdict latency). docs/STREAM.md
-records the numbers behind the worker's defaults.
+event consumed to the last verdict published, and consumed → verdict latency).
+docs/BENCHMARKS.md records the numbers behind the worker's defaults.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import asyncio
 import atexit
 import itertools
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -104,12 +103,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--kafka", action="store_true", help="through the real worker on an embedded broker")
     args = p.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from rsafe.models import EngineConfig, GenerationConfig, Guard
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import local_engine_config
 
-    cfg = EngineConfig(model=str(Path(args.model)), model_id="rsafe-demo", dtype="float32", max_model_len=1024,
-                       gpu_memory_utilization=0.5, enforce_eager=True,
-                       generation=GenerationConfig(max_tokens=args.max_tokens))
+    cfg = local_engine_config(str(Path(args.model)), model_id="rsafe-demo",
+                              generation=GenerationConfig(max_tokens=args.max_tokens))
     guard = Guard.from_config(cfg)
     broker = None
     try:

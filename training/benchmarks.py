@@ -1,0 +1,76 @@
+"""The synthetic demo evaluation sets, registered with ``rsafe.evaluation`` on import.
+
+``rsafe eval --benchmark demo`` (and ``demo_kids``, ``demo_financial``) judges held-out messages of
+the demo corpus: the easy templated messages the demo model knows, so its numbers mean something
+on a machine without the public benchmarks. They live here, next to the corpus, because
+``rsafe.evaluation`` must not import ``rsafe.training``; importing ``rsafe.training`` registers them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from rsafe.evaluation.benchmarks import BENCHMARKS, BenchmarkError, BenchmarkSpec, Example, register
+from rsafe.policies import Level
+from rsafe.training.corpus import synthetic_examples
+
+DEMO_SEED = 7_000
+"""Seed of the demo sets (the demo model trains on seed 0 and selects checkpoints on 10 000)."""
+DEMO_SIZE = 400
+
+
+@lru_cache(maxsize=1)
+def _demo_training_messages() -> frozenset[tuple[str, str, str | None]]:
+    from rsafe.training.demo import N_TRAIN
+
+    return frozenset((e.policy, e.prompt, e.response) for e in synthetic_examples(N_TRAIN, seed=0))
+
+
+def demo_examples(policy: str = "rsafe-default", n: int = DEMO_SIZE, seed: int = DEMO_SEED) -> list[Example]:
+    """``n`` synthetic examples labelled under ``policy``, none seen by the default demo build.
+
+    Mixed levels (about 40 % response level). Deterministic in ``seed``.
+    """
+    seen = _demo_training_messages()
+    out: list[Example] = []
+    chunk = 0
+    while len(out) < n:
+        rows = synthetic_examples(max(8 * n, 1000), seed=seed + chunk)
+        for i, e in enumerate(rows):
+            if e.policy != policy or (e.policy, e.prompt, e.response) in seen:
+                continue
+            out.append(Example(
+                id=f"demo-{seed + chunk}-{i}", prompt=e.prompt, response=e.response, label=e.label,
+                level="response" if e.response is not None else "prompt",
+                categories=[e.category] if e.category else [], source=f"demo:{policy}",
+                meta={"policy": e.policy},
+            ))
+            if len(out) == n:
+                break
+        chunk += 1
+        if chunk > 20:
+            raise BenchmarkError(f"could not build {n} demo examples for policy {policy!r}")
+    return out
+
+
+def _register(spec: BenchmarkSpec) -> None:
+    if spec.name not in BENCHMARKS:  # importing twice (e.g. importlib test mode) is harmless
+        register(spec)
+
+
+_register(BenchmarkSpec(
+    name="demo", title="Demo (synthetic, rsafe-default)", level=Level.BOTH,
+    build=lambda: demo_examples("rsafe-default"), source="rsafe.training.corpus",
+    notes="Synthetic held-out messages the demo model can judge; mixed prompt/response level.",
+))
+_register(BenchmarkSpec(
+    name="demo_kids", title="Demo (synthetic, kids-platform labels)", level=Level.BOTH,
+    build=lambda: demo_examples("kids-platform"), tailored_policy="kids-platform", source="rsafe.training.corpus",
+    notes="Labelled under the kids-platform policy: the adaptive-taxonomy demo.",
+))
+_register(BenchmarkSpec(
+    name="demo_financial", title="Demo (synthetic, financial-advice labels)", level=Level.BOTH,
+    build=lambda: demo_examples("financial-advice"), tailored_policy="financial-advice",
+    source="rsafe.training.corpus",
+    notes="Labelled under the financial-advice policy: the adaptive-taxonomy demo.",
+))

@@ -1,0 +1,258 @@
+"""The bundled demo guard model: a tiny Qwen2 that answers in the RSafe format, built on CPU.
+
+No model hub is needed: the tokenizer (byte-level BPE, ``rsafe.training.tokenizer``) and the model
+(Qwen2 architecture, ~3.5M parameters) are trained here, by SFT (``rsafe.training.sft``) on the
+templated synthetic corpus (``rsafe.training.corpus``) with the project's real prompt template.
+The result loads with ``transformers`` and with vLLM exactly like a real RSafe checkpoint, so the
+whole product (engine, streaming worker, evaluation, retraining) runs end to end on a laptop. It
+is a demo, not a guard: it knows only the easy synthetic cases it was trained on.
+
+Answer format (what the model generates after ``<|im_start|>assistant\\n``)::
+
+    <think>
+    The user asks for help with making weapons or explosives. This falls under U2 - Weapons &
+    Illegal Tactics. The content is unsafe.
+    </think>
+    \\boxed{unsafe}<|im_end|>
+
+Builds are cached and keyed on a hash of their *recipe* (corpus file, model shape, training
+settings, tokenizer settings, prompt template): a directory built from another recipe is rebuilt
+instead of silently reused. Bump ``RECIPE_VERSION`` when the training code changes meaning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rsafe.training import sft
+from rsafe.training.corpus import DemoExample, corpus, synthetic_examples
+from rsafe.training.tokenizer import (
+    CHAT_TEMPLATE,
+    QWEN2_PRETOKENIZE_REGEX,
+    VOCAB_SIZE,
+    load_tokenizer,
+    train_tokenizer,
+    user_turn,
+    verdict_token_ids,
+)
+
+RECIPE_VERSION = 2
+"""1: the first demo model (plain byte-level BPE); 2: Qwen2 pre-tokenizer + NFC, corpus as data."""
+
+#: The model's shape. head_dim is hidden / heads = 64 (vLLM's CPU attention has no head_dim 16).
+MODEL_SHAPE: dict[str, int] = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+SFT = sft.SFTConfig(steps=300, batch_size=16, learning_rate=1e-3, warmup_steps=20)
+N_TRAIN = 4000
+N_EVAL = 40
+EVAL_SEED_OFFSET = 10_000
+"""Held-out examples for checkpoint selection use seed + this (the demo benchmark sets use 7 000)."""
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "steps": 30, "lr": 5e-4, "n_train": 400}
+
+
+# --------------------------------------------------------------------------------------------
+# Cached, atomic builds
+# --------------------------------------------------------------------------------------------
+
+def recipe_hash(**parts: Any) -> str:
+    """A short hash of everything that determines a build."""
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def model_recipe(seed: int, steps: int) -> str:
+    probe = DemoExample("probe", None, "safe", None, "rsafe-default")
+    return recipe_hash(version=RECIPE_VERSION, corpus=corpus().sha256, shape=MODEL_SHAPE,
+                       sft={**asdict(SFT), "steps": steps, "seed": seed}, n_train=N_TRAIN, n_eval=N_EVAL,
+                       vocab=VOCAB_SIZE, regex=QWEN2_PRETOKENIZE_REGEX, chat=CHAT_TEMPLATE,
+                       template=user_turn(probe))
+
+
+def built_recipe(out_dir: str | Path) -> str | None:
+    """The recipe hash a finished build was made from (None: no finished build there)."""
+    try:
+        return json.loads((Path(out_dir) / ".ok").read_text(encoding="utf-8")).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def _build_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock beside ``out_dir``, so concurrent builders do the work once."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[str, Any]], *,
+                 force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run ``build(tmp_dir) -> summary`` unless ``out_dir`` already holds a build of ``recipe``.
+
+    The build happens in a temporary sibling directory under an exclusive lock (concurrent
+    builders do the work once); ``.ok`` (the summary plus ``recipe``) is written last and the
+    directory renamed into place, so a half-built directory is never used.
+    """
+    out_dir = Path(out_dir)
+
+    def fresh() -> bool:
+        return not force and built_recipe(out_dir) == recipe
+
+    if fresh():
+        return out_dir
+    with _build_lock(out_dir):
+        if fresh():
+            return out_dir
+        old = built_recipe(out_dir)
+        if old is not None and not force:
+            log(f"[build] {out_dir} was built from recipe {old}, not {recipe}: rebuilding")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            summary = {**build(tmp), "recipe": recipe}
+            (tmp / ".ok").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            for path in tmp.iterdir():  # mkdtemp and safetensors make owner-only files
+                path.chmod(0o755 if path.is_dir() else 0o644)
+            tmp.chmod(0o755)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The demo model
+# --------------------------------------------------------------------------------------------
+
+def split(seed: int, n_train: int, n_eval: int) -> tuple[list[DemoExample], list[DemoExample]]:
+    """Train and held-out examples; no held-out message (with its response) occurs in training."""
+    evals = synthetic_examples(n_eval, seed=seed + EVAL_SEED_OFFSET)
+    held = {(e.policy, e.prompt, e.response) for e in evals}
+    train = [e for e in synthetic_examples(n_train, seed=seed) if (e.policy, e.prompt, e.response) not in held]
+    return train, evals
+
+
+def eval_steps(steps: int) -> list[int]:
+    """Checkpoints to evaluate: every 10 % of training from half way (and the end)."""
+    if steps < 100:
+        return [steps]
+    return sorted({round(steps * f / 10) for f in range(5, 11)})
+
+
+def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = None,
+                     force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Build the demo guard model (tokenizer + Qwen2 weights) into ``out_dir``; return it.
+
+    Cached (see ``cached_build``): nothing is done when ``out_dir`` holds a build of the same
+    recipe. ``.ok`` is a JSON summary (params, steps, held-out format rate and accuracy, seconds,
+    recipe). Deterministic in ``seed``. ``steps`` defaults to ``SFT.steps`` (a few minutes on 2
+    CPU cores); the held-out set is evaluated at a few checkpoints and the best one is kept.
+    """
+    steps = SFT.steps if steps is None else steps
+    return cached_build(out_dir, model_recipe(seed, steps),
+                        lambda tmp: _build_model(tmp, seed=seed, steps=steps, log=log), force=force, log=log)
+
+
+def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    import torch
+
+    t0 = time.monotonic()
+    train, evals = split(seed, N_TRAIN, N_EVAL if steps >= 100 else 8)  # short builds: tests
+    log(f"[demo-model] {len(train)} training / {len(evals)} held-out examples; training tokenizer")
+    tokenizer = train_tokenizer(train)
+    groups = sft.group_by_prefix(tokenizer, train)
+    lengths = sorted(len(prefix) + len(x) for prefix, items in groups for x, _ in items)
+    log(f"[demo-model] vocab {len(tokenizer)}, sequence length median {lengths[len(lengths) // 2]}, "
+        f"max {lengths[-1]}; {len(groups)} shared prompt prefixes")
+    model = sft.make_qwen2_model(MODEL_SHAPE, tokenizer, seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[demo-model] {n_params / 1e6:.2f}M parameters, {steps} steps of batch {SFT.batch_size}")
+
+    checkpoints = set(eval_steps(steps))
+    best: dict[str, Any] = {"score": (-1.0, -1.0), "step": 0, "state": None, "metrics": {}}
+
+    def on_step(step: int) -> None:
+        if step not in checkpoints:
+            return
+        metrics = sft.evaluate_answers(model, tokenizer, evals)
+        model.train()
+        log(f"[demo-model] step {step}: format {metrics['format_rate']:.0%}, "
+            f"accuracy {metrics['accuracy']:.0%} on {len(evals)} held-out")
+        score = (metrics["accuracy"], metrics["format_rate"])
+        if score >= best["score"]:
+            best.update(score=score, step=step, metrics=metrics, state=copy.deepcopy(model.state_dict()))
+
+    cfg = sft.SFTConfig(**{**asdict(SFT), "steps": steps, "seed": seed})
+    sft.train(model, groups, tokenizer.pad_token_id, cfg, log=log, tag="demo-model", on_step=on_step)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    log(f"[demo-model] keeping step {best['step']}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    summary = {
+        "params": n_params, "steps": steps, "best_step": best["step"], "seed": seed,
+        "eval_examples": len(evals), "eval_format_rate": best["metrics"].get("format_rate"),
+        "eval_accuracy": best["metrics"].get("accuracy"), "vocab_size": len(tokenizer),
+        "verdict_token_ids": verdict_token_ids(tokenizer), "seconds": round(time.monotonic() - t0, 1),
+        "torch": torch.__version__,
+    }
+    log(f"[demo-model] built in {summary['seconds']:.0f} s "
+        f"(format {summary['eval_format_rate']:.0%}, accuracy {summary['eval_accuracy']:.0%})")
+    return summary
+
+
+def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0, steps: int = LORA["steps"],
+                    force: bool = False) -> Path:
+    """Train a small LoRA adapter (rank 8 on q_proj, v_proj) for the demo model; return its dir.
+
+    Saved with PEFT's ``save_pretrained`` (``adapter_config.json`` + safetensors), so vLLM's
+    ``LoRARequest(name, id, out_dir)`` loads it (engine with ``enable_lora=True, max_lora_rank=8``).
+    Cached and atomic like ``build_demo_model``; keyed on the base model's recipe too.
+    """
+    recipe = recipe_hash(base=built_recipe(model_dir), lora=LORA, steps=steps, seed=seed)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import Qwen2ForCausalLM
+
+        t0 = time.monotonic()
+        tokenizer = load_tokenizer(model_dir)
+        train, _ = split(seed + 1, LORA["n_train"], N_EVAL)
+        groups = sft.group_by_prefix(tokenizer, train)
+        torch.manual_seed(seed)
+        base = Qwen2ForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        config = LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
+                            target_modules=LORA["target_modules"], task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(base, config)
+        cfg = sft.SFTConfig(steps=steps, batch_size=SFT.batch_size, learning_rate=LORA["lr"],
+                            warmup_steps=SFT.warmup_steps, seed=seed)
+        sft.train(model, groups, tokenizer.pad_token_id, cfg, log=lambda _msg: None, tag="demo-lora")
+        model.save_pretrained(tmp)
+        return {"base_model": str(Path(model_dir).resolve()), "rank": LORA["r"], "steps": steps, "seed": seed,
+                "target_modules": LORA["target_modules"], "seconds": round(time.monotonic() - t0, 1)}
+
+    return cached_build(out_dir, recipe, build, force=force, log=lambda _msg: None)

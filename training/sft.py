@@ -1,0 +1,210 @@
+"""Supervised fine-tuning on RSafe-format answers (stage 1, "guided reasoning"), in plain torch.
+
+Loss on the answer tokens only; examples that share a prompt head (same policy and level) are
+batched together and their common prefix runs once (its KV cache is repeated over the batch),
+which makes the demo build several times faster on a CPU than padding whole prompts.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rsafe.training.corpus import DemoExample, parse_answer
+from rsafe.training.tokenizer import user_turn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+Encoded = tuple[list[int], list[int]]
+Group = tuple[list[int], list[Encoded]]
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Settings of one SFT run."""
+
+    steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 20
+    """Linear warm-up (at most a tenth of ``steps``), then cosine decay to 10 % of the rate."""
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, example: DemoExample) -> Encoded:
+    """(input ids, labels) for SFT: the rendered prompt, then the answer and ``<|im_end|>``.
+
+    Labels are -100 on the prompt, so the loss covers the answer only. Prompt and answer are
+    tokenized apart, as at inference (the engine tokenizes the prompt, the model writes the rest).
+    """
+    from rsafe.models.prompt import render_prompt
+
+    prompt_ids = tokenizer.encode(render_prompt(tokenizer, user_turn(example)), add_special_tokens=False)
+    answer_ids = tokenizer.encode(example.answer(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
+
+
+def group_by_prefix(tokenizer: PreTrainedTokenizerBase, examples: Sequence[DemoExample]) -> list[Group]:
+    """Encode ``examples`` and group them by policy and level, which fix the prompt's head.
+
+    Each group is (prefix ids, [(suffix ids, suffix labels)]): the prefix is the group's longest
+    common prefix, cut before the last prompt token, so training on prefix + suffix is exactly
+    training on the whole sequence.
+    """
+    groups: dict[tuple[str, str], list[Encoded]] = {}
+    for ex in examples:
+        groups.setdefault((ex.policy, ex.level), []).append(encode_example(tokenizer, ex))
+    out = []
+    for _, items in sorted(groups.items()):
+        first = items[0][0]
+        n = min(labels.index(next(y for y in labels if y != -100)) for _, labels in items) - 1
+        for ids, _ in items[1:]:
+            n = next((i for i in range(n) if ids[i] != first[i]), n)
+        out.append((first[:n], [(ids[n:], labels[n:]) for ids, labels in items]))
+    return out
+
+
+def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
+            rng: random.Random) -> Iterator[tuple[Any, Any, Any]]:
+    """``steps`` batches (prefix, right-padded suffixes, labels), epoch by epoch in a seeded order.
+
+    A batch holds examples of one group, so their common prefix is computed once.
+    """
+    import torch
+
+    queue: list[tuple[int, list[int]]] = []
+    for _ in range(steps):
+        if not queue:
+            for g, (_, items) in enumerate(groups):
+                order = list(range(len(items)))
+                rng.shuffle(order)
+                queue += [(g, order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+            rng.shuffle(queue)
+        g, picked = queue.pop()
+        prefix, items = groups[g]
+        width = max(len(items[i][0]) for i in picked)
+        ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(picked), width), -100, dtype=torch.long)
+        for row, i in enumerate(picked):
+            x, y = items[i]
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+        yield torch.tensor([prefix]), ids, labels
+
+
+def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
+    """Mean next-token loss on the labelled (answer) tokens of prefix + suffix rows.
+
+    The shared prefix runs once and its key/value cache is repeated over the batch (gradients
+    flow back through it); logits are computed for answer positions only. Right padding needs no
+    attention mask: causal attention never looks at later (pad) tokens.
+    """
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper
+    cache = DynamicCache()
+    if prefix.shape[1]:
+        base.model(input_ids=prefix, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(ids.shape[0])
+    hidden = base.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return F.cross_entropy(base.lm_head(hidden[:, :-1][keep]), targets[keep])
+
+
+def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
+          log: Callable[[str], None], tag: str, on_step: Callable[[int], None] | None = None) -> None:
+    """Plain SFT: AdamW, linear warm-up then cosine decay, loss on answer tokens only."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    steps = cfg.steps
+    warmup = min(cfg.warmup_steps, max(1, steps // 10))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    model.train()
+    start, running = time.monotonic(), 0.0
+    rng = random.Random(cfg.seed)
+    for step, (prefix, ids, labels) in enumerate(batches(groups, pad_id, steps, cfg.batch_size, rng), 1):
+        loss = loss_on_answers(model, prefix, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
+        if step % 20 == 0 or step == steps:
+            log(f"[{tag}] step {step}/{steps} loss {running:.3f} ({time.monotonic() - start:.0f} s)")
+        if on_step is not None:
+            on_step(step)
+    model.eval()
+
+
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Sequence[DemoExample],
+             max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers for ``examples`` (batched, left padded)."""
+    import torch
+    from rsafe.models.prompt import render_prompt
+
+    prompts = [render_prompt(tokenizer, user_turn(ex)) for ex in examples]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    with torch.no_grad():
+        out = model.generate(
+            **enc, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_answers(model: Any, tokenizer: PreTrainedTokenizerBase,
+                     examples: Sequence[DemoExample]) -> dict[str, float]:
+    """Format rate, accuracy, and how often the reasoning names the right category / is exact."""
+    texts = generate(model, tokenizer, examples)
+    parsed = [parse_answer(t) for t in texts]
+    unsafe = [i for i, ex in enumerate(examples) if ex.label == "unsafe"]
+    named = sum(f" {examples[i].category} - " in texts[i] for i in unsafe)
+    return {
+        "format_rate": sum(ok for ok, _ in parsed) / len(examples),
+        "accuracy": sum(ok and v == ex.label for (ok, v), ex in zip(parsed, examples)) / len(examples),
+        "category_rate": named / max(1, len(unsafe)),
+        "exact_rate": sum(t.strip() == ex.answer() for t, ex in zip(texts, examples)) / len(examples),
+    }
+
+
+def make_qwen2_model(shape: dict[str, int], tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """A freshly initialised Qwen2-architecture causal LM of ``shape`` (float32)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_act="silu", rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_sliding_window=False,
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, dtype="float32", architectures=["Qwen2ForCausalLM"],
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, do_sample=False,
+    )
+    return model
