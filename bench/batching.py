@@ -70,6 +70,7 @@ async def _kafka_round(backend, engine_cfg, bootstrap: str, requests, size: int,
                    {"topic": f"{prefix}.kids", "policy": "kids-platform"}],
         "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq"},
         "batch": {"size": size, "linger_ms": 50, "max_inflight": inflight}, "policy_reload": {"watch": False},
+        "http": {"port": 0},
     }, env={})
     await asyncio.to_thread(ensure_topics, cfg.bootstrap, topic_specs(cfg))
     latencies: list[float] = []

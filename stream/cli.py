@@ -136,6 +136,107 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     log_level=args.log_level)
 
 
+# --------------------------------------------------------------------------- feedback
+
+
+def _feedback_config(args: argparse.Namespace):
+    """Topic names and group id from ``-c`` (else the defaults), broker/security as for produce."""
+    from rsafe.stream.config import load_config
+
+    data = {"inputs": [{"topic": "rsafe.placeholder", "policy": "rsafe-default"}]}
+    cfg = load_config(args.config, overrides={"broker": args.broker} if args.broker else None) if args.config \
+        else load_config(data=data, overrides={"broker": args.broker} if args.broker else None)
+    if getattr(args, "group_id", None):
+        cfg = cfg.model_copy(update={"group_id": args.group_id})
+    return cfg
+
+
+def cmd_feedback_send(args: argparse.Namespace) -> int:
+    import uuid
+
+    from pydantic import ValidationError
+
+    from rsafe.schemas.feedback import FeedbackContent, FeedbackEvent
+    from rsafe.stream.clients import Message, produce
+
+    cfg = _feedback_config(args)
+    source = args.source or ("user_report" if args.report else "reviewer")
+    try:
+        fb = FeedbackEvent(event_id=args.event_id, feedback_id=args.feedback_id or uuid.uuid4().hex,
+                           label=args.label, categories=args.category, source=source, reviewer=args.reviewer,
+                           note=args.note, content=FeedbackContent(prompt=args.prompt, response=args.response)
+                           if args.prompt else None)
+    except ValidationError as err:
+        return _err(str(err))
+    topic = cfg.feedback.reports_topic if not fb.source.trusted else cfg.feedback.trusted_topic
+    if args.report and fb.source.trusted:
+        return _err(f"--report sends untrusted feedback; source {source!r} is a trusted one")
+    try:
+        produce(cfg.bootstrap, [Message(topic, fb.event_id.encode("utf-8"), fb.model_dump_json().encode("utf-8"))],
+                client_kwargs=cfg.security.client_kwargs())
+    except Exception as err:  # noqa: BLE001
+        return _err(f"sending feedback to {topic} failed: {err}")
+    print(f"sent {fb.label} feedback {fb.feedback_id} on event {fb.event_id} to {topic}", file=sys.stderr)
+    return 0
+
+
+def feedback_stats(cfg, idle_timeout_s: float = 1.5) -> dict[str, dict[str, int]]:
+    """Trusted-feedback counts per policy version / model version / adapter version, read from
+    the stats table's changelog (summed over partitions)."""
+    from rsafe.stream.clients import iter_records
+    from rsafe.stream.feedback import changelog_topic
+
+    latest: dict[str, dict] = {}
+    for r in iter_records(cfg.bootstrap, [changelog_topic(cfg, "stats")], idle_timeout_s=idle_timeout_s,
+                          client_kwargs=cfg.security.client_kwargs()):
+        key = (r.key or b"").decode("utf-8", "replace")
+        if r.value is None:
+            latest.pop(key, None)
+        else:
+            latest[key] = json.loads(r.value)
+    out: dict[str, dict[str, int]] = {}
+    for key, row in latest.items():
+        name = key.split("|", 1)[1] if "|" in key else key
+        agg = out.setdefault(name, {"trusted": 0, "agree": 0, "disagree": 0})
+        for k in agg:
+            agg[k] += int(row.get(k, 0))
+    return out
+
+
+def cmd_feedback_stats(args: argparse.Namespace) -> int:
+    cfg = _feedback_config(args)
+    try:
+        stats = feedback_stats(cfg)
+    except Exception as err:  # noqa: BLE001
+        return _err(f"reading the feedback stats failed: {err}")
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+        return 0
+    if not stats:
+        print("no trusted feedback joined yet")
+        return 0
+    print(f"{'policy@version | model@version | adapter@version':<72} {'trusted':>8} {'agree':>7} {'rate':>6}")
+    for name, row in sorted(stats.items()):
+        rate = row["agree"] / row["trusted"] if row["trusted"] else 0.0
+        print(f"{name.replace('|', ' | '):<72} {row['trusted']:>8} {row['agree']:>7} {rate:>6.1%}")
+    return 0
+
+
+def cmd_feedback_forget(args: argparse.Namespace) -> int:
+    from rsafe.stream.clients import Message, produce
+
+    cfg = _feedback_config(args)
+    keys = [e.encode("utf-8") for e in args.event_ids]
+    try:
+        produce(cfg.bootstrap, [Message(cfg.outputs.audit_topic, k, None) for k in keys],  # type: ignore[arg-type]
+                client_kwargs=cfg.security.client_kwargs())
+    except Exception as err:  # noqa: BLE001
+        return _err(f"sending the erasure tombstones failed: {err}")
+    print(f"tombstoned {len(keys)} event(s) on {cfg.outputs.audit_topic}; running workers erase them from the "
+          "feedback tables and tombstone their disagreement and review records", file=sys.stderr)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -174,6 +275,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--broker", help=f"broker URL(s) (default: RSAFE_BROKER or {DEFAULT_BROKER})")
         p.add_argument("-c", "--config", help="take broker and security settings from a worker config")
         p.set_defaults(func=cmd_produce if name == "produce" else cmd_tail)
+
+    fb = sub.add_parser("feedback", help="human feedback: send labels, agreement stats, erasure").add_subparsers(
+        dest="feedback_cmd", required=True)
+    s = fb.add_parser("send", help="send one feedback label for an event")
+    s.add_argument("event_id")
+    s.add_argument("--label", required=True, choices=["safe", "unsafe"])
+    s.add_argument("--reviewer", help="who labels (a reviewer id)")
+    s.add_argument("--note")
+    s.add_argument("--category", action="append", default=[], help="category code (repeatable)")
+    s.add_argument("--feedback-id", help="unique id (default: a random one)")
+    s.add_argument("--source", choices=["reviewer", "appeal", "user_report", "external_model"],
+                   help="default reviewer (user_report with --report)")
+    s.add_argument("--report", action="store_true", help="untrusted feedback: the reports topic")
+    s.add_argument("--prompt", help="attach the content as the reviewer saw it (audit in hash mode)")
+    s.add_argument("--response")
+    s.set_defaults(func=cmd_feedback_send)
+    s = fb.add_parser("stats", help="agreement rate of trusted feedback per policy and model version")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--group-id", help="the workers' group (default: the config's)")
+    s.set_defaults(func=cmd_feedback_stats)
+    s = fb.add_parser("forget", help="erase stored content of events (data-protection requests)")
+    s.add_argument("event_ids", nargs="+", metavar="EVENT_ID")
+    s.set_defaults(func=cmd_feedback_forget)
+    for cmd in ("send", "stats", "forget"):
+        sp = fb.choices[cmd]
+        sp.add_argument("--broker", help=f"broker URL(s) (default: RSAFE_BROKER or {DEFAULT_BROKER})")
+        sp.add_argument("-c", "--config", help="the worker config (topics, group, security)")
 
     p = sub.add_parser("demo", help="embedded broker + demo model + worker + sample events, live")
     p.add_argument("--model", required=True, help="the demo model directory (make demo-model)")

@@ -186,11 +186,83 @@ class PolicyReload(_Strict):
     interval_s: Annotated[float, Field(gt=0)] = 2.0
 
 
+class EngineHealth(_Strict):
+    """When the engine, not an event, is the problem: stop (exit 4) instead of judging by fallback."""
+
+    probe: bool = True
+    """After a batch failed every attempt, send the engine one known-good request. It fails → the
+    engine is dead: the worker stops taking events, leaves the batch unacknowledged and exits with
+    status 4 (its orchestrator restarts it; nothing is judged by fallback). It answers → the batch
+    is a poison batch: it is split to find the events that crash the engine (→ DLQ
+    ``engine_crash``); the rest are judged."""
+    probe_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_poison_events: Annotated[int, Field(ge=1)] = 2
+    """More events than this crashing the engine one by one in a batch means the engine is broken,
+    not the events: exit 4 instead of dead-lettering the whole batch."""
+    max_consecutive_failures: Annotated[int, Field(ge=1)] = 3
+    """Without ``probe``: batches that failed every attempt get their topic's ``on_error``
+    verdicts until this many fail in a row; then the worker exits with status 4."""
+    batch_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """One engine call longer than this counts as a failed attempt (a hung engine)."""
+
+
+class Feedback(_Strict):
+    """The feedback loop, stream side: human labels joined to the guard's decisions.
+
+    Trust comes from the topic: ``trusted_topic`` carries reviewer and appeal labels (restrict who
+    may write it with Kafka ACLs), ``reports_topic`` untrusted signals (user reports, other
+    models). Both are keyed by event id and created with ``outputs.partitions`` partitions, like
+    the audit topic, so the join is co-partitioned."""
+
+    enabled: bool = False
+    trusted_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.feedback"
+    reports_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.reports"
+    disagreements_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.disagreements"
+    """Trusted labels that differ from the model's: what the retraining job trains on."""
+    review_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.review"
+    """Decisions a person should look at (the queue humans work from)."""
+    retention_days: Annotated[float, Field(gt=0)] = 7.0
+    """How long a decision stays joinable. Feedback for an older decision goes to the DLQ
+    (``decision_expired``)."""
+    hold_max_events: Annotated[int, Field(ge=0)] = 10_000
+    """Feedback that arrives before its decision is held (per partition) up to this many ..."""
+    hold_max_age_s: Annotated[float, Field(gt=0)] = 3600.0
+    """... and this long; then it goes to the DLQ (``unjoined_feedback``)."""
+    review_margin: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Decisions with P(unsafe) within this distance of the policy's threshold go to review."""
+    review_decisions: bool = True
+    """Send near-threshold, unknown, error and fallback decisions to the review topic."""
+    store: str = "memory://"
+    """Faust table store: ``memory://`` (tables rebuilt from their changelog topics at start) or
+    ``rocksdb://`` (on local disk; for large tables). docs/STREAM.md has the sizing."""
+    expiry_interval_s: Annotated[float, Field(gt=0)] = 60.0
+    """How often held feedback and expired decisions are swept."""
+
+
+class Http(_Strict):
+    """The worker's one HTTP server: ``/healthz`` (liveness), ``/readyz`` (engine loaded, partitions
+    assigned, no restart required) and ``/metrics`` (Prometheus, when telemetry exports it)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    """Bind address; ``0.0.0.0`` inside a container or pod (127.0.0.1 is unreachable from probes)."""
+    port: Annotated[int, Field(ge=0, le=65535)] = 8088
+    """0: any free port (logged)."""
+
+
 class Faults(_Strict):
     """Test hooks. Off unless set; never set them in production."""
 
     engine_fail_marker: str | None = None
-    """A batch holding an event whose text contains this marker fails in the engine, every attempt."""
+    """A batch holding an event whose text contains this marker fails in the engine, every attempt
+    (a poison batch)."""
+    request_error_marker: str | None = None
+    """A request whose text contains this marker gets a per-request engine error (the others of the
+    batch are judged)."""
+    engine_dead_file: str | None = None
+    """While this file exists, every engine call fails (a dead engine)."""
+    engine_hang_marker: str | None = None
+    """A batch holding this marker never returns from the engine (a hung engine)."""
 
 
 def parse_brokers(value: str | list[str]) -> list[str] | None:
@@ -252,6 +324,9 @@ class StreamConfig(_Strict):
     commit_interval_s: Annotated[float, Field(gt=0)] = 2.0
     shutdown_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     embedded_broker: EmbeddedBroker = Field(default_factory=EmbeddedBroker)
+    feedback: Feedback = Field(default_factory=Feedback)
+    health: EngineHealth = Field(default_factory=EngineHealth)
+    http: Http = Field(default_factory=Http)
     faults: Faults = Field(default_factory=Faults)
 
     @field_validator("broker", mode="before")
@@ -267,6 +342,9 @@ class StreamConfig(_Strict):
             raise ValueError(f"inputs: topic {dupes[0]!r} is listed twice")
         outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, self.outputs.policies_topic,
                    *self.verdict_topics().values()}
+        if self.feedback.enabled:
+            fb = self.feedback
+            outputs |= {fb.trusted_topic, fb.reports_topic, fb.disagreements_topic, fb.review_topic}
         clash = outputs & set(topics)
         if clash:
             raise ValueError(f"inputs: topic {sorted(clash)[0]!r} is also an output topic")

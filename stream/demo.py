@@ -210,6 +210,7 @@ async def _demo(model: str, config: str, samples: str, timeout_s: float) -> int:
         _say(f"• embedded broker (noida-db) on {broker.url}, data in {data_dir}")
         try:
             cfg = load_config(config, overrides={"broker": [broker.bootstrap], "engine": {"model": model},
+                                                 "http": {"port": 0},
                                                  "embedded_broker": {"enabled": False}})
         except ConfigError as err:
             print(f"rsafe demo: {err}", file=sys.stderr)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Sequence
 
+from rsafe.models.engines import EngineError
 from rsafe.models.guard import Guard, GuardRequest, Prepared
 from rsafe.models.verdict import Label, Verdict
 from rsafe.policies import Level
@@ -110,6 +111,7 @@ class Moderator:
         self.model_version = model_version
         self.adapter_versions = adapter_versions or {}
         self.sampling = dataclasses.asdict(guard.generation)
+        self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ decode + route
 
@@ -154,32 +156,68 @@ class Moderator:
 
     # ------------------------------------------------------------------ judge
 
-    async def judge(self, routed: Sequence[_Routed]) -> tuple[list[Verdict] | None, int, str | None]:
-        """One engine call for the batch, retried with backoff. (verdicts or None, attempts, error)."""
+    async def _call(self, routed: Sequence[_Routed]) -> list[Verdict]:
+        """One engine call for ``routed``, bounded by ``health.batch_timeout_s``."""
+        prepared = [r.prepared for r in routed]
+        try:
+            return await asyncio.wait_for(
+                self.guard.aclassify_prepared(prepared, max_sequences=self.cfg.batch.size, raise_engine_errors=True),
+                timeout=self.cfg.health.batch_timeout_s)
+        except asyncio.TimeoutError:
+            raise EngineError(f"the engine did not answer within {self.cfg.health.batch_timeout_s:g} s "
+                              "(health.batch_timeout_s)") from None
+
+    async def judge(self, routed: Sequence[_Routed], attempts: int | None = None,
+                    ) -> tuple[list[Verdict] | None, int, str | None]:
+        """The engine call for the batch, retried with backoff. (verdicts or None, attempts, error)."""
         if not routed:
             return [], 0, None
         retry = self.cfg.retry
-        prepared = [r.prepared for r in routed]
+        attempts = retry.attempts if attempts is None else attempts
         error: str | None = None
-        for attempt in range(1, retry.attempts + 1):
+        for attempt in range(1, attempts + 1):
             try:
-                verdicts = await self.guard.aclassify_prepared(prepared, max_sequences=self.cfg.batch.size,
-                                                               raise_engine_errors=True)
-                return verdicts, attempt, None
+                return await self._call(routed), attempt, None
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001 - EngineError or anything the engine raised
                 error = f"{type(err).__name__}: {err}"
                 self.telemetry.engine_failure()
-                if attempt < retry.attempts:
+                if attempt < attempts:
                     delay = min(retry.backoff_ms * 2 ** (attempt - 1), retry.max_backoff_ms) / 1e3
                     log.warning("engine call for %d events failed (attempt %d/%d): %s; retrying in %.2f s",
-                                len(prepared), attempt, retry.attempts, error, delay)
+                                len(routed), attempt, attempts, error, delay)
                     await asyncio.sleep(delay)
-                else:
-                    log.error("engine call for %d events failed %d times, applying on_error: %s",
-                              len(prepared), attempt, error)
-        return None, retry.attempts, error
+        return None, attempts, error
+
+    async def probe(self) -> str | None:
+        """Send the engine one known-good request; None when it answers, else why not."""
+        request = GuardRequest(prompt="Hello, how are you today?", id="rsafe-health-probe",
+                               policy=self.guard.default_policy)
+        try:
+            [v] = await asyncio.wait_for(self.guard.aclassify([request], raise_engine_errors=True),
+                                         timeout=self.cfg.health.probe_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            return f"{type(err).__name__}: {err}"
+        return v.error_reason if v.label == Label.ERROR else None
+
+    async def _isolate(self, routed: list[_Routed], poison: list[tuple[_Routed, str]]
+                       ) -> list[tuple[_Routed, Verdict]]:
+        """Split a batch that crashes the engine until the events that do it are alone: those go to
+        ``poison``; the others are judged. Raises ``EngineDead`` past ``health.max_poison_events``."""
+        verdicts, _, error = await self.judge(routed, attempts=1)
+        if verdicts is not None:
+            return list(zip(routed, verdicts))
+        if len(routed) == 1:
+            poison.append((routed[0], error or "engine failure"))
+            if len(poison) > self.cfg.health.max_poison_events:
+                raise EngineDead(f"{len(poison)} events of one batch crash the engine one by one: the engine "
+                                 f"is broken, not the events (last: {error})")
+            return []
+        mid = len(routed) // 2
+        return await self._isolate(routed[:mid], poison) + await self._isolate(routed[mid:], poison)
 
     # ------------------------------------------------------------------ records
 
@@ -239,6 +277,7 @@ class Moderator:
             completion_tokens=v.completion_tokens if v is not None else 0,
             window_field=v.window_field if v is not None else None,
             window_span=list(v.window_span) if v is not None and v.window_span else None,
+            unsafe_threshold=r.prepared.policy.unsafe_threshold,
             sampling=self.sampling, processing_guarantee=self.cfg.processing_guarantee,
             event_created_at=event.created_at, consumed_at=inc.consumed_at,
             **common,
@@ -289,9 +328,17 @@ class Moderator:
             span.set_attribute("rsafe.batch_size", len(routed))
             verdicts, attempts, error = await self.judge([r for _, r in routed])
             span.set_attribute("rsafe.attempts", attempts)
+        judged: dict[int, Verdict | None] = {}
+        if verdicts is not None:
+            self.consecutive_failures = 0
+            judged = {i: v for (i, _), v in zip(routed, verdicts)}
+        elif routed:
+            judged = await self._after_failure(routed, outcomes, error)
         engine_ms = (time.perf_counter() - started) * 1e3
-        for j, (i, r) in enumerate(routed):
-            v = verdicts[j] if verdicts is not None else None
+        for i, r in routed:
+            if outcomes[i] is not None:  # dead-lettered as a poison event
+                continue
+            v = judged.get(i)
             try:
                 outcomes[i] = self.verdict_outcome(r, v, attempts=attempts, batch_size=len(routed),
                                                    engine_error=error, started=started, engine_ms=engine_ms)
@@ -300,4 +347,35 @@ class Moderator:
                 outcomes[i] = self.dlq_outcome(r.incoming, DLQReason.INTERNAL,
                                                f"{type(err).__name__}: {err}", r.event.id)
         return [o for o in outcomes if o is not None]
+
+    async def _after_failure(self, routed: list[tuple[int, _Routed]], outcomes: list[Outcome | None],
+                             error: str | None) -> dict[int, Verdict | None]:
+        """A batch failed every attempt: the engine is dead (raise ``EngineDead``), or the batch is
+        poison (isolate the events that crash the engine → DLQ), or — without a probe — judge it
+        by ``on_error`` until ``max_consecutive_failures`` batches failed in a row."""
+        health = self.cfg.health
+        if not health.probe:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= health.max_consecutive_failures:
+                raise EngineDead(f"{self.consecutive_failures} batches in a row failed every attempt: {error}")
+            log.error("engine call for %d events failed %d times, applying on_error: %s",
+                      len(routed), self.cfg.retry.attempts, error)
+            return {}
+        why = await self.probe()
+        if why is not None:
+            raise EngineDead(f"the batch failed every attempt ({error}) and the health probe failed too ({why})")
+        log.warning("the engine answers the health probe but fails this batch of %d (%s): isolating the "
+                    "events that crash it", len(routed), error)
+        index = {id(r): i for i, r in routed}
+        poison: list[tuple[_Routed, str]] = []
+        judged = await self._isolate([r for _, r in routed], poison)
+        for r, why in poison:
+            outcomes[index[id(r)]] = self.dlq_outcome(r.incoming, DLQReason.ENGINE_CRASH,
+                                                      f"the event crashes the engine: {why}", r.event.id)
+        self.consecutive_failures = 0
+        return {index[id(r)]: v for r, v in judged}
+
+
+class EngineDead(Exception):
+    """The engine cannot judge anything: the worker must stop (exit 4), leaving the batch unacked."""
 

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Awaitable, Callable, Protocol, Sequence
 
-from rsafe.stream.moderate import Incoming, Moderator, Outcome
+from rsafe.stream.moderate import EngineDead, Incoming, Moderator, Outcome
 from rsafe.stream.telemetry import Telemetry
 
 log = logging.getLogger("rsafe.stream.pipeline")
@@ -44,12 +44,13 @@ class BatchPipeline:
     def __init__(self, moderator: Moderator, sink: Sink, ack: Ack, *, max_inflight: int,
                  telemetry: Telemetry, commit: Callable[[], Awaitable[object]] | None = None,
                  on_published: OnPublished | None = None, publish_backoff_s: float = 0.5,
-                 max_publish_backoff_s: float = 10.0):
+                 max_publish_backoff_s: float = 10.0, on_engine_dead: Callable[[str], object] | None = None):
         self.moderator = moderator
         self.sink = sink
         self.ack = ack
         self.commit = commit
         self.on_published = on_published
+        self.on_engine_dead = on_engine_dead
         self.telemetry = telemetry
         self.max_inflight = max_inflight
         self._slots = asyncio.Semaphore(max_inflight)
@@ -67,10 +68,14 @@ class BatchPipeline:
         return self._running
 
     async def submit(self, batch: Sequence[Incoming]) -> None:
-        """Start a batch once a slot is free (waiting here is the backpressure)."""
-        if not batch:
+        """Start a batch once a slot is free (waiting here is the backpressure). Once stopping, a
+        batch is not started: its messages stay unacked and are redelivered."""
+        if not batch or self.stopping:
             return
         await self._slots.acquire()
+        if self.stopping:
+            self._slots.release()
+            return
         self._running += 1
         prev, done = self._tail, asyncio.get_running_loop().create_future()
         self._tail = done
@@ -107,6 +112,10 @@ class BatchPipeline:
             raise
         except LeftForRedelivery as why:
             log.warning("batch of %d left unacked for redelivery: %s", len(batch), why)
+        except EngineDead as why:
+            log.critical("engine dead: %s; batch of %d left unacked, stopping the worker", why, len(batch))
+            if self.on_engine_dead is not None:
+                self.on_engine_dead(str(why))
         except Exception:  # noqa: BLE001 - never crash the worker; unacked messages are replayed
             log.exception("batch of %d failed; its messages stay unacked and will be redelivered", len(batch))
         finally:

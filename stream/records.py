@@ -159,6 +159,8 @@ class AuditRecord(BaseModel):
     model_label: str | None = None
     """What the model said (None when it said nothing); differs from ``label`` on fallbacks."""
     unsafe_probability: float | None = None
+    unsafe_threshold: float | None = None
+    """The policy's threshold the label was decided with."""
     categories: list[str] = []
     fallback: bool = False
     error_reason: str | None = None
@@ -205,6 +207,14 @@ class DLQReason(str, Enum):
     UNKNOWN_POLICY = "unknown_policy"
     POLICY_OVERRIDE_DISABLED = "policy_override_disabled"
     INVALID_CONTENT = "invalid_content"
+    ENGINE_CRASH = "engine_crash"
+    UNTRUSTED_SOURCE = "untrusted_source"
+    """Feedback whose ``source`` does not belong on the topic it came from (a user report on the
+    trusted topic, or a reviewer label on the reports topic)."""
+    UNJOINED_FEEDBACK = "unjoined_feedback"
+    """Feedback held for its decision longer than ``feedback.hold_max_age_s`` (or over the hold limit)."""
+    DECISION_EXPIRED = "decision_expired"
+    """Feedback for a decision older than ``feedback.retention_days``."""
     INTERNAL = "internal"
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from rsafe.stream.broker import BrokerError, EmbeddedBroker, ensure_topics, reachable
 from rsafe.stream.config import StreamConfig
+from rsafe.stream.feedback import topic_specs as feedback_topic_specs
 from rsafe.stream.moderate import Moderator, Outcome
 from rsafe.stream.pipeline import LeftForRedelivery
 from rsafe.stream.telemetry import Telemetry
@@ -33,6 +34,8 @@ from rsafe.stream.telemetry import Telemetry
 log = logging.getLogger("rsafe.stream.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_CRASHED = 0, 1, 3
+EXIT_ENGINE_DEAD = 4
+"""The engine could not judge anything (failed health probe, or too many failed batches)."""
 EXIT_FENCED = 5
 """Another member joined the group with this worker's ``group_instance_id`` (``membership``)."""
 
@@ -47,8 +50,8 @@ class _StoppingModerator(Moderator):
 
     stopping = False
 
-    async def judge(self, routed):  # type: ignore[override]
-        verdicts, attempts, error = await super().judge(routed)
+    async def judge(self, routed, attempts=None):  # type: ignore[override]
+        verdicts, attempts, error = await super().judge(routed, attempts)
         if verdicts is None and self.stopping:
             raise LeftForRedelivery(f"the engine failed during shutdown ({error})")
         return verdicts, attempts, error
@@ -61,7 +64,7 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
     specs += [(out.audit_topic, out.partitions, {"cleanup.policy": "compact"}),
               (out.dlq_topic, out.partitions, {}),
               (out.policies_topic, 1, {"cleanup.policy": "compact"})]
-    return specs
+    return specs + feedback_topic_specs(cfg)
 
 
 def _start_backend(engine_cfg: Any) -> Any:
@@ -91,6 +94,13 @@ class GuardWorker:
         self.watcher: Any = None
         self.publisher: Any = None
         self.fencing: Any = None
+        self.http: Any = None
+        self.feedback: Any = None
+        self._tasks: list[asyncio.Task] = []
+        self.restart_required: str | None = None
+        """Set when the worker must be restarted to apply a change (a full-weights model promotion)."""
+        self.metrics: Any = None
+        """Prometheus exposition (set by telemetry when it exports /metrics)."""
         self.moderator: Any = None
         self._datadir: str | None = None
         self.exit_code = EXIT_OK
@@ -101,6 +111,10 @@ class GuardWorker:
         if self._stop.is_set():
             log.warning("already stopping (waiting for in-flight batches)")
         self._stop.set()
+
+    def _engine_dead(self, why: str) -> None:
+        self.exit_code = EXIT_ENGINE_DEAD
+        self.request_stop()
 
     def request_reload(self) -> None:
         if self.watcher is not None:
@@ -142,11 +156,11 @@ class GuardWorker:
         engine_cfg = self.cfg.engine or getattr(backend, "cfg", None)
         generation = engine_cfg.generation if engine_cfg is not None else GenerationConfig()
         limits = engine_cfg.limits if engine_cfg is not None else InputLimits()
-        if self.cfg.faults.engine_fail_marker:
+        if any(self.cfg.faults.model_dump().values()):
             from rsafe.stream.faults import FaultyBackend
 
-            log.warning("fault injection on: batches with %r fail in the engine", self.cfg.faults.engine_fail_marker)
-            backend = FaultyBackend(backend, self.cfg.faults.engine_fail_marker)
+            log.warning("fault injection on: %s", self.cfg.faults.model_dump(exclude_none=True))
+            backend = FaultyBackend(backend, self.cfg.faults)
         return Guard(backend, policies=registry, default_policy=self.cfg.default_policy,
                      generation=generation, limits=limits)
 
@@ -172,6 +186,16 @@ class GuardWorker:
             registry = load_registry(cfg)
         except PolicyError as err:
             raise WorkerError(str(err)) from None
+        if cfg.http.enabled:
+            from rsafe.stream.http import HttpServer
+
+            self.http = HttpServer(cfg.http.host, cfg.http.port, self.readiness, self.metrics)
+            try:
+                await self.http.start()
+            except OSError as err:
+                self.http = None
+                raise WorkerError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: {err} "
+                                  "(set http.port, or 0 for any free port)") from None
         await asyncio.to_thread(self._resolve_broker)
         cfg = self.cfg
         if cfg.create_topics:
@@ -215,8 +239,13 @@ class GuardWorker:
 
         self.pipeline = BatchPipeline(self.moderator, FaustSink(app, transactional=eos), ack,
                                       max_inflight=cfg.batch.max_inflight, telemetry=self.telemetry,
-                                      commit=commit if eos else None, on_published=self._on_published)
+                                      commit=commit if eos else None, on_published=self._on_published,
+                                      on_engine_dead=self._engine_dead)
         wire(app, cfg, self.pipeline)
+        if cfg.feedback.enabled:
+            from rsafe.stream.app import FeedbackWiring
+
+            self.feedback = FeedbackWiring(app, cfg, self.worker_id, transactional=eos)
         self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload,
                                      before_use=self._publish_policies)
         if self._reload_requested:
@@ -236,6 +265,8 @@ class GuardWorker:
             self.fencing = FencingWatch(cfg.group_id, instance).install()
         app.in_worker = True  # what faust.Worker sets; exactly_once needs it
         await app.start()
+        if self.feedback is not None:
+            self._tasks.append(asyncio.create_task(self.feedback.tick_forever(), name="rsafe-feedback-ticks"))
         await app.producer.maybe_start()
         log.info("worker %s consuming %s as group %s%s (%s, batch %d / %.0f ms, %d in flight)",
                  self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,
@@ -291,6 +322,15 @@ class GuardWorker:
                 watch_task.cancel()
             await self._close()
 
+    def readiness(self) -> dict[str, bool | str]:
+        """What ``/readyz`` reports: each check True, or why not."""
+        return {
+            "engine": True if self.guard is not None else "the engine is starting",
+            "partitions": True if self.assigned else "no partitions assigned yet",
+            "stopping": True if not self._stop.is_set() else "the worker is stopping",
+            "restart": True if self.restart_required is None else f"restart required: {self.restart_required}",
+        }
+
     @property
     def assigned(self) -> bool:
         """The consumer holds at least one partition."""
@@ -321,36 +361,46 @@ class GuardWorker:
         return False
 
     async def _shutdown(self) -> None:
+        """Stop taking batches, let the in-flight ones publish and ack, commit, stop Faust.
+
+        Messages that were taken but not started, and batches left unacked on purpose (engine dead
+        or failing during the stop), are not committed: they are redelivered."""
         cfg = self.cfg
         if self.fencing is not None:
             self.fencing.armed = False  # leaving the group now is not a fencing
         log.info("stopping: no more fetching; finishing %d in-flight batch(es)", self.pipeline.inflight)
         self.moderator.stopping = True
-        self.pipeline.stopping = True  # a publish that keeps failing now gives up (→ redelivered)
+        self.pipeline.stopping = True  # no new batch; a publish that keeps failing gives up (→ redelivered)
         started = time.perf_counter()
-        # Nothing taken yet (e.g. still waiting for partitions): there is nothing to finish, so a
-        # stop must not wait on a group join that may never complete.
-        timeout = cfg.shutdown_timeout_s if self.pipeline.inflight or self.assigned else min(5.0, cfg.shutdown_timeout_s)
-        try:
-            # Faust: stop fetching, clear buffers, wait until every taken message is acked (the
-            # pipeline publishes and acks them), commit, then stop agents, consumer and producer.
-            await asyncio.wait_for(self.app.stop(), timeout=timeout)
-        except asyncio.TimeoutError:
-            if timeout < cfg.shutdown_timeout_s:
-                log.warning("stopped while waiting for partitions (nothing was in flight)")
-            else:
-                log.error("shutdown took over %.0f s; exiting with work unacked (it will be redelivered)",
-                          cfg.shutdown_timeout_s)
-                self.exit_code = self.exit_code or EXIT_FAILED
-        try:
-            await asyncio.wait_for(self.pipeline.drain(), timeout=5)
-        except asyncio.TimeoutError:
-            pass
+        drain = asyncio.ensure_future(self.pipeline.drain())
+        done, _ = await asyncio.wait({drain}, timeout=cfg.shutdown_timeout_s)
+        if not done:
+            drain.cancel()
+            log.error("in-flight batches did not finish within %.0f s; exiting with them unacked (they "
+                      "will be redelivered)", cfg.shutdown_timeout_s)
+            self.exit_code = self.exit_code or EXIT_FAILED
+        if self.assigned:
+            try:
+                await asyncio.wait_for(self.app.consumer.commit(), timeout=10)
+            except Exception as err:  # noqa: BLE001 - the next owner then redoes the uncommitted tail
+                log.warning("final commit failed: %s", err)
+        # Faust: stop agents, consumer, producer. Bounded: a consumer still waiting on a group join
+        # that never completes must not hold the stop (run_worker exits past its thread).
+        stop = asyncio.ensure_future(self.app.stop())
+        done, _ = await asyncio.wait({stop}, timeout=15 if self.assigned else 5)
+        if not done:
+            log.warning("the Kafka client did not stop in time (nothing of ours was in flight)")
         log.info("stopped in %.1f s; stats %s", time.perf_counter() - started, json.dumps(self.stats()))
 
     async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self.feedback is not None:
+            await self.feedback.reader.close()
         if self.fencing is not None:
             self.fencing.remove()
+        if self.http is not None:
+            await self.http.stop()
         if self._datadir is not None:
             shutil.rmtree(self._datadir, ignore_errors=True)
         if self._owns_backend and self._backend is not None:

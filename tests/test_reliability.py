@@ -20,69 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rsafe.stream.broker import EmbeddedBroker, ensure_topics
+from rsafe.stream.broker import ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
+from streamkit import events, kafka, logged, published, start_worker, verdict_ids, wait_until, worker_config  # noqa: F401
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def kafka(tmp_path_factory):
-    with EmbeddedBroker(tmp_path_factory.mktemp("broker"), port=0) as broker:
-        yield broker.bootstrap
-
-
-def worker_config(bootstrap: str, prefix: str, **over) -> dict:
-    cfg = {
-        "broker": bootstrap, "group_id": f"{prefix}-group",
-        "inputs": [{"topic": f"{prefix}.in", "policy": "rsafe-default", "partitions": 3}],
-        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq",
-                    "policies_topic": f"{prefix}.policies", "partitions": 3},
-        "batch": {"size": 16, "linger_ms": 20, "max_inflight": 2},
-        "engine": {"backend": "null", "model": "null-engine"},
-        "policy_reload": {"watch": False}, "commit_interval_s": 0.5, "shutdown_timeout_s": 20,
-    }
-    for k, v in over.items():
-        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
-    return cfg
-
-
-def start_worker(tmp_path: Path, raw: dict, name: str, env: dict | None = None) -> subprocess.Popen:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-
-def wait_until(pred, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
-
-
-def logged(tmp_path: Path, name: str, text: str) -> bool:
-    return text in (tmp_path / f"{name}.log").read_text(errors="replace")
-
-
-def events(topic: str, prefix: str, n: int, start: int = 0) -> list[Message]:
-    return [Message(topic, f"c{i % 11}".encode(), json.dumps({"id": f"{prefix}-{i}", "prompt": f"message {i}"}).encode())
-            for i in range(start, start + n)]
-
-
-def published(bootstrap: str, cfg) -> int:
-    """Verdict records on the broker (end offsets: cheap to poll)."""
-    return sum(end_offsets([bootstrap], list(cfg.verdict_topics().values())).values())
-
-
-def verdict_ids(bootstrap: str, cfg) -> Counter:
-    return Counter(json.loads(r.value)["id"] for r in read_all([bootstrap], list(cfg.verdict_topics().values()),
-                                                                idle_timeout_s=1.0))
 
 
 def test_kill9_and_restart_with_the_same_instance_id_takes_over_at_once(kafka, tmp_path):
@@ -210,3 +154,121 @@ def test_sigterm_while_waiting_for_partitions_exits_promptly(kafka, tmp_path):
     finally:
         if w.poll() is None:
             w.kill()
+
+
+def test_dead_engine_stops_the_worker_with_status_4_and_nothing_is_judged_by_fallback(kafka, tmp_path):
+    """Scenario 5: the engine dies; the batch stays unacked, the worker exits 4, a restart with a
+    working engine judges everything (no fallback verdict anywhere)."""
+    prefix = f"dead{uuid.uuid4().hex[:6]}"
+    dead = tmp_path / "engine-is-dead"
+    raw = worker_config(kafka, prefix, faults={"engine_dead_file": str(dead)},
+                        inputs=[{"topic": f"{prefix}.in", "policy": "rsafe-default", "partitions": 3,
+                                 "on_error": "safe"}],
+                        retry={"attempts": 2, "backoff_ms": 10})
+    cfg = load_config(data=raw, env={})
+    ensure_topics([kafka], topic_specs(cfg))
+    produce([kafka], events(cfg.inputs[0].topic, prefix, 50))
+    w = start_worker(tmp_path, raw, "w1")
+    try:
+        assert wait_until(lambda: len(verdict_ids(kafka, cfg)) == 50, timeout=90)
+        dead.touch()
+        produce([kafka], events(cfg.inputs[0].topic, prefix, 50, start=50))
+        assert w.wait(timeout=60) == 4
+    finally:
+        if w.poll() is None:
+            w.kill()
+    log = (tmp_path / "w1.log").read_text()
+    assert "engine dead" in log and "health probe failed" in log
+    assert len(verdict_ids(kafka, cfg)) == 50  # the failed work was not judged by on_error: safe
+    inputs = [t.topic for t in cfg.inputs]
+    assert sum((o or 0) for o in committed_offsets([kafka], cfg.group_id, inputs).values()) < 100
+    dead.unlink()
+    w2 = start_worker(tmp_path, raw, "w2")
+    try:
+        assert wait_until(lambda: len(verdict_ids(kafka, cfg)) == 100, timeout=90)
+    finally:
+        w2.send_signal(signal.SIGTERM)
+        assert w2.wait(timeout=60) == 0
+    records = read_all([kafka], list(cfg.verdict_topics().values()))
+    assert not any(json.loads(r.value)["fallback"] for r in records)
+
+
+def test_hung_engine_times_out_and_the_hanging_event_is_isolated(kafka, tmp_path):
+    """Scenario 6: a batch whose engine call never returns times out (health.batch_timeout_s); the
+    engine answers the probe, so the batch is split and the event that hangs it is dead-lettered."""
+    prefix = f"hang{uuid.uuid4().hex[:6]}"
+    raw = worker_config(kafka, prefix, faults={"engine_hang_marker": "HANG-ME"},
+                        health={"batch_timeout_s": 1.0}, retry={"attempts": 2, "backoff_ms": 10})
+    cfg = load_config(data=raw, env={})
+    ensure_topics([kafka], topic_specs(cfg))
+    msgs = events(cfg.inputs[0].topic, prefix, 40)
+    msgs[17] = Message(cfg.inputs[0].topic, b"c", json.dumps({"id": f"{prefix}-17", "prompt": "HANG-ME please"}).encode())
+    produce([kafka], msgs)
+    w = start_worker(tmp_path, raw, "w")
+    try:
+        assert wait_until(lambda: len(verdict_ids(kafka, cfg)) == 39, timeout=120)
+        dlq = [json.loads(r.value) for r in read_all([kafka], [cfg.outputs.dlq_topic])]
+        assert wait_until(lambda: read_all([kafka], [cfg.outputs.dlq_topic]), timeout=30)
+        dlq = [json.loads(r.value) for r in read_all([kafka], [cfg.outputs.dlq_topic])]
+        assert [(d["event_id"], d["reason"]) for d in dlq] == [(f"{prefix}-17", "engine_crash")]
+        assert "did not answer within 1 s" in dlq[0]["detail"]
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=60) == 0
+
+
+def test_bad_input_at_volume_every_offset_is_accounted_for(kafka, tmp_path):
+    """Scenario 8: 1,000 malformed events interleaved with valid ones → a verdict or a DLQ record
+    with a reason for every input offset, and no crash."""
+    import random
+
+    prefix = f"bad{uuid.uuid4().hex[:6]}"
+    raw = worker_config(kafka, prefix, max_event_bytes=256_000)
+    cfg = load_config(data=raw, env={})
+    ensure_topics([kafka], topic_specs(cfg))
+    topic = cfg.inputs[0].topic
+    rng = random.Random(5)
+    kinds = [
+        lambda i: b"{not json " + str(i).encode(),
+        lambda i: json.dumps({"id": f"{prefix}-b{i}", "prompt": 12345}).encode(),
+        lambda i: b'{"id": "x' + str(i).encode() + b'", "prompt": "\xff\xfe broken utf-8"}',
+        lambda i: json.dumps({"id": f"{prefix}-b{i}", "prompt": "y" * 1_000_000}).encode(),
+        lambda i: json.dumps({"prompt": "no id at all"}).encode(),
+        lambda i: json.dumps({"id": f"{prefix}-dup", "prompt": f"duplicate id {i}"}).encode(),
+        lambda i: b"",
+        lambda i: json.dumps([i]).encode(),
+    ]
+    msgs = []
+    for i in range(2000):
+        if i % 2:
+            msgs.append(Message(topic, None, kinds[rng.randrange(len(kinds))](i)))
+        else:
+            msgs.append(Message(topic, None, json.dumps({"id": f"{prefix}-{i}", "prompt": f"valid {i}"}).encode()))
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=[kafka], acks="all", max_request_size=4_000_000)
+    for m in msgs:
+        producer.send(topic, key=m.key, value=m.value)
+    producer.flush()
+    producer.close()
+    w = start_worker(tmp_path, raw, "w")
+    inputs = [t.topic for t in cfg.inputs]
+    try:
+        assert wait_until(lambda: committed_offsets([kafka], cfg.group_id, inputs) == end_offsets([kafka], inputs),
+                          timeout=180, interval=1.0), (tmp_path / "w.log").read_text()[-2000:]
+        assert w.poll() is None  # no crash
+    finally:
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=60) == 0
+    seen = set()
+    reasons = Counter()
+    for r in read_all([kafka], list(cfg.verdict_topics().values()) + [cfg.outputs.dlq_topic]):
+        rec = json.loads(r.value)
+        src = rec["source"]
+        seen.add((src["partition"], src["offset"]))
+        if "reason" in rec:
+            reasons[rec["reason"]] += 1
+            assert rec["detail"]
+    ends = end_offsets([kafka], inputs)
+    assert seen == {(p, o) for (_, p), end in ends.items() for o in range(end)}  # every offset
+    assert {"not_json", "schema", "too_large", "empty"} <= set(reasons)

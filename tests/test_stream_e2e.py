@@ -32,6 +32,9 @@ from rsafe.stream.worker import GuardWorker, serve, topic_specs
 pytestmark = pytest.mark.slow
 
 MARKER = "__RSAFE_FAIL__"
+"""Crashes the engine for any batch holding it (a poison event: isolated and dead-lettered)."""
+ERR_MARKER = "__RSAFE_BAD_REQUEST__"
+"""A per-request engine error (the topic's on_error verdict)."""
 POLICIES = PolicyRegistry.from_dirs()
 VERSION = {name: POLICIES.get(name).version for name in POLICIES.names()}
 
@@ -63,8 +66,9 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
         "audit": {"content": "hash"},
         "engine": engine_section(model_dir),
         "policy_reload": {"watch": False},
-        "faults": {"engine_fail_marker": MARKER},
+        "faults": {"engine_fail_marker": MARKER, "request_error_marker": ERR_MARKER},
         "commit_interval_s": 0.5,
+        "http": {"port": 0},
     }
     cfg.update(over)
     return cfg
@@ -85,10 +89,12 @@ def make_events(prefix: str, n_valid: int, seed: int) -> tuple[list[Message], di
         policy = ex.policy if topic == kids else "rsafe-default"
         if ex.policy == "financial-advice":
             event["policy"] = policy = "financial-advice"  # an allowed override
-        if i in (15, 61, 110, 150):
+        if i in (15, 110):
             event["prompt"] += f" {MARKER}"
+        if i in (61, 150):
+            event["prompt"] += f" {ERR_MARKER}"
         meta[event["id"]] = {"topic": topic, "policy": policy, "prompt": event["prompt"],
-                             "fail": MARKER in event["prompt"]}
+                             "poison": MARKER in event["prompt"], "fail": ERR_MARKER in event["prompt"]}
         msgs.append(Message(topic, event["conversation_id"].encode(), json.dumps(event).encode()))
     bad = [
         Message(general, None, b"{this is not json"),
@@ -169,8 +175,9 @@ async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: 
 
 def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo_model_dir, vllm_guard):
     """200 events over two topics/policies → one verdict per id (after dedup) with the topic's policy
-    version and one audit record; malformed ones in the DLQ; injected engine failures become
-    on_error verdicts and the stream goes on; SIGTERM mid-stream and restart lose nothing."""
+    version and one audit record; malformed ones in the DLQ; a poison batch is split and its poison
+    events dead-lettered (``engine_crash``) while the rest are judged; a per-request engine error
+    becomes the topic's on_error verdict; SIGTERM mid-stream and restart lose nothing."""
     prefix = f"e2e{uuid.uuid4().hex[:6]}"
     raw = stream_config(kafka, prefix, demo_model_dir)
     cfg_path = tmp_path / "worker.yaml"
@@ -230,12 +237,16 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
     assert stats2["fetch_pauses"] > 0
 
     out = Outputs(kafka, cfg)
-    # every valid id: exactly one verdict after deduplication, one audit record, right policy version
-    assert set(out.verdicts) == set(meta)
+    # every valid id: exactly one verdict after deduplication, one audit record, right policy version;
+    # the poison events: the DLQ (engine_crash), the rest of their batches judged
+    poison = {eid for eid, m in meta.items() if m["poison"]}
+    assert len(poison) == 2 and set(out.verdicts) == set(meta) - poison
     dupes = sum(len(v) - 1 for v in out.verdicts.values())
     print(f"worker 2: {stats2}; duplicates after restart: {dupes}")
     assert dupes <= cfg.batch.size * cfg.batch.max_inflight, dupes  # at-least-once replays only
     for eid, m in meta.items():
+        if m["poison"]:
+            continue
         v = out.verdicts[eid][-1]
         assert v["source"]["topic"] == m["topic"] and v["policy"] == m["policy"]
         assert v["policy_version"] == VERSION[m["policy"]]
@@ -247,25 +258,26 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
         assert a["content"]["prompt"] is None and a["content"]["prompt_sha256"] == sha256_text(m["prompt"])
         assert a["sampling"]["max_tokens"] == 128 and a["worker_id"]
         if m["fail"]:
-            assert v["fallback"] and MARKER in v["error_reason"]
+            assert v["fallback"] and ERR_MARKER in v["error_reason"]
             assert v["label"] == ("unsafe" if m["topic"].endswith(".kids") else "error")
         elif not v["fallback"]:
             assert v["label"] in ("safe", "unsafe", "unknown")
             assert a["raw_output"] and a["rendered_prompt_sha256"] and v["timings"]["engine_ms"] > 0
-    real = [eid for eid, m in meta.items() if not out.verdicts[eid][-1]["fallback"]]
-    assert len(real) >= len(meta) - 4 * cfg.batch.size  # only the marker batches fell back
+    real = [eid for eid, m in meta.items() if eid not in poison and not out.verdicts[eid][-1]["fallback"]]
+    assert len(real) == len(meta) - 4  # only the two request errors fell back
     # the stream went on after the failures: events after the last marker got real verdicts
     assert any(not out.verdicts[f"{prefix}-{i:03d}"][-1]["fallback"] for i in range(151, 190))
 
-    # malformed messages: DLQ with a reason and the original bytes
-    assert len(out.dlq) >= len(bad)
+    # malformed messages and poison events: DLQ with a reason and the original bytes
+    assert len(out.dlq) >= len(bad) + len(poison)
     by_source = {}
     for d in out.dlq:
         by_source[(d["source"]["topic"], d["source"]["partition"], d["source"]["offset"])] = d
-    assert len(by_source) == len(bad)
+    assert len(by_source) == len(bad) + len(poison)
     reasons = Counter(d["reason"] for d in by_source.values())
     assert reasons == {"not_json": 2, "schema": 4, "unknown_policy": 1, "policy_override_disabled": 1,
-                       "invalid_content": 1, "empty": 1}, reasons
+                       "invalid_content": 1, "empty": 1, "engine_crash": 2}, reasons
+    assert {d["event_id"] for d in by_source.values() if d["reason"] == "engine_crash"} == poison
     originals = {(d["original_b64"] or "") for d in by_source.values()}
     assert {base64.b64encode(m.value).decode() for m in bad if m.value} <= originals
     assert all(d["detail"] for d in by_source.values())
@@ -423,7 +435,7 @@ def test_worker_defaults_to_the_embedded_broker(tmp_path):
     if reachable(["127.0.0.1:9092"]):
         pytest.skip("a broker answers on 127.0.0.1:9092; the worker would use it")
     port = free_port()
-    cfg = load_config(data={"inputs": [{"topic": "t", "policy": "rsafe-default"}],
+    cfg = load_config(data={"inputs": [{"topic": "t", "policy": "rsafe-default"}], "http": {"port": 0},
                             "embedded_broker": {"data_dir": str(tmp_path / "b"), "port": port}}, env={})
     assert cfg.broker is None
     worker = GuardWorker(cfg)
