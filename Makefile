@@ -7,7 +7,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
 DEMO_MODEL ?= .cache/demo-model
 PYTEST_ARGS ?=
 
-.PHONY: setup lock test test-fast demo demo-model bench clean
+.PHONY: setup lock test test-fast test-reliability demo demo-model bench clean
 
 .venv/.ok: infra/requirements.lock pyproject.toml
 	@test -x "$(UV)" || { python3 -m venv .venv-tools && .venv-tools/bin/pip install -q uv; }
@@ -29,11 +29,15 @@ lock:  ## re-resolve infra/requirements.in into infra/requirements.lock
 demo-model: .venv/.ok
 	$(PY) -m rsafe.cli demo-model build $(DEMO_MODEL)
 
-test: .venv/.ok demo-model  ## the whole suite (slow tests included)
-	RSAFE_DEMO_MODEL=$(DEMO_MODEL) $(PY) -m pytest -q $(PYTEST_ARGS)
+test: .venv/.ok demo-model  ## the whole suite (slow tests included; the long reliability runs are not)
+	RSAFE_DEMO_MODEL=$(DEMO_MODEL) $(PY) -m pytest -q -m "not reliability" $(PYTEST_ARGS)
 
 test-fast: .venv/.ok  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-reliability: .venv/.ok demo-model  ## fault scenarios and soak (~20 min); figures for docs/RELIABILITY.md
+	RSAFE_DEMO_MODEL=$(DEMO_MODEL) $(PY) -m pytest -q -s -m reliability $(PYTEST_ARGS)
+	$(PY) bench/reliability_table.py
 
 demo: .venv/.ok demo-model  ## the main job: stream sample chat events through the guard
 	$(PY) -m rsafe.cli demo --model $(DEMO_MODEL)
@@ -44,3 +48,13 @@ bench: .venv/.ok demo-model
 
 clean:
 	rm -rf .venv .venv-tools .cache
+
+# --- GPU lock (issue 16) -------------------------------------------------------------------------
+# Resolves the GPU serving stack (CUDA vllm + its PyPI torch) for the GPU image
+# (infra/docker/gpu.Dockerfile). Linux x86_64, glibc 2.36 (the image's Debian 12 base); PyPI only:
+# no --find-links, whose local +cpu torch would satisfy vllm's torch pin.
+.PHONY: lock-gpu
+lock-gpu:  ## re-resolve infra/requirements-gpu.in into infra/requirements-gpu.lock
+	@test -x "$(UV)" || { python3 -m venv .venv-tools && .venv-tools/bin/pip install -q uv; }
+	$(UV) pip compile infra/requirements-gpu.in --override infra/overrides.txt \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_36 -o infra/requirements-gpu.lock

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: Reasoning + answer must fit here; the paper trains with max response 512 tokens.
 DEFAULT_MAX_TOKENS = 512
@@ -77,6 +77,10 @@ class InputLimits(BaseModel):
     verdict that says the limit (the stream worker dead-letters it as ``too_large``)."""
     window_overlap_tokens: Annotated[int, Field(ge=0, le=512)] = 32
     """Tokens shared by consecutive windows, so a phrase cut at a border is seen whole in one."""
+    max_window_tokens: Annotated[int | None, Field(gt=32)] = None
+    """Content tokens per window at most (None: as many as the context allows). For a model that
+    judges shorter texts better than long ones (the demo model: 320); a message longer than this
+    is windowed even when it would fit the context."""
 
 
 class EngineConfig(BaseModel):
@@ -121,8 +125,35 @@ class EngineConfig(BaseModel):
     """Adapters resident at once."""
     lora_adapters: dict[str, str] = {}
     """Adapter name → path; requests select one by name (vLLM ``LoRARequest``)."""
-    base_url: str | None = None
-    """openai backend: e.g. ``http://127.0.0.1:8000/v1``."""
+    base_url: str | list[str] | None = None
+    """openai backend: e.g. ``http://127.0.0.1:8000/v1``, or several servers of the same model as a
+    list (or one string with commas; env ``RSAFE_ENGINE__BASE_URL='[http://a:8000/v1, http://b:8000/v1]'``).
+    Requests go to the healthy server with the fewest outstanding requests; a server that fails
+    (connection error, 5xx) is taken out of rotation and retried after a back-off; a call fails
+    only when every server failed (``rsafe.models.engines.OpenAIBackend``)."""
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _check_base_url(cls, value: Any) -> Any:
+        """A URL stays a string; several (a list, or a string with commas) become a list."""
+        if value is None:
+            return None
+        if not isinstance(value, (str, list, tuple)):
+            raise ValueError("base_url: expected a URL or a list of URLs")
+        items = value.split(",") if isinstance(value, str) else list(value)
+        urls = [str(u).strip() for u in items if u is not None and str(u).strip()]
+        if not urls:
+            if isinstance(value, str):
+                return None  # empty: the openai check below says what is missing
+            raise ValueError("base_url: the list of URLs is empty")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"base_url {url!r}: expected http(s)://host:port/v1")
+        bare = [u.rstrip("/") for u in urls]
+        dupes = sorted({u for u in bare if bare.count(u) > 1})
+        if dupes:
+            raise ValueError(f"base_url {dupes[0]!r} is listed twice")
+        return urls[0] if isinstance(value, str) and len(urls) == 1 else urls
     api_key: str | None = None
     """openai backend: sent as a bearer token."""
     request_timeout_s: Annotated[float, Field(gt=0)] = 120.0

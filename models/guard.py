@@ -155,8 +155,9 @@ class Guard:
             truncated = truncated or segments is not None
             windows = plan_windows(policy, level, prompt, req.response, counter=self.token_counter,
                                    max_tokens=self.generation.max_tokens,
-                                   overlap=self.limits.window_overlap_tokens, segments=segments)
-        except (ValueError, WindowError) as err:
+                                   overlap=self.limits.window_overlap_tokens, segments=segments,
+                                   max_window_tokens=self.limits.max_window_tokens)
+        except (ValueError, WindowError, EngineError) as err:  # EngineError: a server that counts tokens is down
             return self._error(req.id, str(err), policy)
         return Prepared(req, policy, level, windows, truncated, arrived, index)
 

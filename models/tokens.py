@@ -91,13 +91,15 @@ def _turn(policy: Policy, level: Level, prompt: str, response: str | None) -> st
 
 def plan_windows(policy: Policy, level: Level, prompt: str, response: str | None, *,
                  counter: TokenCounter | None, max_tokens: int, overlap: int,
-                 segments: Sequence[tuple[int, int]] | None = None) -> list[Window]:
+                 segments: Sequence[tuple[int, int]] | None = None,
+                 max_window_tokens: int | None = None) -> list[Window]:
     """The windows that judge one message, each fitting ``max_model_len - max_tokens - reserve``.
 
     The judged field is the prompt (prompt level) or the response (response level; the user turn
     is kept whole when it fits, else its tail). ``segments``: character ranges of the judged field
     to cover (default: all of it); the over-long ``truncate`` mode passes its head and tail.
-    Raises ``WindowError`` when the policy leaves no room.
+    ``max_window_tokens`` caps the content per window below what the context allows (a model that
+    judges shorter texts better). Raises ``WindowError`` when the policy leaves no room.
     """
     field = "response" if level == Level.RESPONSE else "prompt"
     text = response if field == "response" else prompt
@@ -110,12 +112,17 @@ def plan_windows(policy: Policy, level: Level, prompt: str, response: str | None
     budget = counter.max_model_len - max_tokens - ANSWER_RESERVE
     if whole:
         turn = _turn(policy, level, prompt, response)
-        if counter.count([turn])[0] <= budget:
+        fits = counter.count([turn])[0] <= budget
+        if fits and max_window_tokens is not None:
+            fits = len(counter.spans(text)) <= max_window_tokens
+        if fits:
             return [Window(turn, field)]
     if field == "response":
         prompt = _fit_user_turn(policy, prompt, counter, budget)
     empty = _turn(policy, level, "" if field == "prompt" else prompt, "" if field == "response" else response)
     room = budget - counter.count([empty])[0] - WINDOW_MARGIN
+    if max_window_tokens is not None:
+        room = min(room, max_window_tokens)
     if room < max(16, 2 * overlap):
         raise WindowError(f"the policy {policy.name!r} leaves {max(room, 0)} tokens for content in a "
                           f"{counter.max_model_len}-token context with max_tokens {max_tokens}; raise "

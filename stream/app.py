@@ -78,7 +78,7 @@ def to_incoming(stream: Any, event: Any) -> Incoming:
     return Incoming(value=m.value, key=m.key,
                     source=SourceRef(topic=m.topic, partition=m.partition, offset=m.offset,
                                      timestamp_ms=int(ts * 1000) if ts else None),
-                    handle=FaustHandle(stream, event))
+                    handle=FaustHandle(stream, event), headers=m.headers)
 
 
 async def ack(inc: Incoming) -> None:
@@ -122,7 +122,7 @@ class FaustSink:
         for o in outcomes:
             tid = self._transactional_id(o.incoming.source)
             for r in o.records:
-                futures.append(await producer.send(r.topic, r.key, r.value, None, None, None,
+                futures.append(await producer.send(r.topic, r.key, r.value, None, None, r.headers,
                                                    transactional_id=tid))
         if futures:
             await asyncio.gather(*futures)

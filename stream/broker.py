@@ -166,7 +166,7 @@ def ensure_topics(bootstrap: Sequence[str], topics: Iterable[tuple[str, int, dic
             time.sleep(0.5)
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, parts, 1, topic_configs=cfg or {})
+        new = [NewTopic(name, parts, -1, topic_configs=cfg or {})  # -1: the broker's default.replication.factor
                for name, (parts, cfg) in wanted.items() if name not in existing]
         if not new:
             return []

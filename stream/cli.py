@@ -63,11 +63,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from rsafe.stream.config import ConfigError
     from rsafe.stream.worker import configure_logging, run_worker
 
-    configure_logging(args.log_level)
     try:
         cfg = _load(args)
     except ConfigError as err:
         return _err(str(err))
+    configure_logging(args.log_level, json_logs=cfg.telemetry.json_logs)
     return run_worker(cfg)
 
 

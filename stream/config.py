@@ -239,6 +239,39 @@ class Feedback(_Strict):
     """How often held feedback and expired decisions are swept."""
 
 
+class Otlp(_Strict):
+    endpoint: str | None = None
+    """Collector URL; default the standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` (else the exporter's own
+    default, ``http://localhost:4318`` for http/protobuf, ``localhost:4317`` for grpc)."""
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    headers: dict[str, str] = {}
+    """e.g. an API key header of a hosted collector (``RSAFE_TELEMETRY__OTLP__HEADERS``)."""
+
+
+class Telemetry(_Strict):
+    """OpenTelemetry traces and metrics, exported as configured (the SDK and official exporters).
+
+    The standard ``OTEL_*`` variables keep working (``OTEL_EXPORTER_OTLP_ENDPOINT``,
+    ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``...); the settings
+    here win where both are given."""
+
+    exporter: Literal["none", "console", "otlp"] = "none"
+    """Where traces and metrics go. ``none`` (default) installs no SDK: near-zero cost."""
+    otlp: Otlp = Field(default_factory=Otlp)
+    prometheus: bool = False
+    """Serve the metrics as Prometheus text on the worker's HTTP server (``/metrics``)."""
+    service_name: str = "rsafe-worker"
+    resource_attributes: dict[str, str] = {}
+    """Added to the resource (worker id, group, model version are added by the worker)."""
+    sampling_ratio: Annotated[float | None, Field(ge=0, le=1)] = None
+    """Share of traces sampled (parent-based: a sampled producer trace is always continued).
+    Default: ``OTEL_TRACES_SAMPLER``/``_ARG`` if set, else every trace."""
+    metric_export_interval_s: Annotated[float, Field(gt=0)] = 15.0
+    json_logs: bool = False
+    """Log lines as JSON carrying the trace and span ids (message content is never logged at INFO
+    or above)."""
+
+
 class Http(_Strict):
     """The worker's one HTTP server: ``/healthz`` (liveness), ``/readyz`` (engine loaded, partitions
     assigned, no restart required) and ``/metrics`` (Prometheus, when telemetry exports it)."""
@@ -327,6 +360,7 @@ class StreamConfig(_Strict):
     feedback: Feedback = Field(default_factory=Feedback)
     health: EngineHealth = Field(default_factory=EngineHealth)
     http: Http = Field(default_factory=Http)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
     faults: Faults = Field(default_factory=Faults)
 
     @field_validator("broker", mode="before")

@@ -65,7 +65,9 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
     if not cfg.feedback.enabled:
         return []
     n, fb = cfg.outputs.partitions, cfg.feedback
-    specs = [(fb.trusted_topic, n, {}), (fb.reports_topic, n, {}), (fb.disagreements_topic, n, {}),
+    # disagreements: retractions and erasures are tombstones, so compaction must apply there too
+    specs = [(fb.trusted_topic, n, {}), (fb.reports_topic, n, {}),
+             (fb.disagreements_topic, n, {"cleanup.policy": "compact,delete"}),
              (fb.review_topic, n, {}), (tick_topic(cfg), n, {"retention.ms": "3600000"})]
     specs += [(changelog_topic(cfg, t), n, {"cleanup.policy": "compact"}) for t in TABLES]
     return specs

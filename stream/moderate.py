@@ -56,6 +56,8 @@ class Incoming:
     consumed_at: datetime = field(default_factory=utcnow)
     handle: Any = None
     """The Faust event (acked once the outcome is published)."""
+    headers: Any = None
+    """The record's Kafka headers (W3C trace context is read from them)."""
 
 
 @dataclass
@@ -63,6 +65,8 @@ class OutRecord:
     topic: str
     key: bytes | None
     value: bytes
+    headers: list[tuple[str, bytes]] | None = None
+    """Kafka headers (the event span's trace context)."""
 
 
 @dataclass
@@ -285,7 +289,7 @@ class Moderator:
         key = (verdict.conversation_id or event.id).encode("utf-8", "surrogatepass")
         records = [OutRecord(self.cfg.verdicts_topic(topic), key, dumps(verdict)),
                    OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), dumps(audit))]
-        self.telemetry.verdict(label, inc.source.topic, fallback)
+        self.telemetry.verdict(label, inc.source.topic, fallback, policy_name, categories)
         return Outcome(inc, "verdict", records, verdict=verdict, audit=audit)
 
     @staticmethod
@@ -328,6 +332,11 @@ class Moderator:
             span.set_attribute("rsafe.batch_size", len(routed))
             verdicts, attempts, error = await self.judge([r for _, r in routed])
             span.set_attribute("rsafe.attempts", attempts)
+            if attempts > 1:
+                span.add_event("retry", {"rsafe.attempts": attempts, "rsafe.error": (error or "")[:200]})
+        if verdicts:
+            self.telemetry.engine_call((time.perf_counter() - started) * 1e3,
+                                       sum(v.prompt_tokens for v in verdicts), sum(v.completion_tokens for v in verdicts))
         judged: dict[int, Verdict | None] = {}
         if verdicts is not None:
             self.consecutive_failures = 0

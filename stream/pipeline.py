@@ -15,7 +15,7 @@ import time
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from rsafe.stream.moderate import EngineDead, Incoming, Moderator, Outcome
-from rsafe.stream.telemetry import Telemetry
+from rsafe.stream.telemetry import Telemetry, inject_headers
 
 log = logging.getLogger("rsafe.stream.pipeline")
 
@@ -44,13 +44,15 @@ class BatchPipeline:
     def __init__(self, moderator: Moderator, sink: Sink, ack: Ack, *, max_inflight: int,
                  telemetry: Telemetry, commit: Callable[[], Awaitable[object]] | None = None,
                  on_published: OnPublished | None = None, publish_backoff_s: float = 0.5,
-                 max_publish_backoff_s: float = 10.0, on_engine_dead: Callable[[str], object] | None = None):
+                 max_publish_backoff_s: float = 10.0, on_engine_dead: Callable[[str], object] | None = None,
+                 consumer_group: str | None = None):
         self.moderator = moderator
         self.sink = sink
         self.ack = ack
         self.commit = commit
         self.on_published = on_published
         self.on_engine_dead = on_engine_dead
+        self.consumer_group = consumer_group
         self.telemetry = telemetry
         self.max_inflight = max_inflight
         self._slots = asyncio.Semaphore(max_inflight)
@@ -96,9 +98,23 @@ class BatchPipeline:
                 span.set_attribute("rsafe.batch_size", len(batch))
                 outcomes = await self.moderator.moderate(batch)
                 judged = time.perf_counter()
+                events = self.telemetry.event_spans(outcomes, span, self.consumer_group)
+                for o, s in zip(outcomes, events):
+                    headers = inject_headers(s) if s is not None else None
+                    for r in o.records:
+                        r.headers = headers or None
                 if prev is not None:
                     await asyncio.shield(prev)  # publish in submission order
-                published = await self._publish(outcomes)
+                try:
+                    published = await self._publish(outcomes)
+                finally:
+                    for s in events:
+                        if s is not None:
+                            s.end()
+                if published:
+                    done_at = time.perf_counter()
+                    for o in outcomes:
+                        self.telemetry.published((done_at - o.incoming.arrived) * 1e3)
                 log.debug("batch of %d: moderated in %.0f ms, published in %.0f ms", len(batch),
                           (judged - started) * 1e3, (time.perf_counter() - judged) * 1e3)
                 if published:

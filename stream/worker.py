@@ -80,7 +80,8 @@ class GuardWorker:
                  on_published: Callable[[Sequence[Outcome]], object] | None = None):
         self.cfg = cfg
         self.worker_id = cfg.resolved_worker_id
-        self.telemetry = Telemetry(self.worker_id)
+        self.providers = _providers(cfg, self.worker_id, backend)
+        self.telemetry = Telemetry(self.worker_id, self.providers, group_id=cfg.group_id)
         self._backend = backend
         self._owns_backend = backend is None
         self._on_published = on_published
@@ -99,8 +100,8 @@ class GuardWorker:
         self._tasks: list[asyncio.Task] = []
         self.restart_required: str | None = None
         """Set when the worker must be restarted to apply a change (a full-weights model promotion)."""
-        self.metrics: Any = None
-        """Prometheus exposition (set by telemetry when it exports /metrics)."""
+        self.metrics: Any = self.providers.metrics_text if cfg.telemetry.prometheus else None
+        """Prometheus exposition for /metrics (``telemetry.prometheus``)."""
         self.moderator: Any = None
         self._datadir: str | None = None
         self.exit_code = EXIT_OK
@@ -240,7 +241,8 @@ class GuardWorker:
         self.pipeline = BatchPipeline(self.moderator, FaustSink(app, transactional=eos), ack,
                                       max_inflight=cfg.batch.max_inflight, telemetry=self.telemetry,
                                       commit=commit if eos else None, on_published=self._on_published,
-                                      on_engine_dead=self._engine_dead)
+                                      on_engine_dead=self._engine_dead, consumer_group=cfg.group_id)
+        self.telemetry.lag_source = self._lag
         wire(app, cfg, self.pipeline)
         if cfg.feedback.enabled:
             from rsafe.stream.app import FeedbackWiring
@@ -279,7 +281,22 @@ class GuardWorker:
             log.info("policy store %s: published %s", self.cfg.outputs.policies_topic, ", ".join(stored))
 
     def _count_reload(self, changed: dict[str, str]) -> None:
-        self.telemetry.policy_reloads += 1
+        self.telemetry.policy_reload()
+
+    def _lag(self) -> list[tuple[str, int, int]]:
+        """(topic, partition, records not yet read) of the assigned input partitions."""
+        consumer = self.app.consumer
+        inputs = {t.topic for t in self.cfg.inputs}
+        out = []
+        for tp in consumer.assignment():
+            if tp.topic not in inputs:
+                continue
+            high = consumer.highwater(tp)
+            read = consumer._read_offset.get(tp)  # noqa: SLF001 - Faust keeps the position there
+            if high is None:
+                continue
+            out.append((tp.topic, tp.partition, max(0, high - (read + 1 if read is not None else 0))))
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Telemetry counters plus how often Faust paused fetching because the buffer was full."""
@@ -409,6 +426,21 @@ class GuardWorker:
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
             self.broker = None
+        await asyncio.to_thread(self.providers.shutdown)
+
+
+def _providers(cfg: StreamConfig, worker_id: str, backend: Any) -> Any:
+    from rsafe.models.versions import artifact_version
+    from rsafe.stream.telemetry import providers
+
+    engine = cfg.engine or getattr(backend, "cfg", None)
+    attrs = {"service.instance.id": worker_id, "rsafe.worker.id": worker_id, "rsafe.consumer.group": cfg.group_id}
+    if engine is not None:
+        attrs["rsafe.model"] = engine.display_id
+        version = artifact_version(engine.model)
+        if version:
+            attrs["rsafe.model.version"] = version
+    return providers(cfg.telemetry, attrs)
 
 
 async def serve(cfg: StreamConfig, *, backend: Any = None, install_signals: bool = True,
@@ -436,9 +468,30 @@ async def serve(cfg: StreamConfig, *, backend: Any = None, install_signals: bool
                 loop.remove_signal_handler(sig)
 
 
-def configure_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the current trace and span ids (``telemetry.json_logs``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from opentelemetry import trace
+
+        ctx = trace.get_current_span().get_span_context()
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if ctx.is_valid:
+            out["trace_id"] = f"{ctx.trace_id:032x}"
+            out["span_id"] = f"{ctx.span_id:016x}"
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO", json_logs: bool = False) -> None:
+    """Log to stderr (plain lines, or JSON with trace ids). Message content is never logged at
+    INFO or above: records name events by topic, partition, offset and id."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if json_logs else
+                         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
     quiet = logging.WARNING if level.upper() != "DEBUG" else logging.DEBUG
     for name in ("faust", "mode", "aiokafka", "kafka", "vllm", "transformers", "opentelemetry"):
         logging.getLogger(name).setLevel(quiet)

@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helper module
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+DEMO_WINDOW_TOKENS = 320
+"""The demo model judges windows of up to this many content tokens (stream/demo.yaml sets the same)."""
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     """The bundled demo guard model (`make test` builds it into .cache/demo-model first)."""
@@ -32,10 +36,11 @@ def demo_lora_dir(demo_model_dir: Path) -> Path:
 
 def demo_engine_config(model_dir: Path, backend: str = "vllm", **overrides):
     """Engine settings for the demo model on this machine (CPU: float32, eager, small context)."""
-    from rsafe.models import GenerationConfig
+    from rsafe.models import GenerationConfig, InputLimits
     from rsafe.models.config import local_engine_config
 
-    base = dict(model_id="rsafe-demo", generation=GenerationConfig(max_tokens=128))
+    base = dict(model_id="rsafe-demo", generation=GenerationConfig(max_tokens=128),
+                limits=InputLimits(max_window_tokens=DEMO_WINDOW_TOKENS))
     base.update(overrides)
     return local_engine_config(str(model_dir), backend, **base)
 

@@ -17,8 +17,16 @@ from rsafe.stream.broker import EmbeddedBroker
 from rsafe.stream.clients import Message, end_offsets, read_all
 
 
+REAL_KAFKA = os.environ.get("RSAFE_TEST_BROKER")
+"""``host:port`` of a real Apache Kafka to run the broker tests against (else the embedded broker)."""
+
+
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory):
+    """The broker of a test module: ``RSAFE_TEST_BROKER`` when set, else an embedded one."""
+    if REAL_KAFKA:
+        yield REAL_KAFKA
+        return
     with EmbeddedBroker(tmp_path_factory.mktemp("broker"), port=0) as broker:
         yield broker.bootstrap
 

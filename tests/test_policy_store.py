@@ -90,7 +90,7 @@ def test_worker_publishes_on_start_and_reload_and_the_cli_reads_the_store(tmp_pa
             "inputs": [{"topic": f"{prefix}.in", "policy": "custom"}],
             "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq",
                         "policies_topic": f"{prefix}.policies"},
-            "policy_reload": {"watch": False},
+            "policy_reload": {"watch": False}, "http": {"port": 0},
         }, env={})
         backend = make_backend(local_engine_config("null-engine", "null"))
 

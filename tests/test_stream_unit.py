@@ -190,9 +190,19 @@ def test_routing_dead_letters_what_cannot_be_moderated():
     assert [o.dlq.event_id for o in out[:5]] == ["k1", "g1", "a1", "g2", "g3"]
 
 
-def test_engine_failure_retries_then_applies_on_error_per_topic():
+def test_dead_engine_raises_engine_dead_after_the_probe():
+    from rsafe.stream.moderate import EngineDead
+
     backend = NoEngine()
     m = moderator(backend)
+    with pytest.raises(EngineDead, match="health probe failed"):
+        run(m.moderate([inc("chat.general", {"id": "g1", "prompt": "hi"}, 1)]))
+    assert backend.calls == 3  # retry.attempts + the probe
+
+
+def test_engine_failure_without_probe_retries_then_applies_on_error_per_topic():
+    backend = NoEngine()
+    m = moderator(backend, health={"probe": False, "max_consecutive_failures": 2})
     batch = [inc("chat.general", {"id": "g1", "prompt": "hi"}, 1),
              inc("chat.kids", {"id": "k1", "prompt": "hi"}, 2),
              inc("chat.answers", {"id": "a1", "prompt": "hi", "response": "hello"}, 3)]
@@ -205,6 +215,10 @@ def test_engine_failure_retries_then_applies_on_error_per_topic():
         assert "engine unavailable" in o.verdict.error_reason
         assert o.verdict.policy_version and o.verdict.timings.attempts == 2
         assert o.audit.model_label is None and o.audit.label == o.verdict.label
+    from rsafe.stream.moderate import EngineDead
+
+    with pytest.raises(EngineDead, match="2 batches in a row"):  # the fallback budget is spent
+        run(m.moderate(batch))
 
 
 @pytest.mark.parametrize("mode", ["full", "hash", "redacted"])

@@ -226,3 +226,11 @@ def test_the_verdict_names_the_deciding_window_and_its_hash():
 
     assert v.prompt_hash == prompt_hash(TEMPLATE.format(turn=p.windows[v.window].user_turn))
     assert re.search(MARKER, p.windows[v.window].text)
+
+
+def test_max_window_tokens_caps_the_windows_below_the_context():
+    g = guard(max_model_len=4000, max_window_tokens=200)
+    text = "word " * 150  # 750 characters: fits the context, but over 200 tokens of content
+    p = g.prepare({"prompt": text})
+    assert len(p.windows) > 1 and all(e - s <= 200 for s, e in (w.span for w in p.windows))
+    assert len(guard(max_model_len=4000).prepare({"prompt": text}).windows) == 1

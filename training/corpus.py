@@ -38,11 +38,12 @@ POLICY_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("rsafe-default", 0.7), ("kids-platform", 0.15), ("financial-advice", 0.15),
 )
 RESPONSE_LEVEL_SHARE = 0.4
-LONG_SHARE = 0.12
+LONG_SHARE = 0.2
 """Share of prompt-level messages embedded in benign filler (long messages: what a window of a
 long message looks like to the model); a third of those are filler alone (safe)."""
-LONG_CHARS = (300, 1500)
-"""Length of the filler around a long message, in characters (fits one window of the demo model)."""
+LONG_CHARS = (200, 1300)
+"""Length of the filler around a long message, in characters (one window of the demo model holds
+~320 tokens, ~1,200 characters)."""
 
 Split = Literal["train", "heldout"]
 
@@ -220,22 +221,31 @@ def _harmful(bank_name: str, policy: Policy, code: str | None, label: str, respo
                                  "The response is safe.", **common)
 
 
-def filler_text(n_chars: int, rng: random.Random) -> str:
-    """Benign sentences of the corpus, drawn at random, until ``n_chars`` characters."""
+def filler_text(n_chars: int, rng: random.Random, cut: bool = False) -> str:
+    """Benign sentences of the corpus, drawn at random, until ``n_chars`` characters. ``cut``: start
+    and end at a random word inside a sentence, as a window of a long message does."""
     sentences = corpus().filler
     out: list[str] = []
     size = 0
-    while size < n_chars:
+    while size < n_chars + (120 if cut else 0):
         out.append(rng.choice(sentences))
         size += len(out[-1]) + 1
-    return " ".join(out)
+    text = " ".join(out)
+    if not cut:
+        return text
+    words = text.split(" ")
+    start = rng.randint(0, min(12, len(words) - 1))
+    kept = " ".join(words[start:])
+    end = kept.rfind(" ", 0, max(1, n_chars))
+    return kept[: end if end > 0 else n_chars]
 
 
 def long_message(message: str, rng: random.Random, n_chars: int | None = None) -> str:
     """``message`` embedded in benign filler of ``n_chars`` characters (random position)."""
     n_chars = rng.randint(*LONG_CHARS) if n_chars is None else n_chars
     before = rng.randint(0, n_chars)
-    head, tail = filler_text(before, rng) if before else "", filler_text(n_chars - before, rng)
+    head = filler_text(before, rng, cut=True) if before else ""
+    tail = filler_text(n_chars - before, rng, cut=True) if n_chars - before > 20 else ""
     return " ".join(p for p in (head, message, tail) if p)
 
 
@@ -243,7 +253,7 @@ def _long(example: DemoExample, rng: random.Random) -> DemoExample:
     """A prompt-level example as a long message: the same request inside filler (same label and
     reasoning), or — a third of the time, for safe examples — the filler alone."""
     if example.label == "safe" and rng.random() < 1 / 3:
-        return DemoExample(filler_text(rng.randint(*LONG_CHARS), rng), None, "safe", None, example.policy,
+        return DemoExample(filler_text(rng.randint(*LONG_CHARS), rng, cut=True), None, "safe", None, example.policy,
                            reasoning="The user message is an ordinary text about everyday life. It matches no "
                                      "unsafe category. The content is safe.", bank="filler", template="")
     return DemoExample(long_message(example.prompt, rng), None, example.label, example.category, example.policy,
