@@ -175,7 +175,8 @@ class AuditReader:
 class FeedbackWiring:
     """The feedback agent, its tables and the tick timer, in one app (see ``rsafe.stream.feedback``)."""
 
-    def __init__(self, app: faust.App, cfg: StreamConfig, worker_id: str, transactional: bool):
+    def __init__(self, app: faust.App, cfg: StreamConfig, worker_id: str, transactional: bool,
+                 telemetry: Any = None):
         from rsafe.stream.feedback import TABLES, FeedbackJoin, tick_topic
 
         self.app, self.cfg = app, cfg
@@ -190,7 +191,11 @@ class FeedbackWiring:
                                                       compacting=True))
             for name in TABLES}
         self.reader = AuditReader(cfg)
-        self.join = FeedbackJoin(cfg, self.tables, self.reader.fetch, worker_id=worker_id)
+        on_trusted = None
+        if telemetry is not None:
+            def on_trusted(agree: bool, d: dict) -> None:
+                telemetry.feedback(agree, d.get("policy_version"), d.get("model_version"))
+        self.join = FeedbackJoin(cfg, self.tables, self.reader.fetch, worker_id=worker_id, on_trusted=on_trusted)
         self.sink = FaustSink(app, transactional=transactional)
         self.topics = {"audit": cfg.outputs.audit_topic, "trusted": fb.trusted_topic,
                        "reports": fb.reports_topic, "ticks": tick_topic(cfg)}

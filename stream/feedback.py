@@ -124,8 +124,11 @@ class FeedbackJoin:
     """Joins feedback to decisions; returns the records to publish. One instance per worker."""
 
     def __init__(self, cfg: StreamConfig, tables: dict[str, MutableMapping[str, Any]], fetch_audit: AuditFetch,
-                 *, worker_id: str, now: Callable[[], datetime] = utcnow):
+                 *, worker_id: str, now: Callable[[], datetime] = utcnow,
+                 on_trusted: Callable[[bool, dict[str, Any]], None] | None = None):
         self.cfg = cfg
+        self.on_trusted = on_trusted
+        """Called with (agreement, decision summary) per trusted label joined (metrics)."""
         self.fb = cfg.feedback
         self.t = tables
         self.fetch_audit = fetch_audit
@@ -163,6 +166,8 @@ class FeedbackJoin:
         row["trusted"] += 1
         row["agree" if agree else "disagree"] += 1
         self.t["stats"][key] = row
+        if self.on_trusted is not None:
+            self.on_trusted(agree, d)
 
     # ------------------------------------------------------------------ decisions
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Awaitable, Callable, Protocol, Sequence
 
 from rsafe.stream.moderate import EngineDead, Incoming, Moderator, Outcome
@@ -93,6 +94,8 @@ class BatchPipeline:
     async def _run(self, batch: list[Incoming], prev: asyncio.Future | None, done: asyncio.Future) -> None:
         started = time.perf_counter()
         self.telemetry.batch_started(len(batch))
+        for topic, n in Counter(inc.source.topic for inc in batch).items():
+            self.telemetry.consumed(topic, n)
         try:
             with self.telemetry.tracer.start_as_current_span("rsafe.batch") as span:
                 span.set_attribute("rsafe.batch_size", len(batch))

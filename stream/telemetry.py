@@ -199,6 +199,8 @@ class Telemetry:
                                       description="Batches in the engine now")
         meter.create_observable_gauge("rsafe.consumer.lag", callbacks=[self._observe_lag], unit="1",
                                       description="Records not yet consumed, per input partition")
+        for counter in (self._engine_failures, self._publish_failures, self._reloads):
+            counter.add(0)  # the series exist from the start: rate() and alerts see 0, not nothing
         self.lag_source: Callable[[], Iterable[tuple[str, int, int]]] | None = None
         """(topic, partition, lag) of the input partitions, set by the worker."""
         self._lock = threading.Lock()

@@ -77,10 +77,11 @@ class GuardWorker:
     """One worker process's moderation service. ``run()`` returns the exit status."""
 
     def __init__(self, cfg: StreamConfig, *, backend: Any = None,
-                 on_published: Callable[[Sequence[Outcome]], object] | None = None):
+                 on_published: Callable[[Sequence[Outcome]], object] | None = None, providers: Any = None):
         self.cfg = cfg
         self.worker_id = cfg.resolved_worker_id
-        self.providers = _providers(cfg, self.worker_id, backend)
+        self.providers = providers or _providers(cfg, self.worker_id, backend)
+        """OpenTelemetry providers (``telemetry:``); a test may pass its own with in-memory exporters."""
         self.telemetry = Telemetry(self.worker_id, self.providers, group_id=cfg.group_id)
         self._backend = backend
         self._owns_backend = backend is None
@@ -247,7 +248,7 @@ class GuardWorker:
         if cfg.feedback.enabled:
             from rsafe.stream.app import FeedbackWiring
 
-            self.feedback = FeedbackWiring(app, cfg, self.worker_id, transactional=eos)
+            self.feedback = FeedbackWiring(app, cfg, self.worker_id, transactional=eos, telemetry=self.telemetry)
         self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload,
                                      before_use=self._publish_policies)
         if self._reload_requested:
