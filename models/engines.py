@@ -50,6 +50,8 @@ class Completion:
     finish_reason: str | None = None
     answer_forced: bool = False
     """The reasoning ran out of tokens and the answer was forced after it (``force_answer``)."""
+    adapter_version: str | None = None
+    """The content version of the LoRA adapter that judged it (adapters can be swapped at run time)."""
     error: str | None = None
 
 
@@ -81,7 +83,19 @@ class Backend(Protocol):
     async def agenerate(self, user_turns: Sequence[str], gen: GenerationConfig,
                         adapters: Sequence[str | None]) -> list[Completion]: ...
 
+    def load_adapter(self, name: str, path: str, version: str) -> None:
+        """Serve ``name`` from the adapter at ``path`` from now on (requests in flight finish on the
+        previous one); its verdicts carry ``version``."""
+        ...
+
     def close(self) -> None: ...
+
+
+def adapter_versions(cfg: EngineConfig) -> dict[str, str | None]:
+    """The content versions of the configured (static) adapters."""
+    from rsafe.models.versions import artifact_version
+
+    return {name: artifact_version(path) for name, path in cfg.lora_adapters.items()}
 
 
 def _check_model_path(model: str) -> None:
@@ -119,7 +133,9 @@ class VLLMBackend:
         self.tokenizer = _load_tokenizer(cfg)
         self.token_counter = HFTokenCounter(self.tokenizer, cfg.max_model_len)
         self._ids = itertools.count()
-        self._lora_ids: dict[str, int] = {}
+        self._lora_counter = itertools.count(1)
+        self._adapters: dict[str, tuple[Any, str | None]] = {}
+        """name → (LoRARequest, version): the adapter each name serves now."""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rsafe-vllm", daemon=True)
         self._thread.start()
@@ -175,16 +191,37 @@ class VLLMBackend:
             structured_outputs=StructuredOutputsParams(regex=gen.structured_regex) if gen.structured else None,
         )
 
-    def _lora(self, name: str | None):
+    def _lora(self, name: str | None) -> tuple[Any, str | None]:
+        """The LoRARequest (and version) ``name`` serves now; None for the base model."""
         if name is None:
-            return None
+            return None, None
+        if name not in self._adapters:
+            path = self.cfg.lora_adapters.get(name)
+            if path is None:
+                raise KeyError(f"unknown adapter {name!r}; configured: {sorted(self._names()) or 'none'}")
+            from rsafe.models.versions import artifact_version
+
+            self._adapters[name] = (self._request(name, path, artifact_version(path)), artifact_version(path))
+        return self._adapters[name]
+
+    def _names(self) -> set[str]:
+        return set(self.cfg.lora_adapters) | set(self._adapters)
+
+    def _request(self, name: str, path: str, version: str | None) -> Any:
         from vllm.lora.request import LoRARequest
 
-        path = self.cfg.lora_adapters.get(name)
-        if path is None:
-            raise KeyError(f"unknown adapter {name!r}; configured: {sorted(self.cfg.lora_adapters) or 'none'}")
-        lora_id = self._lora_ids.setdefault(name, len(self._lora_ids) + 1)
-        return LoRARequest(name, lora_id, path)
+        # a new id per loaded version: vLLM caches adapters by id, so an id is never reused for new weights
+        return LoRARequest(f"{name}@{version}", next(self._lora_counter), str(path))
+
+    def load_adapter(self, name: str, path: str, version: str) -> None:
+        if not self.cfg.enable_lora:
+            raise EngineError("cannot load an adapter: the engine was started without enable_lora")
+        request = self._request(name, path, version)
+        try:
+            self._call(self._engine.add_lora(request))  # loads (and checks) the weights now
+        except Exception as err:  # noqa: BLE001
+            raise EngineError(f"cannot load adapter {name}@{version} from {path}: {err}") from err
+        self._adapters[name] = (request, version)
 
     async def _final(self, prompt: str, params, lora):
         final = None
@@ -205,7 +242,7 @@ class VLLMBackend:
 
     async def _one(self, prompt: str, params, adapter: str | None, gen: GenerationConfig) -> Completion:
         try:
-            lora = self._lora(adapter)
+            lora, adapter_version = self._lora(adapter)
         except KeyError as err:
             return Completion(prompt=prompt, error=str(err.args[0]))
         final = await self._final(prompt, params, lora)
@@ -216,7 +253,7 @@ class VLLMBackend:
         c = Completion(
             text=o.text, token_texts=token_texts, candidates=candidates, prompt=prompt,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(o.token_ids),
-            finish_reason=o.finish_reason,
+            finish_reason=o.finish_reason, adapter_version=adapter_version,
         )
         if needs_forced_answer(gen, o.text, o.finish_reason):
             head = forced_head(o.text)
@@ -298,21 +335,39 @@ class TransformersBackend:
             self.model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(cfg.device).eval()
         except Exception as err:  # noqa: BLE001
             raise EngineError(f"cannot load model {cfg.model!r}: {err}") from err
-        self._adapters: set[str] = set()
+        self._adapters: dict[str, tuple[str, str | None]] = {}
+        """name → (PEFT adapter name, version) loaded in the model."""
         self._lock = threading.Lock()
 
-    def _set_adapter(self, name: str | None) -> None:
+    def _set_adapter(self, name: str | None) -> str | None:
+        """Activate ``name`` (None: the base model); returns its version."""
         if name is None:
             if self._adapters:
                 self.model.disable_adapters()
-            return
-        if name not in self.cfg.lora_adapters:
-            raise KeyError(f"unknown adapter {name!r}; configured: {sorted(self.cfg.lora_adapters) or 'none'}")
+            return None
         if name not in self._adapters:
-            self.model.load_adapter(self.cfg.lora_adapters[name], adapter_name=name)
-            self._adapters.add(name)
+            if name not in self.cfg.lora_adapters:
+                raise KeyError(f"unknown adapter {name!r}; configured: {sorted(self.cfg.lora_adapters) or 'none'}")
+            from rsafe.models.versions import artifact_version
+
+            path = self.cfg.lora_adapters[name]
+            self._load(name, path, artifact_version(path))
+        peft_name, version = self._adapters[name]
         self.model.enable_adapters()
-        self.model.set_adapter(name)
+        self.model.set_adapter(peft_name)
+        return version
+
+    def _load(self, name: str, path: str, version: str | None) -> None:
+        peft_name = f"{name}@{version}"
+        self.model.load_adapter(str(path), adapter_name=peft_name)
+        self._adapters[name] = (peft_name, version)
+
+    def load_adapter(self, name: str, path: str, version: str) -> None:
+        with self._lock:  # between batches: a batch runs on one adapter version
+            try:
+                self._load(name, path, version)
+            except Exception as err:  # noqa: BLE001
+                raise EngineError(f"cannot load adapter {name}@{version} from {path}: {err}") from err
 
     def _generate_group(self, prompts: list[str], gen: GenerationConfig) -> list[Completion]:
         import torch
@@ -363,7 +418,7 @@ class TransformersBackend:
             for adapter in dict.fromkeys(adapters):  # one generate call per adapter group
                 idx = [i for i, a in enumerate(adapters) if a == adapter]
                 try:
-                    self._set_adapter(adapter)
+                    version = self._set_adapter(adapter)
                 except KeyError as err:
                     for i in idx:
                         out[i] = Completion(prompt=prompts[i], error=str(err.args[0]))
@@ -373,6 +428,7 @@ class TransformersBackend:
                 except Exception as err:  # noqa: BLE001
                     raise EngineError(f"transformers generate failed: {err}") from err
                 for i, c in zip(idx, group):
+                    c.adapter_version = version
                     out[i] = c
         return [c for c in out if c is not None]
 
@@ -543,6 +599,29 @@ class OpenAIBackend:
         self._counter: Any = None
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = weakref.WeakKeyDictionary()
         self._clients_lock = threading.Lock()
+        self._adapters: dict[str, tuple[str, str | None]] = {
+            name: (name, v) for name, v in adapter_versions(cfg).items()}
+        """name → (the name the server serves it under, version): static adapters are served under
+        their names; an adapter loaded at run time under ``<name>-<version>`` (a new LoRA id)."""
+
+    def load_adapter(self, name: str, path: str, version: str) -> None:
+        """Load the adapter into every server at run time (vLLM ``/v1/load_lora_adapter``; the server
+        needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true`` and ``--enable-lora``)."""
+        import httpx
+
+        served = f"{name}-{version}"
+        errors = []
+        for ep in self.endpoints:
+            try:
+                r = httpx.post(f"{ep.base}/load_lora_adapter", json={"lora_name": served, "lora_path": str(path)},
+                               headers=self._headers, timeout=self.cfg.request_timeout_s)
+                if r.status_code >= 400 and "already been loaded" not in r.text:
+                    errors.append(f"{ep.base}: {r.status_code} {r.text[:200]}")
+            except httpx.HTTPError as err:
+                errors.append(f"{ep.base}: {err!r}")
+        if errors:
+            raise EngineError(f"cannot load adapter {name}@{version} from {path}: " + "; ".join(errors))
+        self._adapters[name] = (served, version)
 
     @property
     def token_counter(self) -> Any:
@@ -611,7 +690,7 @@ class OpenAIBackend:
     def _body(self, user_turn: str, gen: GenerationConfig, adapter: str | None, head: str | None = None) -> dict:
         messages: list[dict[str, str]] = [{"role": "user", "content": user_turn}]
         body: dict[str, Any] = {
-            "model": adapter or self.cfg.model,
+            "model": self._adapters.get(adapter, (adapter, None))[0] if adapter else self.cfg.model,
             "messages": messages,
             "max_tokens": gen.max_tokens,
             "temperature": gen.temperature,
@@ -687,6 +766,7 @@ class OpenAIBackend:
 
         async def one(turn: str, adapter: str | None) -> Completion:
             c = await post(turn, adapter)
+            c.adapter_version = self._adapters.get(adapter, (None, None))[1] if adapter else None
             if c.error is None and needs_forced_answer(gen, c.text, c.finish_reason):
                 head = forced_head(c.text)
                 f = await post(turn, adapter, head)
@@ -751,16 +831,26 @@ class NullBackend:
         other = "safe" if label == "unsafe" else "unsafe"
         self._tokens = ["<think>null engine: fixed answer</think>\n\\boxed{", label, "}"]
         self._candidates = [[(self._tokens[0], 0.0)], [(label, 0.0), (other, -30.0)], [("}", 0.0)]]
+        self._adapters: dict[str, str | None] = {}
 
     def _one(self, turn: str) -> Completion:
         return Completion(text=self._text, token_texts=list(self._tokens), candidates=self._candidates,
                           prompt=turn, prompt_tokens=len(turn) // 4, completion_tokens=3, finish_reason="stop")
 
+    def load_adapter(self, name: str, path: str, version: str) -> None:
+        self._adapters[name] = version
+
+    def _all(self, user_turns, adapters) -> list[Completion]:
+        out = [self._one(t) for t in user_turns]
+        for c, a in zip(out, adapters):
+            c.adapter_version = self._adapters.get(a) if a else None
+        return out
+
     def generate(self, user_turns, gen, adapters):
-        return [self._one(t) for t in user_turns]
+        return self._all(user_turns, adapters)
 
     async def agenerate(self, user_turns, gen, adapters):
-        return [self._one(t) for t in user_turns]
+        return self._all(user_turns, adapters)
 
     def close(self) -> None:
         pass

@@ -205,7 +205,8 @@ class Guard:
         windowed = len(p.windows) > 1 or w.span is not None
         common = dict(
             id=p.request.id, level=p.level.value, policy=p.policy.name, policy_version=p.policy.version,
-            model=self.model_id, adapter=p.request.adapter, truncated_input=p.truncated,
+            model=self.model_id, adapter=p.request.adapter, adapter_version=c.adapter_version,
+            truncated_input=p.truncated,
             windows=len(p.windows), window=k, window_field=w.field if windowed else None,
             window_span=w.span if windowed else None,
             prompt_hash=prompt_hash(c.prompt) if c.prompt else None,

@@ -191,6 +191,8 @@ class Verdict(BaseModel):
     """The engine's model id."""
     adapter: str | None = None
     """LoRA adapter name, when one was used."""
+    adapter_version: str | None = None
+    """Content version of that adapter as it judged this message (adapters can be swapped at run time)."""
     prompt_tokens: int = 0
     """Prompt tokens of the deciding window's engine request."""
     completion_tokens: int = 0

@@ -272,6 +272,24 @@ class Telemetry(_Strict):
     or above)."""
 
 
+class Models(_Strict):
+    """Hot swap: the worker follows the model control topic and serves what was promoted."""
+
+    control_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.models"
+    """Compacted; key = adapter (or model) name, value a ``ModelControlRecord``."""
+    follow: bool = True
+    """Read the control topic at start (the current versions) and apply every promotion after."""
+    model_name: str | None = None
+    """The registered name of this worker's base model: a promoted full-weights version of it is
+    loaded at start, and while running it makes the worker report "restart required" (readiness)."""
+    registry: str | None = None
+    """The registry (a directory or fsspec URL) for ``rsafe models`` and ``rsafe train promote``."""
+    cache_dir: str = ".cache/registry"
+    """Where artifacts from a remote registry are copied (engines load from local paths)."""
+    require_approver: bool = False
+    """``rsafe train promote`` needs ``--approver NAME``."""
+
+
 class Http(_Strict):
     """The worker's one HTTP server: ``/healthz`` (liveness), ``/readyz`` (engine loaded, partitions
     assigned, no restart required) and ``/metrics`` (Prometheus, when telemetry exports it)."""
@@ -361,6 +379,7 @@ class StreamConfig(_Strict):
     health: EngineHealth = Field(default_factory=EngineHealth)
     http: Http = Field(default_factory=Http)
     telemetry: Telemetry = Field(default_factory=Telemetry)
+    models: Models = Field(default_factory=Models)
     faults: Faults = Field(default_factory=Faults)
 
     @field_validator("broker", mode="before")
@@ -375,7 +394,7 @@ class StreamConfig(_Strict):
         if dupes:
             raise ValueError(f"inputs: topic {dupes[0]!r} is listed twice")
         outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, self.outputs.policies_topic,
-                   *self.verdict_topics().values()}
+                   self.models.control_topic, *self.verdict_topics().values()}
         if self.feedback.enabled:
             fb = self.feedback
             outputs |= {fb.trusted_topic, fb.reports_topic, fb.disagreements_topic, fb.review_topic}

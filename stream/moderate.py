@@ -263,7 +263,8 @@ class Moderator:
                       unsafe_probability=unsafe_p, categories=categories, level=level,
                       policy=policy_name, policy_version=policy_version, model=self.guard.model_id,
                       model_version=self.model_version, adapter=adapter,
-                      adapter_version=self.adapter_versions.get(adapter) if adapter else None,
+                      adapter_version=(v.adapter_version if v is not None and v.adapter_version
+                                       else self.adapter_versions.get(adapter)) if adapter else None,
                       error_reason=reason, fallback=fallback,
                       truncated_input=r.prepared.truncated, windows=len(r.prepared.windows),
                       window=v.window if v is not None else 0, answer_forced=bool(v and v.answer_forced),

@@ -64,6 +64,8 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
     specs += [(out.audit_topic, out.partitions, {"cleanup.policy": "compact"}),
               (out.dlq_topic, out.partitions, {}),
               (out.policies_topic, 1, {"cleanup.policy": "compact"})]
+    if cfg.models.follow:
+        specs.append((cfg.models.control_topic, 1, {"cleanup.policy": "compact"}))
     return specs + feedback_topic_specs(cfg)
 
 
@@ -98,6 +100,7 @@ class GuardWorker:
         self.fencing: Any = None
         self.http: Any = None
         self.feedback: Any = None
+        self.models: Any = None
         self._tasks: list[asyncio.Task] = []
         self.restart_required: str | None = None
         """Set when the worker must be restarted to apply a change (a full-weights model promotion)."""
@@ -113,6 +116,25 @@ class GuardWorker:
         if self._stop.is_set():
             log.warning("already stopping (waiting for in-flight batches)")
         self._stop.set()
+
+    def _restart_required(self, why: str) -> None:
+        self.restart_required = why
+
+    def _use_promoted_model(self, current: dict) -> None:
+        """Start the engine on the promoted full-weights version of ``models.model_name``, if any."""
+        from rsafe.models.artifacts import local_copy
+
+        name = self.cfg.models.model_name
+        rec = current.get(name) if name else None
+        if rec is None or rec.kind != "full" or self.cfg.engine is None:
+            return
+        if self._backend is not None:
+            log.warning("model %s@%s is promoted, but this worker was given its engine; serving that", name, rec.version)
+            return
+        path = local_copy(rec.uri, f"{self.cfg.models.cache_dir}/{name}", rec.version)
+        log.info("serving the promoted model %s@%s from %s", name, rec.version, path)
+        engine = self.cfg.engine.model_copy(update={"model": str(path)})
+        self.cfg = self.cfg.model_copy(update={"engine": engine})
 
     def _engine_dead(self, why: str) -> None:
         self.exit_code = EXIT_ENGINE_DEAD
@@ -218,6 +240,18 @@ class GuardWorker:
             log.info("policy store %s: published %s", cfg.outputs.policies_topic, ", ".join(stored))
         if self._stop.is_set():
             return
+        current_models: dict = {}
+        control_ends: dict[int, int] = {}
+        if cfg.models.follow:
+            from rsafe.stream.models_watch import read_current
+
+            try:
+                current_models, control_ends = await asyncio.to_thread(
+                    read_current, cfg.bootstrap, cfg.models.control_topic, cfg.security.client_kwargs())
+            except Exception as err:  # noqa: BLE001
+                raise WorkerError(f"cannot read the model control topic {cfg.models.control_topic}: {err}") from None
+            await asyncio.to_thread(self._use_promoted_model, current_models)
+            cfg = self.cfg
         started = time.perf_counter()
         backend = await asyncio.to_thread(self._engine_backend)
         self._backend = backend
@@ -229,6 +263,14 @@ class GuardWorker:
         engine_cfg = cfg.engine or getattr(backend, "cfg", None)
         model_version = artifact_version(engine_cfg.model) if engine_cfg is not None else None
         adapters = {n: artifact_version(p) for n, p in (engine_cfg.lora_adapters.items() if engine_cfg else [])}
+        if cfg.models.follow:
+            from rsafe.stream.models_watch import ModelWatcher
+
+            self.models = ModelWatcher(cfg, backend, {t.adapter for t in cfg.inputs if t.adapter},
+                                       self._restart_required, model_version)
+            for rec in current_models.values():
+                await self.models.apply(rec)
+            adapters.update(self.models.versions)
         self.moderator = _StoppingModerator(cfg, self.guard, worker_id=self.worker_id, telemetry=self.telemetry,
                                             model_version=model_version, adapter_versions=adapters)
         self._datadir = tempfile.mkdtemp(prefix="rsafe-faust-")  # Faust's state dir; removed at exit
@@ -270,6 +312,8 @@ class GuardWorker:
         await app.start()
         if self.feedback is not None:
             self._tasks.append(asyncio.create_task(self.feedback.tick_forever(), name="rsafe-feedback-ticks"))
+        if self.models is not None:
+            self._tasks.append(asyncio.create_task(self.models.follow(control_ends), name="rsafe-models-watch"))
         await app.producer.maybe_start()
         log.info("worker %s consuming %s as group %s%s (%s, batch %d / %.0f ms, %d in flight)",
                  self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,

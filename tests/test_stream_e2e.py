@@ -444,7 +444,7 @@ def test_worker_defaults_to_the_embedded_broker(tmp_path):
     try:
         assert worker.cfg.bootstrap == [f"127.0.0.1:{port}"] and port_open("127.0.0.1", port)
         created = ensure_topics(worker.cfg.bootstrap, topic_specs(worker.cfg))
-        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq", "rsafe.policies"]
+        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq", "rsafe.policies", "rsafe.models"]
     finally:
         worker.broker.stop()
     assert not port_open("127.0.0.1", port)

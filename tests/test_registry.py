@@ -1,0 +1,145 @@
+"""Model registry and the promotion gate's logic (fast: a scripted guard, local registry)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rsafe.evaluation.benchmarks import Example
+from rsafe.models import Guard
+from rsafe.models.engines import Completion
+from rsafe.schemas.models import ModelControlRecord
+from rsafe.training.promote import GateSettings, Promotion, PromotionSet, gate, no_overlap
+from rsafe.training.registry import Registry, RegistryError
+
+
+def make_adapter(path: Path, seed: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(json.dumps({"r": 8, "seed": seed}))
+    (path / "adapter_model.safetensors").write_bytes(seed.encode() * 100)
+    return path
+
+
+def test_register_is_content_versioned_and_idempotent(tmp_path):
+    reg = Registry(tmp_path / "reg")
+    a = reg.register(make_adapter(tmp_path / "a", "one"), "guard", kind="lora", base_model="/m")
+    again = reg.register(tmp_path / "a", "guard", kind="lora", base_model="/m")
+    assert again.version == a.version and len(reg.cards("guard")) == 1
+    b = reg.register(make_adapter(tmp_path / "b", "two"), "guard", kind="lora", parent_version=a.version)
+    assert b.version != a.version and [c.version for c in reg.cards("guard")] == [a.version, b.version]
+    assert (Path(reg.artifact_uri("guard", a.version)) / "adapter_config.json").is_file()
+    with pytest.raises(RegistryError, match="not a lora artifact"):
+        reg.register(tmp_path, "guard", kind="lora")
+    with pytest.raises(RegistryError, match="no promoted version"):
+        reg.resolve("guard")
+    reg.set_current(a, "ann")
+    assert reg.resolve("guard").version == a.version and reg.card("guard", a.version).status == "promoted"
+    reg.set_current(b, "bob")
+    assert reg.card("guard", a.version).status == "retired" and reg.resolve("guard@current").version == b.version
+    reg.set_current(reg.card("guard", a.version), "ann", rollback=True)
+    state = json.loads((tmp_path / "reg" / "guard" / "current.json").read_text())
+    assert [h["version"] for h in state["history"]] == [a.version, b.version, a.version] and state["history"][-1]["rollback"]
+    assert reg.names() == ["guard"]
+
+
+BASE = {"general_f1": 90.0, "general_accuracy": 90.0, "slice_accuracy": 5.0, "slice_n": 60,
+        "category_recall": {"U1": 100.0, "U2": 90.0}, "format_rate": 100.0, "unknown_rate": 0.0, "n": 460}
+
+
+@pytest.mark.parametrize("change, accepted, failing", [
+    ({"slice_accuracy": 40.0}, True, None),
+    ({"slice_accuracy": 40.0, "general_f1": 88.5}, False, "general F1"),
+    ({"slice_accuracy": 40.0, "general_f1": 89.2}, True, None),
+    ({"slice_accuracy": 12.0}, False, "disagreement slice accuracy"),
+    ({"slice_accuracy": 40.0, "slice_n": 30}, False, "slice has 30"),
+    ({"slice_accuracy": 40.0, "category_recall": {"U1": 95.0, "U2": 90.0}}, False, "category recall drop 5.0"),
+    ({"slice_accuracy": 40.0, "format_rate": 99.0}, False, "format rate"),
+])
+def test_gate_table(change, accepted, failing):
+    ok, reasons = gate({**BASE, **change}, BASE, GateSettings())
+    assert ok is accepted
+    failed = [r for r in reasons if r.startswith("FAIL")]
+    assert (failing is None and not failed) or any(failing in r for r in failed), reasons
+    assert len(reasons) == 5
+
+
+class Scripted:
+    """A guard backend: 'candidate' answers every drift message safe; otherwise by the gold hint."""
+
+    model_id = "scripted"
+    token_counter = None
+
+    def __init__(self, better: bool = True):
+        self.better = better
+
+    def generate(self, turns, gen, adapters):
+        out = []
+        for turn, adapter in zip(turns, adapters):
+            text = turn.split("<BEGIN CONVERSATION>")[1]
+            unsafe = "[U]" in text
+            if self.better and adapter == "candidate" and "medication" in text.lower():
+                unsafe = False
+            label = "unsafe" if unsafe else "safe"
+            out.append(Completion(text=f"<think>x</think>\\boxed{{{label}}}", prompt=turn, finish_reason="stop"))
+        return out
+
+    async def agenerate(self, turns, gen, adapters):
+        return self.generate(turns, gen, adapters)
+
+    def close(self):
+        pass
+
+
+def tiny_set() -> PromotionSet:
+    general = [Example(id=f"g{i}", prompt=f"message {i}" + (" [U]" if i % 2 else ""), label="unsafe" if i % 2 else "safe",
+                       categories=["U1"] if i % 2 else []) for i in range(20)]
+    drift = [Example(id=f"d{i}", prompt=f"which medication dose {i} [U]", label="safe") for i in range(60)]
+    return PromotionSet(general, "rsafe-default", drift, "medical-platform", {"general": "tiny", "slice": "tiny"})
+
+
+def test_promotion_accepts_a_better_candidate_publishes_and_rolls_back(tmp_path):
+    from rsafe.policies import PolicyRegistry
+
+    reg = Registry(tmp_path / "reg")
+    published: list[ModelControlRecord] = []
+
+    def factory(adapters):
+        return Guard(Scripted(better=True), policies=PolicyRegistry.from_dirs())
+
+    promo = Promotion(reg, "guard", "/base", factory, promotion_set=tiny_set, log=lambda m: None)
+    out = make_adapter(tmp_path / "run1", "better")
+    (out / "training_summary.json").write_text(json.dumps({"kind": "lora", "base_model": "/base"}))
+    card = promo.run(str(out), approver="ann", publish=published.append)
+    assert card.status == "promoted" and card.gate.accepted and card.promoted_by == "ann"
+    assert card.gate.candidate_metrics["slice_accuracy"] == 100.0 and card.gate.current_metrics["slice_accuracy"] == 0.0
+    assert published[-1].name == "guard" and published[-1].version == card.version and not published[-1].rollback
+    # a candidate no better on the slice is rejected, kept and marked; nothing is published
+    worse = make_adapter(tmp_path / "run2", "same")
+
+    def same_factory(adapters):
+        return Guard(Scripted(better=False), policies=PolicyRegistry.from_dirs())
+
+    promo.guard_factory = same_factory
+    rejected = promo.run(str(worse), publish=published.append)
+    assert rejected.status == "rejected" and not rejected.gate.accepted and len(published) == 1
+    assert reg.card("guard", rejected.version).status == "rejected"
+    # rollback: an earlier promoted version again, no gate, recorded and published
+    rolled = promo.run(f"guard@{card.version}", rollback=True, publish=published.append, approver="bob")
+    assert published[-1].rollback and rolled.history[-1]["event"] == "rolled back to"
+    with pytest.raises(RegistryError, match="never promoted"):
+        promo.run(f"guard@{rejected.version}", rollback=True)
+
+
+def test_overlap_with_a_training_set_rejects(tmp_path):
+    pset = tiny_set()
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": pset.slice[0].content_hash}]}))
+    from rsafe.training.registry import ModelCard
+
+    card = ModelCard(name="g", version="v", kind="lora", training={"dataset": str(ds)})
+    assert "1 promotion-set examples" in no_overlap(card, pset)
+    (ds / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": "nothing"}]}))
+    assert no_overlap(card, pset) is None

@@ -1,0 +1,238 @@
+"""Evaluation-gated promotion: a candidate reaches live traffic because it was measured no worse.
+
+``rsafe train promote CANDIDATE [--against CURRENT]``:
+
+1. register the candidate (a GRPO output directory) in the registry, or resolve ``name@version``;
+2. measure candidate and current (``rsafe.evaluation.evaluate``, structured decoding *off*: the
+   format rate must prove the model, not the grammar) on a promotion set that shares no row with
+   any training set — the general held-out set plus the held-out disagreement family — after
+   checking the candidate's dataset manifest against it;
+3. decide (``gate``): F1 of the unsafe class on the general set drops by at most ``tolerance``
+   points; the disagreement slice improves by at least ``min_gain`` points of accuracy; no
+   category's recall drops by more than ``tolerance``; the format rate does not fall;
+4. write the decision, both metric sets and the reasons to the registry (a rejected candidate is
+   kept, marked); if accepted (and approved when ``require_approver``), make it current and publish
+   a ``ModelControlRecord`` on the control topic: running workers switch to it.
+
+Rollback = promoting an earlier version (``--rollback``): it skips the training and the gate, not
+the record.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rsafe.evaluation.benchmarks import Example
+from rsafe.schemas.models import ModelControlRecord
+from rsafe.training.registry import GateResult, ModelCard, Registry, RegistryError
+
+
+@dataclass
+class GateSettings:
+    """The promotion gate's thresholds (points are percentage points)."""
+
+    tolerance: float = 1.0
+    """Largest allowed drop of general F1 (unsafe class) and of any category's recall."""
+    min_gain: float = 10.0
+    """Smallest required gain of accuracy on the disagreement slice."""
+    min_slice: int = 50
+    """The disagreement slice must hold at least this many examples."""
+    min_category_n: int = 5
+    """Categories with fewer examples are not compared (too noisy)."""
+    batch_size: int = 64
+
+
+@dataclass
+class PromotionSet:
+    """General held-out examples (+ their policy) and the held-out disagreement slice (+ policy)."""
+
+    general: list[Example]
+    general_policy: str
+    slice: list[Example]
+    slice_policy: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def hashes(self) -> set[str]:
+        return {e.content_hash for e in (*self.general, *self.slice)}
+
+
+def demo_promotion_set(n_slice: int = 60) -> PromotionSet:
+    """The demo's promotion set: the registered ``demo`` set (held out from the demo build) and the
+    medical family's held-out *templates* under ``medical-platform`` (never in any training set)."""
+    from rsafe.policies import PolicyRegistry
+    from rsafe.training.benchmarks import demo_examples
+    from rsafe.training.corpus import family_examples
+
+    policy = PolicyRegistry.from_dirs().get("medical-platform")
+    drift = [Example(id=f"drift-heldout-{i}", prompt=e.prompt, response=e.response, label=e.label,  # type: ignore[arg-type]
+                     level=e.level, categories=[e.category] if e.category else [], source="drift")  # type: ignore[arg-type]
+             for i, e in enumerate(family_examples("medical", policy, n_slice, seed=991, split="heldout"))]
+    return PromotionSet(demo_examples("rsafe-default"), "rsafe-default", drift, "medical-platform",
+                        {"general": "demo (rsafe.training.benchmarks, seed 7000)",
+                         "slice": "medical family, held-out templates, medical-platform, seed 991"})
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else round(100 * x, 2)
+
+
+def measure(guard: Any, pset: PromotionSet, adapter: str | None, settings: GateSettings) -> dict[str, Any]:
+    """The gate's figures for one model/adapter: general F1 and per-category recall, slice accuracy,
+    format rate (structured decoding off)."""
+    from rsafe.evaluation import evaluate
+
+    general = evaluate(guard, pset.general, pset.general_policy, adapter=adapter, batch_size=settings.batch_size)
+    sl = evaluate(guard, pset.slice, pset.slice_policy, adapter=adapter, batch_size=settings.batch_size)
+    preds = [*general.predictions, *sl.predictions]
+    return {
+        "general_f1": _pct(general.metrics.f1), "general_accuracy": _pct(general.metrics.accuracy),
+        "slice_accuracy": _pct(sl.metrics.accuracy), "slice_n": sl.n,
+        "category_recall": {c: _pct(m.recall) for c, m in general.categories.items()
+                            if m.n_unsafe >= settings.min_category_n},
+        "format_rate": _pct(sum(p.format_ok for p in preds) / max(1, len(preds))),
+        "unknown_rate": _pct(general.metrics.unknown_rate), "n": len(preds),
+    }
+
+
+def gate(candidate: dict[str, Any], current: dict[str, Any], settings: GateSettings) -> tuple[bool, list[str]]:
+    """The decision and its reasons (every criterion, passed or failed)."""
+    reasons, ok = [], True
+
+    def check(passed: bool, text: str) -> None:
+        nonlocal ok
+        ok = ok and passed
+        reasons.append(("PASS " if passed else "FAIL ") + text)
+
+    c_f1, o_f1 = candidate["general_f1"] or 0.0, current["general_f1"] or 0.0
+    check(c_f1 >= o_f1 - settings.tolerance,
+          f"general F1 {c_f1:.1f} vs {o_f1:.1f} (may drop at most {settings.tolerance:g} points)")
+    check(candidate["slice_n"] >= settings.min_slice,
+          f"disagreement slice has {candidate['slice_n']} examples (at least {settings.min_slice})")
+    gain = (candidate["slice_accuracy"] or 0.0) - (current["slice_accuracy"] or 0.0)
+    check(gain >= settings.min_gain, f"disagreement slice accuracy {candidate['slice_accuracy']:.1f} vs "
+          f"{current['slice_accuracy']:.1f}: {gain:+.1f} points (needs +{settings.min_gain:g})")
+    drops = {c: (current["category_recall"][c] or 0.0) - (r or 0.0) for c, r in candidate["category_recall"].items()
+             if c in current["category_recall"]}
+    worst = max(drops.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    check(worst[1] <= settings.tolerance,
+          f"largest category recall drop {worst[1]:.1f} points ({worst[0] or '-'}; at most {settings.tolerance:g})")
+    check((candidate["format_rate"] or 0.0) >= (current["format_rate"] or 0.0),
+          f"format rate {candidate['format_rate']:.1f}% vs {current['format_rate']:.1f}% (structured decoding off; "
+          "must not fall)")
+    return ok, reasons
+
+
+def no_overlap(card: ModelCard, pset: PromotionSet) -> str | None:
+    """Why the candidate's training rows overlap the promotion set, or None (the manifests prove it)."""
+    dataset = card.training.get("dataset")
+    if not dataset:
+        return None
+    manifest_path = Path(dataset) / "manifest.json"
+    if not manifest_path.is_file():
+        return f"the training dataset's manifest {manifest_path} is missing: cannot prove the promotion set is unseen"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    trained = {r.get("message_hash") for r in manifest.get("rows", [])}
+    both = trained & pset.hashes()
+    return f"{len(both)} promotion-set examples are in the training set" if both else None
+
+
+def publish_control(bootstrap: Sequence[str], topic: str, record: ModelControlRecord,
+                    client_kwargs: dict[str, Any] | None = None) -> None:
+    """Write the control record (key = the name), waiting for the broker's acknowledgement."""
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=list(bootstrap), acks="all", client_id="rsafe-promote", **(client_kwargs or {}))
+    try:
+        p.send(topic, key=record.name.encode("utf-8"), value=record.model_dump_json().encode("utf-8")).get(timeout=60)
+    finally:
+        p.close(timeout=5)
+
+
+@dataclass
+class Promotion:
+    """One ``rsafe train promote`` run."""
+
+    registry: Registry
+    name: str
+    """The adapter (or model) name workers serve: ``inputs[].adapter``."""
+    base_model: str
+    guard_factory: Callable[[dict[str, str]], Any]
+    """Starts a ``Guard`` on the base model with these adapters (name → path), structured off."""
+    settings: GateSettings = field(default_factory=GateSettings)
+    promotion_set: Callable[[], PromotionSet] = demo_promotion_set
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+
+    def candidate(self, ref: str) -> ModelCard:
+        """A registry ``name@version``, or a GRPO output directory (registered as a candidate)."""
+        path = Path(ref)
+        if not path.is_dir():
+            return self.registry.resolve(ref)
+        summary_file = path / "training_summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        kind = summary.get("kind") or ("lora" if (path / "adapter_config.json").is_file() else "full")
+        parent = self.registry.current_version(self.name)
+        card = self.registry.register(path, self.name, kind=kind, base_model=summary.get("base_model", self.base_model),
+                                      parent_version=parent, training=summary)
+        self.log(f"[promote] registered {card.ref} ({kind}) from {path}")
+        return card
+
+    def run(self, candidate_ref: str, against: str | None = None, approver: str | None = None,
+            publish: Callable[[ModelControlRecord], None] | None = None, rollback: bool = False) -> ModelCard:
+        card = self.candidate(candidate_ref)
+        if rollback:
+            if not any(h.get("event") in ("promoted", "rolled back to") for h in card.history):
+                raise RegistryError(f"{card.ref} was never promoted: a rollback returns to an earlier promoted version")
+            return self._promote(card, approver, publish, rollback=True)
+        pset = self.promotion_set()
+        overlap = no_overlap(card, pset)
+        current_card = self.registry.resolve(against) if against else (
+            self.registry.resolve(self.name) if self.registry.current_version(self.name) else None)
+        adapters = {}
+        if card.kind == "lora":
+            adapters["candidate"] = str(self.registry.local_artifact(card.name, card.version))
+        if current_card is not None and current_card.kind == "lora":
+            adapters["current"] = str(self.registry.local_artifact(current_card.name, current_card.version))
+        if card.kind == "full":
+            raise RegistryError("gating a full-weights candidate needs a second engine on its weights: use a LoRA "
+                                "adapter, or evaluate it with rsafe eval and promote with --rollback after review")
+        self.log(f"[promote] measuring {card.ref} against {current_card.ref if current_card else 'the base model'} "
+                 f"on {len(pset.general)} general + {len(pset.slice)} slice examples (structured decoding off)")
+        guard = self.guard_factory(adapters)
+        try:
+            cand = measure(guard, pset, "candidate", self.settings)
+            curr = measure(guard, pset, "current" if "current" in adapters else None, self.settings)
+        finally:
+            guard.close()
+        ok, reasons = gate(cand, curr, self.settings)
+        if overlap:
+            ok, reasons = False, [*reasons, f"FAIL {overlap}"]
+        card.gate = GateResult(accepted=ok, reasons=reasons, against=current_card.ref if current_card else "base",
+                               candidate_metrics=cand, current_metrics=curr,
+                               settings={**asdict(self.settings), "promotion_set": pset.source})
+        card.history.append({"event": "gated", "at": card.gate.decided_at.isoformat(), "accepted": ok})
+        for r in reasons:
+            self.log(f"[promote]   {r}")
+        if not ok:
+            card.status = "rejected"
+            self.registry.save(card)
+            self.log(f"[promote] {card.ref} REJECTED (kept in the registry, marked)")
+            return card
+        self.registry.save(card)
+        return self._promote(card, approver, publish, rollback=False)
+
+    def _promote(self, card: ModelCard, approver: str | None, publish: Callable[[ModelControlRecord], None] | None,
+                 rollback: bool) -> ModelCard:
+        self.registry.set_current(card, approver, rollback=rollback)
+        record = ModelControlRecord(name=card.name, version=card.version, kind=card.kind,
+                                    uri=self.registry.artifact_uri(card.name, card.version), base_model=card.base_model,
+                                    base_version=card.base_version, promoted_by=approver, rollback=rollback)
+        if publish is not None:
+            publish(record)
+        self.log(f"[promote] {card.ref} {'rolled back to' if rollback else 'PROMOTED'}"
+                 f"{' by ' + approver if approver else ''}; control record "
+                 f"{'published' if publish is not None else 'not published (no broker given)'}")
+        return card
