@@ -188,13 +188,14 @@ class GuardWorker:
         return Guard(backend, policies=registry, default_policy=self.cfg.default_policy,
                      generation=generation, limits=limits)
 
-    def _check_adapters(self, backend: Any) -> None:
+    def _check_adapters(self, backend: Any, promoted: set[str] = frozenset()) -> None:
+        """Every topic's adapter is configured (``engine.lora_adapters``) or promoted (control topic)."""
         engine_cfg = self.cfg.engine or getattr(backend, "cfg", None)
-        known = set(engine_cfg.lora_adapters) if engine_cfg is not None else set()
+        known = (set(engine_cfg.lora_adapters) if engine_cfg is not None else set()) | set(promoted)
         for t in self.cfg.inputs:
             if t.adapter and t.adapter not in known:
-                raise WorkerError(f"inputs[{t.topic}].adapter {t.adapter!r} is not in engine.lora_adapters "
-                                  f"({', '.join(sorted(known)) or 'none configured'})")
+                raise WorkerError(f"inputs[{t.topic}].adapter {t.adapter!r} is neither in engine.lora_adapters nor "
+                                  f"promoted on {self.cfg.models.control_topic} ({', '.join(sorted(known)) or 'none'})")
 
     async def _start(self) -> None:
         from rsafe.policies import PolicyError
@@ -257,7 +258,7 @@ class GuardWorker:
         self._backend = backend
         if self._stop.is_set():  # SIGTERM while the engine was starting
             return
-        self._check_adapters(backend)
+        self._check_adapters(backend, {n for n, r in current_models.items() if r.kind == "lora"})
         log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, backend.model_id)
         self.guard = self._build_guard(backend, registry)
         engine_cfg = cfg.engine or getattr(backend, "cfg", None)

@@ -224,15 +224,44 @@ def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]
     return summary
 
 
+def flipped(examples: list[DemoExample]) -> list[DemoExample]:
+    """The same messages with the opposite labels (a deliberately bad adapter, for gate tests)."""
+    return [DemoExample(e.prompt, e.response, "safe" if e.label == "unsafe" else "unsafe", None, e.policy)
+            for e in examples]
+
+
+LoraVariant = str
+"""``default`` (the demo corpus), ``flipped`` (opposite labels) or ``drift`` (the corpus plus the
+medical family labelled safe under ``medical-platform``: the drift scenario learned by SFT)."""
+
+
+def lora_examples(variant: LoraVariant, seed: int) -> list[DemoExample]:
+    train, _ = split(seed + 1, LORA["n_train"], N_EVAL)
+    if variant == "default":
+        return train
+    if variant == "flipped":
+        return flipped(train)
+    if variant == "drift":
+        from rsafe.policies import PolicyRegistry
+        from rsafe.training.corpus import family_examples
+
+        registry = PolicyRegistry.from_dirs()
+        drift = family_examples("medical", registry.get("medical-platform"), 160, seed=seed + 5)
+        contrast = family_examples("medical", registry.get("rsafe-default"), 80, seed=seed + 6)
+        return [*train, *drift, *contrast]
+    raise ValueError(f"unknown LoRA variant {variant!r} (default, flipped, drift)")
+
+
 def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0, steps: int = LORA["steps"],
-                    force: bool = False) -> Path:
+                    variant: LoraVariant = "default", force: bool = False) -> Path:
     """Train a small LoRA adapter (rank 8 on q_proj, v_proj) for the demo model; return its dir.
 
     Saved with PEFT's ``save_pretrained`` (``adapter_config.json`` + safetensors), so vLLM's
     ``LoRARequest(name, id, out_dir)`` loads it (engine with ``enable_lora=True, max_lora_rank=8``).
-    Cached and atomic like ``build_demo_model``; keyed on the base model's recipe too.
+    ``variant`` chooses its training rows (``lora_examples``). Cached and atomic like
+    ``build_demo_model``; keyed on the base model's recipe too.
     """
-    recipe = recipe_hash(base=built_recipe(model_dir), lora=LORA, steps=steps, seed=seed)
+    recipe = recipe_hash(base=built_recipe(model_dir), lora=LORA, steps=steps, seed=seed, variant=variant)
 
     def build(tmp: Path) -> dict[str, Any]:
         import torch
@@ -241,8 +270,7 @@ def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0
 
         t0 = time.monotonic()
         tokenizer = load_tokenizer(model_dir)
-        train, _ = split(seed + 1, LORA["n_train"], N_EVAL)
-        groups = sft.group_by_prefix(tokenizer, train)
+        groups = sft.group_by_prefix(tokenizer, lora_examples(variant, seed))
         torch.manual_seed(seed)
         base = Qwen2ForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         config = LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
@@ -253,6 +281,7 @@ def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0
         sft.train(model, groups, tokenizer.pad_token_id, cfg, log=lambda _msg: None, tag="demo-lora")
         model.save_pretrained(tmp)
         return {"base_model": str(Path(model_dir).resolve()), "rank": LORA["r"], "steps": steps, "seed": seed,
-                "target_modules": LORA["target_modules"], "seconds": round(time.monotonic() - t0, 1)}
+                "variant": variant, "target_modules": LORA["target_modules"],
+                "seconds": round(time.monotonic() - t0, 1)}
 
     return cached_build(out_dir, recipe, build, force=force, log=lambda _msg: None)
