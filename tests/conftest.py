@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helper module
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-DEMO_WINDOW_TOKENS = 320
-"""The demo model judges windows of up to this many content tokens (stream/demo.yaml sets the same)."""
+DEMO_WINDOW_TOKENS = 192
+"""The demo model judges windows of up to this many content tokens (``rsafe.training.demo.WINDOW_TOKENS``;
+stream/demo.yaml sets the same)."""
 
 
 @pytest.fixture(scope="session")

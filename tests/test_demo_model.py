@@ -295,3 +295,13 @@ def test_built_model_answers_in_rsafe_format(built_model):
     assert out[0, -1].item() == tok.eos_token_id
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert parse_answer(answer) == (True, "unsafe"), answer
+
+
+def test_the_demo_window_size_is_the_same_everywhere():
+    from rsafe.stream.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "stream" / "demo.yaml", env={})
+    assert cfg.engine.limits.max_window_tokens == demo.WINDOW_TOKENS
+    from conftest import DEMO_WINDOW_TOKENS
+
+    assert DEMO_WINDOW_TOKENS == demo.WINDOW_TOKENS

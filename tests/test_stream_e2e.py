@@ -48,7 +48,7 @@ def kafka(tmp_path_factory):
 def engine_section(model_dir: Path) -> dict:
     """The demo engine (machine defaults from ``local_engine_config``)."""
     return {"backend": "vllm", "model": str(model_dir), "model_id": "rsafe-demo", "generation": {"max_tokens": 128},
-            "limits": {"max_window_tokens": 320}}
+            "limits": {"max_window_tokens": 192}}
 
 
 def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:

@@ -10,9 +10,9 @@ Template-level hold-out: a bank may list ``heldout`` prompt templates. They are 
 training (``split="train"``, the default); ``family_examples(..., split="heldout")`` draws only
 them, so a held-out message is never a re-filled training template.
 
-Long messages: about ``LONG_SHARE`` of the prompt-level messages are embedded in benign filler
-(or are filler alone), so the model learns to judge a window of a long message: find the request
-in ordinary text, or say it is safe.
+Long messages: a share (``LONG_SHARE``) of the prompt-level messages are embedded in benign
+filler, or are filler alone, starting and ending mid-sentence as a window of a long message does,
+so the model learns to judge such a window: find the request in ordinary text, or say it is safe.
 
 Public API: ``DemoExample``, ``synthetic_examples``, ``family_examples``, ``filler_text``,
 ``long_message``, ``parse_answer``, ``corpus``, ``POLICY_WEIGHTS``.
@@ -38,12 +38,14 @@ POLICY_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("rsafe-default", 0.7), ("kids-platform", 0.15), ("financial-advice", 0.15),
 )
 RESPONSE_LEVEL_SHARE = 0.4
-LONG_SHARE = 0.2
-"""Share of prompt-level messages embedded in benign filler (long messages: what a window of a
-long message looks like to the model); a third of those are filler alone (safe)."""
-LONG_CHARS = (200, 1300)
-"""Length of the filler around a long message, in characters (one window of the demo model holds
-~320 tokens, ~1,200 characters)."""
+LONG_SHARE = {"safe": 0.3, "unsafe": 0.15}
+"""Share of prompt-level messages, by label, turned into long messages (what a window of a long
+message looks like to the model): embedded in benign filler, or — for ``FILLER_ALONE`` of the safe
+ones — replaced by filler alone. Labels stay balanced."""
+FILLER_ALONE = 0.6
+LONG_CHARS = (150, 900)
+"""Length of the filler of a long message, in characters (one window of the demo model holds up
+to 192 tokens of content, ~850 characters of this filler)."""
 
 Split = Literal["train", "heldout"]
 
@@ -251,8 +253,8 @@ def long_message(message: str, rng: random.Random, n_chars: int | None = None) -
 
 def _long(example: DemoExample, rng: random.Random) -> DemoExample:
     """A prompt-level example as a long message: the same request inside filler (same label and
-    reasoning), or — a third of the time, for safe examples — the filler alone."""
-    if example.label == "safe" and rng.random() < 1 / 3:
+    reasoning), or — ``FILLER_ALONE`` of the time, for safe examples — the filler alone."""
+    if example.label == "safe" and rng.random() < FILLER_ALONE:
         return DemoExample(filler_text(rng.randint(*LONG_CHARS), rng, cut=True), None, "safe", None, example.policy,
                            reasoning="The user message is an ordinary text about everyday life. It matches no "
                                      "unsafe category. The content is safe.", bank="filler", template="")
@@ -262,7 +264,7 @@ def _long(example: DemoExample, rng: random.Random) -> DemoExample:
 
 def _one_example(label: str, rng: random.Random) -> DemoExample:
     example = _one_short(label, rng)
-    if example.response is None and rng.random() < LONG_SHARE:
+    if example.response is None and rng.random() < LONG_SHARE[label]:
         return _long(example, rng)
     return example
 
