@@ -90,7 +90,8 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = None, profile: str | None = None) -> float:
+async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = None, profile: str | None = None,
+                 batch: dict | None = None) -> float:
     from rsafe.models.config import local_engine_config
     from rsafe.models.engines import make_backend
     from rsafe.stream.config import load_config
@@ -102,7 +103,7 @@ async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = No
         "inputs": [{"topic": topic, "policy": "rsafe-default"}],
         "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq", "policies_topic": f"{prefix}.pol"},
         "models": {"follow": False}, "http": {"enabled": False}, "policy_reload": {"watch": False},
-        "batch": {"size": 64, "linger_ms": 5, "max_inflight": 4}, "telemetry": telemetry or {},
+        "batch": batch or {"size": 64, "linger_ms": 5, "max_inflight": 4}, "telemetry": telemetry or {},
     }, env={})
     first: list[float] = []
     count = [0]

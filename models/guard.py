@@ -12,6 +12,7 @@ the same engine batch — and combine each message's windows into one verdict. `
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -43,12 +44,15 @@ def _validation_reason(err: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
 
 
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
 def _text_problem(name: str, text: str) -> str | None:
     if not text.strip():
         return f"{name} is empty or whitespace only"
-    for i, ch in enumerate(text):
-        if "\ud800" <= ch <= "\udfff":
-            return f"{name} is not valid unicode: lone surrogate U+{ord(ch):04X} at position {i}"
+    bad = _SURROGATE_RE.search(text)
+    if bad:
+        return f"{name} is not valid unicode: lone surrogate U+{ord(bad.group()):04X} at position {bad.start()}"
     return None
 
 
@@ -176,7 +180,10 @@ class Guard:
         if c.error:
             return _Judged(c, Label.ERROR, None, None, False)
         parsed = parse_output(c.text)
-        prob = unsafe_probability(c.token_texts, c.candidates) if parsed.answer != Label.UNKNOWN else None
+        prob = None
+        if parsed.answer != Label.UNKNOWN:  # reuse the parse when the tokens spell exactly the text
+            same = "".join(c.token_texts) == c.text
+            prob = unsafe_probability(c.token_texts, c.candidates, parsed if same else None)
         return _Judged(c, decide(parsed, prob, p.policy.unsafe_threshold), prob, parsed.reasoning, parsed.format_ok)
 
     @staticmethod

@@ -100,6 +100,7 @@ TokenCandidates = Sequence[tuple[str, float]]
 def unsafe_probability(
     token_texts: Sequence[str],
     candidates: Sequence[TokenCandidates] | None,
+    parsed: ParsedOutput | None = None,
 ) -> float | None:
     """P(unsafe) / (P(unsafe) + P(safe)) at the generated token where the answer word starts.
 
@@ -108,10 +109,11 @@ def unsafe_probability(
     ``parse_output``). A candidate counts for ``unsafe`` when its text, after the prefix the chosen
     token had before the answer (e.g. ``{``), starts the word ``unsafe`` (``u``, ``un``, ``unsafe``,
     any case), likewise for ``safe``. ``None`` when the answer or both classes are missing.
+    ``parsed``: the parse of exactly ``"".join(token_texts)``, when the caller has it already.
     """
     if not candidates or len(candidates) != len(token_texts):
         return None
-    answer_start = parse_output("".join(token_texts)).answer_start
+    answer_start = (parsed or parse_output("".join(token_texts))).answer_start
     if answer_start is None:
         return None
     pos = 0

@@ -118,6 +118,10 @@ class Policy(BaseModel):
 
     def render_categories(self) -> str:
         """The category lines exactly as they appear inside the prompt."""
+        return self._rendered
+
+    @cached_property
+    def _rendered(self) -> str:
         width = max(len(c.code) for c in self.categories)
         return "\n".join(c.render(width) for c in self.categories)
 

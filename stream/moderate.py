@@ -228,7 +228,7 @@ class Moderator:
     def _content(self, event: ChatEvent) -> AuditContent:
         mode = ContentMode(self.cfg.audit.content)
         c = AuditContent(mode=mode, prompt_chars=len(event.prompt),
-                         response_chars=None if event.response is None else len(event.response))
+                                         response_chars=None if event.response is None else len(event.response))
         if mode == ContentMode.FULL:
             c.prompt, c.response, c.metadata = event.prompt, event.response, event.metadata
         if mode in (ContentMode.FULL, ContentMode.HASH):
@@ -257,7 +257,8 @@ class Moderator:
             unsafe_p, categories = v.unsafe_probability, list(v.categories)
         level = v.level if v is not None and v.level else r.prepared.level.value
         timings = StreamTimings(queued_ms=(started - inc.arrived) * 1e3, engine_ms=engine_ms,
-                                total_ms=(now - inc.arrived) * 1e3, batch_size=batch_size, attempts=attempts)
+                                                total_ms=(now - inc.arrived) * 1e3, batch_size=batch_size,
+                                                attempts=attempts)
         adapter = r.request.adapter
         common = dict(conversation_id=self.conversation_id(inc, event), label=label,
                       unsafe_probability=unsafe_p, categories=categories, level=level,

@@ -359,11 +359,12 @@ def test_cli_commands_are_registered():
 def test_documented_examples_match_the_schemas():
     import re
 
+    from rsafe.schemas.models import ModelControlRecord
     from rsafe.stream.records import AuditRecord, ChatEvent, DLQRecord, VerdictRecord
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "STREAM.md").read_text()
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, re.DOTALL)]
-    models = [ChatEvent, VerdictRecord, AuditRecord, DLQRecord]
+    models = [ChatEvent, VerdictRecord, AuditRecord, DLQRecord, ModelControlRecord]
     assert len(blocks) == len(models)
     for model, block in zip(models, blocks, strict=True):
         parsed = model.model_validate(block)
