@@ -143,3 +143,32 @@ def test_overlap_with_a_training_set_rejects(tmp_path):
     assert "1 promotion-set examples" in no_overlap(card, pset)
     (ds / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": "nothing"}]}))
     assert no_overlap(card, pset) is None
+
+
+def test_extract_lora_recovers_a_low_rank_weight_change(tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rsafe.training.lora_extract import extract_lora
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=64)
+    base = Qwen2ForCausalLM(cfg)
+    base.save_pretrained(tmp_path / "base")
+    tuned = Qwen2ForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for layer in tuned.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.mlp.down_proj):
+                lin.weight += torch.randn(lin.weight.shape[0], 2) @ torch.randn(2, lin.weight.shape[1]) * 0.05
+        tuned.model.norm.weight += 0.01  # outside the targeted layers: reported, not carried
+    tuned.save_pretrained(tmp_path / "tuned")
+    report = extract_lora(tmp_path / "base", tmp_path / "tuned", tmp_path / "lora", rank=4)
+    assert report["layers"] == 4 and report["min_energy_kept"] > 0.999
+    assert report["untargeted_changed"] == ["model.norm.weight"]
+    adapter = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora")
+    tuned.model.norm.weight.data -= 0.01
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.allclose(adapter(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
