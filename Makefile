@@ -7,7 +7,7 @@ UV := $(shell command -v uv 2>/dev/null || echo .venv-tools/bin/uv)
 DEMO_MODEL ?= .cache/demo-model
 PYTEST_ARGS ?=
 
-.PHONY: setup lock test test-fast test-reliability demo demo-model bench clean
+.PHONY: setup lock test test-fast test-reliability demo demo-model loop-demo bench clean
 
 .venv/.ok: infra/requirements.lock pyproject.toml
 	@test -x "$(UV)" || { python3 -m venv .venv-tools && .venv-tools/bin/pip install -q uv; }
@@ -42,9 +42,15 @@ test-reliability: .venv/.ok demo-model  ## fault scenarios and soak (~20 min); f
 demo: .venv/.ok demo-model  ## the main job: stream sample chat events through the guard
 	$(PY) -m rsafe.cli demo --model $(DEMO_MODEL)
 
-bench: .venv/.ok demo-model
+loop-demo: .venv/.ok demo-model  ## the whole loop live: feedback → GRPO → gate → hot swap (≤ 20 min)
+	$(PY) -m rsafe.cli loop demo --model $(DEMO_MODEL)
+
+bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios measured within each run)
+	$(PY) bench/pipeline.py
+	$(PY) bench/cpu_stages.py
 	$(PY) bench/run.py --model $(DEMO_MODEL)
 	$(PY) bench/batching.py --model $(DEMO_MODEL) --kafka
+	$(PY) bench/windows.py --model $(DEMO_MODEL)
 
 clean:
 	rm -rf .venv .venv-tools .cache

@@ -172,6 +172,12 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 
+def cmd_loop_demo(args: argparse.Namespace) -> int:
+    from rsafe.loop import main as loop_main
+
+    return loop_main(args.model, args.work_dir, args.grpo_steps)
+
+
 def _store_args(p: argparse.ArgumentParser) -> None:
     from rsafe.stream.config import POLICIES_TOPIC
 
@@ -218,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = pol.add_parser("list", help="list known policies")
     ls.add_argument("--policy-dir", action="append", default=[])
     ls.set_defaults(func=cmd_policy_list)
+
+    loop = sub.add_parser("loop", help="the whole retraining loop").add_subparsers(dest="loop_cmd", required=True)
+    ld = loop.add_parser("demo", help="feedback → disagreements → GRPO → gate → hot swap, live on the demo model")
+    ld.add_argument("--model", default=".cache/demo-model", help="the demo model directory (built when missing)")
+    ld.add_argument("--work-dir", default=".cache/loop", help="broker data, registry, dataset, runs (wiped first)")
+    ld.add_argument("--grpo-steps", type=int, default=40)
+    ld.set_defaults(func=cmd_loop_demo)
 
     for name in COMMAND_MODULES:
         try:

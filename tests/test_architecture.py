@@ -1,6 +1,6 @@
 """The import rule: data flows one way, and so do imports between the package's rooms.
 
-    policies ← models ← {stream, evaluation, training} ← cli
+    policies ← models ← {stream, evaluation, training} ← cli (and loop, the loop demo)
     training → evaluation (the promotion gate)      stream, training → schemas (shared records)
 
 Every import statement is checked — module level and inside functions, ``import x`` and ``from x
@@ -24,7 +24,8 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"policies", "models"},
     "stream": {"policies", "models", "schemas"},
     "training": {"policies", "models", "schemas", "evaluation"},
-    "cli": {"policies", "schemas", "models", "stream", "evaluation", "training", "infra"},
+    "cli": {"policies", "schemas", "models", "stream", "evaluation", "training", "infra", "loop"},
+    "loop": {"policies", "schemas", "models", "stream", "evaluation", "training"},  # the loop demo wires both sides
     "package": set(),  # rsafe/__init__.py
 }
 
@@ -33,7 +34,7 @@ def room_of(path: Path) -> str:
     rel = path.relative_to(ROOT)
     if rel.parts[0] in ROOMS:
         return rel.parts[0]
-    return {"cli.py": "cli", "__init__.py": "package"}[rel.name]
+    return {"cli.py": "cli", "loop.py": "loop", "__init__.py": "package"}[rel.name]
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -72,13 +73,13 @@ def target_room(module: str) -> str:
         return "package"
     if parts[1] in ROOMS:
         return parts[1]
-    if parts[1] == "cli":
-        return "cli"
+    if parts[1] in ("cli", "loop"):
+        return parts[1]
     return "package"
 
 
 def sources() -> list[Path]:
-    files = [ROOT / "cli.py", ROOT / "__init__.py"]
+    files = [ROOT / "cli.py", ROOT / "loop.py", ROOT / "__init__.py"]
     for room in ROOMS:
         files += sorted((ROOT / room).rglob("*.py"))
     return files
