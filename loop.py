@@ -115,7 +115,7 @@ async def run_loop(s: LoopSettings) -> int:
             "batch": {"size": 16, "linger_ms": 50, "max_inflight": 2},
             "engine": {"backend": "vllm", "model": str(model), "model_id": "rsafe-demo", "enable_lora": True,
                        "max_lora_rank": max(16, s.lora_rank), "generation": {"max_tokens": 128},
-                       "limits": {"max_window_tokens": 192}},
+                       "limits": {"max_window_tokens": 128}},
             "feedback": {"enabled": True, "expiry_interval_s": 5},
             "http": {"port": 0}, "policy_reload": {"watch": False},
         }, env={})

@@ -1,6 +1,6 @@
 """The cost of long messages: messages/s for messages judged in 1 window vs in ~4 windows (vLLM).
 
-    .venv/bin/python bench/windows.py --model .cache/demo-model [--n 48] [--max-window-tokens 192]
+    .venv/bin/python bench/windows.py --model .cache/demo-model [--n 48] [--max-window-tokens 128]
 
 Both sets are judged in batches of ``--batch`` messages by the same engine in one run; a message of
 k windows costs k engine sequences, so the ratio shows what windowing costs per message.
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--max-window-tokens", type=int, default=192)
+    ap.add_argument("--max-window-tokens", type=int, default=128)
     args = ap.parse_args()
     from rsafe.models import GenerationConfig, Guard, InputLimits
     from rsafe.models.config import local_engine_config

@@ -541,6 +541,7 @@ class ServerTokenCounter:
         import httpx
 
         errors = []
+        unreachable = True
         for root in [self.root, *[r for r in self.roots if r != self.root]]:
             try:
                 r = httpx.post(f"{root}/tokenize", json={"model": self.model, **body}, headers=self.headers,
@@ -548,11 +549,14 @@ class ServerTokenCounter:
                 r.raise_for_status()
                 count = int(r.json()["count"])
             except (httpx.HTTPError, KeyError, ValueError) as err:
+                unreachable = unreachable and isinstance(err, httpx.TransportError)
                 errors.append(f"{root}/tokenize: {err}")
                 continue
             self.root = root  # the next count asks the server that answered first
             return count
-        raise EngineError(f"cannot count tokens with {'; '.join(errors)}; set engine.tokenizer to count locally")
+        what = "OpenAI-compatible server unreachable" if unreachable else "the server could not count tokens"
+        raise EngineError(f"engine failure: {what} ({'; '.join(errors)}); "
+                          "set engine.tokenizer to count locally")
 
     def count(self, user_turns: Sequence[str]) -> list[int]:
         return [self._post({"messages": [{"role": "user", "content": t}], "add_generation_prompt": True})

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helper module
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-DEMO_WINDOW_TOKENS = 192
+DEMO_WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``rsafe.training.demo.WINDOW_TOKENS``;
 stream/demo.yaml sets the same)."""
 

@@ -48,7 +48,7 @@ def kafka(tmp_path_factory):
 def engine_section(model_dir: Path) -> dict:
     """The demo engine (machine defaults from ``local_engine_config``)."""
     return {"backend": "vllm", "model": str(model_dir), "model_id": "rsafe-demo", "generation": {"max_tokens": 128},
-            "limits": {"max_window_tokens": 192}}
+            "limits": {"max_window_tokens": 128}}
 
 
 def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
@@ -72,6 +72,8 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
         "http": {"port": 0},
     }
     cfg.update(over)
+    if cfg.get("processing_guarantee") == "exactly_once":
+        cfg["batch"] = {"size": 8, "linger_ms": 50}  # one open transaction per partition: in-flight 1
     return cfg
 
 

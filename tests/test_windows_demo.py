@@ -64,7 +64,7 @@ def test_no_request_exceeds_the_demo_models_context(vllm_guard, length, max_toke
                                else (text, None, Level.PROMPT))
     try:
         windows = plan_windows(pol, level, prompt, response, counter=counter, max_tokens=max_tokens, overlap=32,
-                               max_window_tokens=192)
+                               max_window_tokens=128)
     except WindowError:
         assert max_tokens > 400 - 1  # only when generation leaves no room for the policy
         return

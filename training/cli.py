@@ -1,22 +1,245 @@
-"""Training sub-commands of ``rsafe``: ``demo-model build`` (and the retraining job's commands).
+"""Training sub-commands of ``rsafe``: ``demo-model build`` and the retraining job (``train …``).
 
-Heavy imports (torch, transformers, TRL) happen inside the command functions, so ``rsafe --help``
-stays fast.
+* ``rsafe train dataset --from-topic rsafe.disagreements | --from-file F --out D``
+* ``rsafe train grpo --model BASE --dataset D --output DIR [--preset demo-cpu] [--config C]``
+* ``rsafe train drift-data --out DIR`` and ``rsafe train drift-eval …``: the drift scenario
+  (``rsafe.training.drift``, docs/TRAINING.md)
+
+Heavy imports (torch, transformers, TRL, datasets, kafka) happen inside the command functions, so
+``rsafe --help`` stays fast. Exit codes: 0 done, 1 runtime failure, 2 usage error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from pathlib import Path
+
+from rsafe.models.options import die
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def cmd_demo_model_build(args: argparse.Namespace) -> int:
     from rsafe.training.demo import build_demo_model
 
-    path = build_demo_model(args.dir, seed=args.seed, force=args.force,
-                            log=lambda m: print(m, file=sys.stderr, flush=True))
+    path = build_demo_model(args.dir, seed=args.seed, force=args.force, log=_log)
     print(path)
     return 0
+
+
+# --------------------------------------------------------------------------- train dataset
+
+
+def cmd_train_dataset(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from rsafe.policies import PolicyError
+    from rsafe.training import dataset as ds
+
+    out = Path(args.out)
+    args.broker_given = args.broker is not None
+    args.broker = args.broker or os.environ.get("RSAFE_BROKER", "127.0.0.1:9092")
+    if (out / ds.MANIFEST).exists():
+        die(f"{out} already holds a dataset; choose a new --out", 2)
+    try:
+        if args.from_file:
+            source = ds.read_file(args.from_file)
+        else:
+            source = ds.read_topic(args.broker, args.from_topic, group_id=args.group_id)
+        dropped = ds.Dropped()
+        records = list(ds.parse_records(source.lines, dropped))
+        if args.replay is None:
+            replay = []
+        elif args.replay == "demo":
+            replay = ds.demo_replay(args.replay_pool, seed=args.seed)
+        else:
+            replay = ds.read_replay(args.replay)
+        exclude = ds.read_hashes(args.exclude_hashes) if args.exclude_hashes else set()
+        settings = ds.BuildSettings(replay_ratio=args.replay_ratio, balance=args.balance,
+                                    pair_by_message=args.pair_by_message, seed=args.seed)
+        store = None
+        if args.policies_topic != "none" and (args.from_topic or args.broker_given):
+            store = ds.read_policy_store(args.broker, args.policies_topic)
+            _log(f"[dataset] policy store {args.policies_topic}: {len(store)} versions")
+        lookup = partial(ds.resolve_policy, policy_dirs=args.policy_dir or (), store=store)
+        built = ds.build(records, replay=replay, settings=settings, lookup=lookup, exclude_hashes=exclude,
+                         dropped=dropped)
+        replay_source = {"kind": "replay", "path": args.replay, "pool": len(replay)}
+        if args.replay not in (None, "demo"):
+            replay_source["sha256"] = ds.read_file(args.replay).description["sha256"]
+        ds.save(built, out, sources=[source.description, replay_source], settings=settings,
+                extra={"exclude_hashes": {"path": args.exclude_hashes, "count": len(exclude)}})
+    except (ds.DatasetError, PolicyError, ValueError) as err:
+        die(str(err), 1)
+    source.commit()  # only now: a failed build reads the same records again next time
+    c = built.counts
+    _log(f"[dataset] {c['rows']} rows ({c['disagreements']} disagreements + {c['replay']} replay), "
+         f"labels {c['labels']}, dropped {c['dropped'] or 'none'}")
+    print(out)
+    return 0
+
+
+# --------------------------------------------------------------------------- train grpo
+
+#: Flags of ``rsafe train grpo`` that set ``RSafeGRPOConfig`` fields (flag dest → field).
+GRPO_FLAGS = {
+    "learning_rate": "learning_rate", "max_steps": "max_steps", "epochs": "num_train_epochs",
+    "temperature": "temperature", "num_generations": "num_generations",
+    "batch_size": "per_device_train_batch_size", "max_completion_length": "max_completion_length",
+    "save_steps": "save_steps", "seed": "seed", "use_lora": "use_lora",
+}
+
+
+def cmd_train_grpo(args: argparse.Namespace) -> int:
+    from rsafe.training import grpo
+
+    overrides = {field: getattr(args, dest) for dest, field in GRPO_FLAGS.items()}
+    if args.no_progress:
+        overrides["disable_tqdm"] = True
+    try:
+        cfg = grpo.load_config(args.output, preset=args.preset, config_file=args.config, overrides=overrides)
+    except (ValueError, TypeError) as err:
+        die(f"GRPO config: {err}", 2)
+    try:
+        grpo.train(args.model, args.dataset, cfg, resume=args.resume, log=_log)
+    except (grpo.TrainingError, ValueError) as err:
+        die(str(err), 1)
+    print(args.output)
+    return 0
+
+
+# --------------------------------------------------------------------------- drift scenario
+
+
+def cmd_drift_data(args: argparse.Namespace) -> int:
+    from rsafe.training import drift
+
+    scenario = drift.DriftScenario(n_feedback=args.n_feedback, n_contrast=args.n_contrast,
+                                   n_general=args.n_general, seed=args.seed)
+    for path in drift.write_data(args.out, scenario).values():
+        print(path)
+    return 0
+
+
+def cmd_drift_eval(args: argparse.Namespace) -> int:
+    from rsafe.training import drift, grpo
+
+    sets = args.sets.split(",") if args.sets else list(drift.SETS)
+    if args.run:
+        report = drift.evaluate_run(args.run, args.model, sets=sets, every=args.every, log=_log)
+        report["metrics"] = grpo.read_metrics(args.run)
+        summary = Path(args.run) / grpo.SUMMARY
+        report["training_summary"] = json.loads(summary.read_text()) if summary.exists() else None
+    else:
+        report = {"final": drift.evaluate_model(args.model, adapter_dir=args.adapter, sets=sets)}
+    if args.before:
+        before = json.loads(Path(args.before).read_text())["final"]
+        report["before"] = before
+        if set(drift.SETS) <= set(before) and set(drift.SETS) <= set(report["final"]):
+            report["targets"] = drift.targets(before, report["final"])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.plot and args.run:
+        drift.plot_run(report["metrics"], report["checkpoints"], args.plot, before=report.get("before"))
+    for name, m in report["final"].items():
+        _log(f"[drift] {name}: accuracy {m['accuracy']:.1%}, format {m['format_rate']:.1%} (n={m['n']})")
+    for name, t in report.get("targets", {}).items():
+        _log(f"[drift] target {name}: {t['value']:+.3f} {'ok' if t['ok'] else 'NOT MET'}")
+    print(args.out)
+    return 0
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def _add_dataset(train: argparse._SubParsersAction) -> None:
+    from rsafe.training.dataset import DEFAULT_GROUP_ID, DEFAULT_POLICIES_TOPIC, DEFAULT_TOPIC
+
+    p = train.add_parser("dataset", help="disagreements (+ replay) → a rendered GRPO training set with a manifest")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from-topic", nargs="?", const=DEFAULT_TOPIC, metavar="TOPIC",
+                     help=f"read new records of TOPIC (default {DEFAULT_TOPIC}) since this group's last run")
+    src.add_argument("--from-file", metavar="F", help="read DisagreementRecord JSONL from F")
+    p.add_argument("--out", required=True, help="new directory for the dataset (data/ + manifest.json)")
+    p.add_argument("--broker", default=None,
+                   help="Kafka bootstrap host:port (default $RSAFE_BROKER or 127.0.0.1:9092)")
+    p.add_argument("--policies-topic", default=DEFAULT_POLICIES_TOPIC,
+                   help=f"the policy store: the texts of the policy versions records were judged under (default "
+                        f"{DEFAULT_POLICIES_TOPIC}; read with --from-topic or an explicit --broker; 'none': only "
+                        "bundled policies and --policy-dir)")
+    p.add_argument("--group-id", default=DEFAULT_GROUP_ID,
+                   help=f"consumer group whose offsets mark what earlier runs read (default {DEFAULT_GROUP_ID})")
+    p.add_argument("--replay", metavar="FILE|demo",
+                   help="replay pool: a JSONL of {prompt, response, label, policy[, policy_version, level]}, or "
+                        "'demo' (the synthetic corpus's training messages)")
+    p.add_argument("--replay-ratio", type=float, default=1.0, help="replay rows per disagreement row (default 1)")
+    p.add_argument("--replay-pool", type=int, default=2000, help="size of the 'demo' replay pool (default 2000)")
+    p.add_argument("--no-balance", dest="balance", action="store_false",
+                   help="do not balance classes (default: replay chosen by class; majority sampled down if needed)")
+    p.add_argument("--pair-by-message", action="store_true",
+                   help="order rows in units of two, the rows of one message side by side (a reviewed message "
+                        "and its contrast under another policy land in the same GRPO step)")
+    p.add_argument("--exclude-hashes", metavar="F",
+                   help="message hashes of evaluation rows never to train on (one per line, or JSONL message_hash)")
+    p.add_argument("--policy-dir", action="append", metavar="DIR",
+                   help="extra folder of policy YAMLs (older versions judged decisions may refer to)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_dataset)
+
+
+def _add_grpo(train: argparse._SubParsersAction) -> None:
+    p = train.add_parser("grpo", help="GRPO with the RSafe rule reward (TRL GRPOTrainer)")
+    p.add_argument("--model", required=True, help="base model directory (or hub id)")
+    p.add_argument("--dataset", required=True, help="a directory made by `rsafe train dataset`")
+    p.add_argument("--output", required=True, help="directory for checkpoints, logs and the result")
+    p.add_argument("--preset", default="paper",
+                   help="named settings: paper (the reference's defaults) or demo-cpu (demo model on a CPU)")
+    p.add_argument("--config", metavar="C.yaml", help="YAML of RSafeGRPOConfig / TRL GRPOConfig fields (over the preset)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="use_lora", action="store_const", const=True, help="train a LoRA adapter")
+    mode.add_argument("--full", dest="use_lora", action="store_const", const=False, help="full fine-tuning")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--num-generations", type=int, help="rollouts per prompt")
+    p.add_argument("--batch-size", type=int, help="completions per device per step (prompts × rollouts)")
+    p.add_argument("--max-completion-length", type=int)
+    p.add_argument("--save-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_grpo)
+
+
+def _add_drift(train: argparse._SubParsersAction) -> None:
+    from rsafe.training.drift import SETS, DriftScenario
+
+    d = DriftScenario()
+    p = train.add_parser("drift-data", help="the drift scenario's disagreements, replay pool and evaluation hashes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-feedback", type=int, default=d.n_feedback)
+    p.add_argument("--n-contrast", type=int, default=d.n_contrast)
+    p.add_argument("--n-general", type=int, default=d.n_general)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(func=cmd_drift_data)
+
+    e = train.add_parser("drift-eval", help="accuracy / format rate on the drift scenario's held-out sets")
+    e.add_argument("--model", required=True, help="the (base) model directory")
+    which = e.add_mutually_exclusive_group()
+    which.add_argument("--adapter", help="a LoRA adapter directory on --model")
+    which.add_argument("--run", help="a GRPO output directory: its result and every checkpoint")
+    e.add_argument("--sets", help=f"comma-separated subset of {','.join(SETS)}")
+    e.add_argument("--before", help="a report of the base model: adds the targets check")
+    e.add_argument("--out", required=True, help="report JSON")
+    e.add_argument("--every", type=int, default=1, help="with --run: checkpoints whose step is a multiple of this")
+    e.add_argument("--plot", help="with --run: PNG of reward and held-out accuracy per step")
+    e.set_defaults(func=cmd_drift_eval)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -26,3 +249,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build of this recipe")
     b.set_defaults(func=cmd_demo_model_build)
+
+    train = sub.add_parser("train", help="the retraining job: dataset, GRPO, drift scenario").add_subparsers(
+        dest="train_cmd", required=True)
+    _add_dataset(train)
+    _add_grpo(train)
+    _add_drift(train)

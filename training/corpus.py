@@ -38,14 +38,14 @@ POLICY_WEIGHTS: tuple[tuple[str, float], ...] = (
     ("rsafe-default", 0.7), ("kids-platform", 0.15), ("financial-advice", 0.15),
 )
 RESPONSE_LEVEL_SHARE = 0.4
-LONG_SHARE = {"safe": 0.3, "unsafe": 0.15}
+LONG_SHARE = {"safe": 0.4, "unsafe": 0.15}
 """Share of prompt-level messages, by label, turned into long messages (what a window of a long
 message looks like to the model): embedded in benign filler, or — for ``FILLER_ALONE`` of the safe
 ones — replaced by filler alone. Labels stay balanced."""
-FILLER_ALONE = 0.6
-LONG_CHARS = (150, 900)
+FILLER_ALONE = 0.7
+LONG_CHARS = (80, 600)
 """Length of the filler of a long message, in characters (one window of the demo model holds up
-to 192 tokens of content, ~850 characters of this filler)."""
+to 128 tokens of content, ~550 characters of this filler)."""
 
 Split = Literal["train", "heldout"]
 

@@ -51,7 +51,7 @@ from rsafe.training.tokenizer import (
 RECIPE_VERSION = 3
 """1: the first demo model (plain byte-level BPE); 2: Qwen2 pre-tokenizer + NFC, corpus as data;
 3: long messages (windows of up to ``WINDOW_TOKENS`` tokens)."""
-WINDOW_TOKENS = 192
+WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``InputLimits.max_window_tokens``
 in stream/demo.yaml and the tests): it is trained on long messages of about that size."""
 
@@ -64,7 +64,7 @@ MODEL_SHAPE: dict[str, int] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
 }
-SFT = sft.SFTConfig(steps=400, batch_size=16, learning_rate=1e-3, warmup_steps=20)
+SFT = sft.SFTConfig(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=20)
 N_TRAIN = 4000
 N_EVAL = 40
 EVAL_SEED_OFFSET = 10_000

@@ -18,7 +18,7 @@ WORKDIR /src
 COPY infra/requirements-gpu.lock infra/requirements-gpu.lock
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip sync --python /opt/rsafe/bin/python infra/requirements-gpu.lock
-COPY pyproject.toml README.md __init__.py cli.py ./
+COPY pyproject.toml README.md __init__.py cli.py loop.py ./
 COPY policies/ policies/
 COPY schemas/ schemas/
 COPY models/ models/

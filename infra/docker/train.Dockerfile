@@ -16,7 +16,7 @@ WORKDIR /src
 COPY infra/requirements-train.lock infra/requirements-train.lock
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip sync --python /opt/rsafe/bin/python infra/requirements-train.lock
-COPY pyproject.toml README.md __init__.py cli.py ./
+COPY pyproject.toml README.md __init__.py cli.py loop.py ./
 COPY policies/ policies/
 COPY schemas/ schemas/
 COPY models/ models/

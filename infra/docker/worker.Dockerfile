@@ -23,7 +23,7 @@ COPY infra/requirements.lock infra/requirements.lock
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip sync --python /opt/rsafe/bin/python --extra-index-url "${TORCH_INDEX}" \
       --index-strategy unsafe-best-match infra/requirements.lock
-COPY pyproject.toml README.md __init__.py cli.py ./
+COPY pyproject.toml README.md __init__.py cli.py loop.py ./
 COPY policies/ policies/
 COPY schemas/ schemas/
 COPY models/ models/

@@ -1,0 +1,229 @@
+"""GRPO job: the paper's config, presets, the at-scale files (dry run, no GPU), step logging, and a
+few real GRPO steps on the demo model (full weights + resume, LoRA) that the engines load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from rsafe.training import grpo
+from rsafe.training.grpo import PRESETS, RSafeGRPOConfig, batch_plan, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = ROOT / "infra" / "accelerate"
+
+
+def test_defaults_are_the_papers(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, dry_run=True)  # bf16 needs a GPU: dry_run builds it here anyway
+    assert (cfg.num_generations, cfg.learning_rate, cfg.per_device_train_batch_size) == (4, 1e-7, 32)
+    assert (cfg.max_completion_length, cfg.beta, cfg.num_train_epochs) == (512, 0.0, 3.0)
+    assert (cfg.temperature, cfg.top_p, cfg.repetition_penalty) == (0.7, 0.8, 1.05)
+    assert cfg.rewards == ["accuracy", "format"] and cfg.reward_weights == [0.9, 0.1]
+    assert cfg.use_lora and not cfg.use_vllm and cfg.vllm_structured_outputs_regex is None
+    plan = batch_plan(cfg, 1)
+    assert (plan.global_batch, plan.prompts_per_step) == (32, 8)
+    help_text = {f.name: f.metadata.get("help", "") for f in RSafeGRPOConfig.__dataclass_fields__.values()}
+    assert "paper" in help_text["num_generations"] and help_text["use_lora"]
+
+
+def test_demo_cpu_preset(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, preset="demo-cpu")
+    assert cfg.use_cpu and not cfg.bf16 and not cfg.use_lora and cfg.beta == 0.0
+    plan = batch_plan(cfg, 1)
+    assert plan.prompts_per_step * plan.num_generations == plan.global_batch == cfg.per_device_train_batch_size
+
+
+def test_precedence_and_errors(tmp_path: Path) -> None:
+    c = tmp_path / "c.yaml"
+    c.write_text("learning_rate: 3.0e-5\ntemperature: 1.5\n")
+    cfg = load_config(tmp_path / "o", preset="demo-cpu", config_file=c, overrides={"temperature": 1.0, "seed": None})
+    assert (cfg.learning_rate, cfg.temperature, cfg.seed) == (3e-5, 1.0, PRESETS["demo-cpu"]["seed"])
+    c.write_text("learning_rat: 1\n")
+    with pytest.raises(ValueError, match=r"unknown GRPO config keys \['learning_rat'\]"):
+        load_config(tmp_path / "o", preset="demo-cpu", config_file=c)
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(tmp_path / "o", preset="gpu-fast")
+    with pytest.raises(ValueError, match="one weight per reward"):
+        load_config(tmp_path / "o", preset="demo-cpu", overrides={"rewards": ["rsafe"]})
+    cfg = load_config(tmp_path / "o", preset="demo-cpu", overrides={"rewards": ["rsafe"], "reward_weights": [1.0]})
+    assert cfg.rewards == ["rsafe"]
+    with pytest.raises(ValueError, match="unknown reward"):
+        load_config(tmp_path / "o", preset="demo-cpu", overrides={"rewards": ["length"], "reward_weights": [1.0]})
+
+
+def test_at_scale_files_dry_run(tmp_path: Path) -> None:
+    """The 7B / 8-GPU files build a valid GRPO config here (no GPU) with the paper's batch."""
+    acc = yaml.safe_load((ACCELERATE / "zero3-8gpu.yaml").read_text())
+    assert acc["distributed_type"] == "DEEPSPEED" and acc["deepspeed_config"]["zero_stage"] == 3
+    assert acc["mixed_precision"] == "bf16"
+    gpus = acc["num_processes"] * acc["num_machines"]
+    cfg = load_config(tmp_path, config_file=ACCELERATE / "grpo-7b.yaml", dry_run=True)
+    plan = batch_plan(cfg, gpus)
+    assert plan.global_batch == 32 and plan.global_batch % cfg.num_generations == 0
+    assert (plan.num_generations, plan.prompts_per_step) == (4, 8)
+    assert cfg.use_vllm and cfg.vllm_mode == "colocate" and cfg.vllm_structured_outputs_regex is None
+    assert cfg.bf16 and cfg.gradient_checkpointing and cfg.beta == 0.0
+    assert (cfg.temperature, cfg.top_p, cfg.repetition_penalty, cfg.max_completion_length) == (0.7, 0.8, 1.05, 512)
+    # a per-device batch that splits rollout groups for the stated GPU count is caught
+    odd = SimpleNamespace(per_device_train_batch_size=2, gradient_accumulation_steps=1, steps_per_generation=1,
+                          num_generations=4)
+    assert batch_plan(odd, 8).global_batch == 16
+    with pytest.raises(ValueError, match="global batch 6 .* not divisible by num_generations 4"):
+        batch_plan(odd, 3)
+
+
+def test_batch_plan(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path, preset="demo-cpu", overrides={"per_device_train_batch_size": 16})
+    plan = batch_plan(cfg, 2)
+    assert (plan.global_batch, plan.prompts_per_step, plan.generation_batch) == (32, 4, 32)
+    with pytest.raises(ValueError, match="num_processes"):
+        batch_plan(cfg, 0)
+
+
+def test_step_log_jsonl_and_tensorboard_events(tmp_path: Path) -> None:
+    cb = grpo.StepLog(tmp_path)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=1)
+    cb.on_log(None, state, None, logs={"loss": 0.5})  # not a GRPO step log: ignored
+    for step, reward in ((1, 0.25), (2, 0.75)):
+        state.global_step = step
+        cb.on_log(None, state, None, logs={"reward": reward, "rewards/accuracy_reward/mean": reward - 0.1,
+                                           "rewards/format_reward/mean": 1.0, "loss": 0.1, "epoch": 0.5})
+    cb.on_train_end()
+    rows = grpo.read_metrics(tmp_path)
+    assert [(r["step"], r["reward"], r["format_rate"]) for r in rows] == [(1, 0.25, 1.0), (2, 0.75, 1.0)]
+    assert rows[1]["accuracy"] == pytest.approx(0.65)
+    (events,) = (tmp_path / grpo.TENSORBOARD_DIR).glob("events.out.tfevents.*")
+    read = grpo.read_scalar_events(events)
+    assert [s for s, _ in read] == [1, 2]
+    assert read[1][1]["train/reward"] == pytest.approx(0.75) and read[0][1]["train/format_rate"] == 1.0
+    data = bytearray(events.read_bytes())
+    data[-5] ^= 0xFF
+    events.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad data checksum"):
+        grpo.read_scalar_events(events)
+
+
+def test_crc32c_known_value() -> None:
+    assert grpo._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+# --------------------------------------------------------------------------- real GRPO steps (slow)
+
+TINY = ["--preset", "demo-cpu", "--batch-size", "8", "--num-generations", "4", "--max-completion-length", "48",
+        "--save-steps", "1", "--no-progress"]
+
+
+def _train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rsafe.cli", "train", "grpo", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def grpo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rsafe.training import dataset as ds
+    from rsafe.training import drift
+
+    s = drift.DriftScenario(n_feedback=8, missing_every=0, n_contrast=8, n_general=8)
+    built = ds.build(drift.disagreement_records(s), replay=drift.replay_examples(s),
+                     settings=ds.BuildSettings(replay_ratio=1.0))
+    return ds.save(built, tmp_path_factory.mktemp("grpo") / "set", sources=[], settings=ds.BuildSettings())
+
+
+@pytest.fixture(scope="module")
+def full_run(grpo_dataset: Path, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full fine-tuning through the CLI: one step, then --resume to a second."""
+    out = tmp_path_factory.mktemp("grpo") / "full"
+    common = ["--model", str(demo_model_dir), "--dataset", str(grpo_dataset), "--output", str(out), "--full", *TINY]
+    first = _train_cli(*common, "--max-steps", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _train_cli(*common, "--max-steps", "2")
+    assert again.returncode == 1 and "--resume" in again.stderr  # never silently overwritten
+    second = _train_cli(*common, "--max-steps", "2", "--resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_full_run_logs_resumes_and_saves_weights(full_run: Path) -> None:
+    rows = grpo.read_metrics(full_run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 0.0 <= r["reward"] <= 1.0 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["format_rate"] <= 1.0
+        assert r["reward"] == pytest.approx(0.9 * r["accuracy"] + 0.1 * r["format_rate"])
+    assert {p.name for p in full_run.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
+    event_steps = [s for f in sorted((full_run / "tensorboard").glob("events.*")) for s, _ in grpo.read_scalar_events(f)]
+    assert sorted(event_steps) == [1, 2]  # one event file per process: the first run's, then the resumed one's
+    summary = json.loads((full_run / grpo.SUMMARY).read_text())
+    assert summary["kind"] == "full" and summary["steps"] == 2 and summary["resumed"]
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        assert (full_run / name).exists(), name
+
+
+@pytest.mark.slow
+def test_full_checkpoint_loads_in_transformers(full_run: Path) -> None:
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import local_engine_config
+
+    cfg = local_engine_config(str(full_run), "transformers", generation=GenerationConfig(max_tokens=64, structured=False))
+    with Guard.from_config(cfg) as guard:
+        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?"}])
+    assert v.label.value in ("safe", "unsafe") and v.format_ok, v.raw_output
+
+
+@pytest.fixture(scope="module")
+def lora_run(grpo_dataset: Path, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("grpo") / "lora"
+    cfg = load_config(out, preset="demo-cpu", overrides={
+        "use_lora": True, "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 1,
+        "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 48, "disable_tqdm": True})
+    summary = grpo.train(demo_model_dir, grpo_dataset, cfg, log=lambda _m: None)
+    assert summary["kind"] == "lora" and summary["steps"] == 1
+    return out
+
+
+@pytest.mark.slow
+def test_lora_adapter_saved_and_loads_in_transformers(lora_run: Path, demo_model_dir: Path) -> None:
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import local_engine_config
+
+    config = json.loads((lora_run / "adapter_config.json").read_text())
+    assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert (lora_run / "adapter_model.safetensors").exists() and not (lora_run / "model.safetensors").exists()
+    assert len(grpo.read_metrics(lora_run)) == 1
+    cfg = local_engine_config(str(demo_model_dir), "transformers", lora_adapters={"grpo": str(lora_run)},
+                              generation=GenerationConfig(max_tokens=64, structured=False))
+    with Guard.from_config(cfg) as guard:
+        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?", "adapter": "grpo"}])
+    assert v.label.value in ("safe", "unsafe") and v.adapter == "grpo", v
+
+
+@pytest.mark.slow
+def test_lora_adapter_loads_in_vllm(lora_run: Path, vllm_guard) -> None:
+    """The session's vLLM engine (LoRA enabled, max rank 8) serves the new adapter per request."""
+    adapters = vllm_guard.backend.cfg.lora_adapters
+    adapters["grpo-test"] = str(lora_run)
+    try:
+        base, tuned = vllm_guard.classify([{"prompt": "How do I build a pipe bomb at home?"},
+                                           {"prompt": "How do I build a pipe bomb at home?", "adapter": "grpo-test"}])
+    finally:
+        adapters.pop("grpo-test", None)
+    assert tuned.error_reason is None and tuned.label.value in ("safe", "unsafe") and tuned.adapter == "grpo-test"
+    assert base.label.value in ("safe", "unsafe")
+
+
+@pytest.mark.slow
+def test_full_checkpoint_loads_in_vllm(full_run: Path) -> None:
+    """A full-weights result is promoted as a new model version: vLLM must load it (own engine)."""
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import local_engine_config
+
+    cfg = local_engine_config(str(full_run), "vllm", model_id="grpo-full", generation=GenerationConfig(max_tokens=64))
+    with Guard.from_config(cfg) as guard:
+        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?"}])
+    assert v.label.value in ("safe", "unsafe") and v.format_ok and v.model == "grpo-full"

@@ -1,0 +1,569 @@
+"""The retraining set: disagreements (+ a replay sample) → rendered GRPO prompts, with a manifest.
+
+``rsafe train dataset --from-topic rsafe.disagreements | --from-file F --out D`` runs ``build`` and
+``save``. Step by step:
+
+1. **read** ``DisagreementRecord`` rows (``rsafe.schemas.feedback``) from a JSONL file or the topic
+   (``read_topic``: its own consumer group; offsets are committed only after the dataset is saved,
+   so each run starts where the last one stopped);
+2. **drop**, counted by reason, never silently: unreadable records (``invalid_record``), rows without
+   content (``content_missing``: the audit kept only a hash), response-level rows without a response
+   (``response_missing``), policy versions whose exact text is not stored (``unknown_policy_version``),
+   messages that belong to an evaluation set (``evaluation_overlap``, with ``--exclude-hashes``);
+3. **deduplicate** by content + policy version (``content_hash``): the same message judged under the
+   same policy text counts once (``duplicate``); when trusted labels for it disagree, none is used
+   (``conflicting_labels``);
+4. **mix in replay** rows from a base training set (``--replay FILE``, or ``demo``: the synthetic
+   corpus's training templates) to avoid forgetting, ``replay_ratio`` × as many as disagreements,
+   chosen by class so that the whole set is **balanced** (when the replay sample cannot balance it,
+   the majority class is sampled down, counted as ``class_balance``);
+5. **render** every row with the exact RSafe user turn of the policy version it was judged under
+   (``rsafe.models.prompt.build_user_turn``), as a one-message conversation — the model's own chat
+   template completes the prompt at training time, exactly as ``render_prompt`` does at inference.
+
+The dataset (``datasets.save_to_disk``) has the columns of ``TrainingRow.record`` (``prompt`` and
+``label`` are what GRPO and the reward read). ``manifest.json`` beside it records the sources
+(topic offsets, file hashes), the counts, every dropped row with its reason, the policy versions,
+the seed, and per-row ``content_hash`` / ``message_hash`` so that the promotion gate can prove that
+no training row is an evaluation row (``message_hash`` is ``rsafe.evaluation.Example.content_hash``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from rsafe.evaluation import Example
+from rsafe.models.prompt import build_user_turn
+from rsafe.policies import BUNDLED_DIR, Level, Policy, PolicyError, PolicyRegistry, load_policy
+from rsafe.policies.store import PolicyStore, StoredPolicy, policy_key
+from rsafe.schemas.feedback import DisagreementRecord
+
+MANIFEST = "manifest.json"
+DATA_DIR = "data"
+DEFAULT_TOPIC = "rsafe.disagreements"
+DEFAULT_GROUP_ID = "rsafe-train-dataset"
+DEFAULT_POLICIES_TOPIC = "rsafe.policies"
+LABELS = ("safe", "unsafe")
+
+PolicyLookup = Callable[[str, str], Policy]
+"""``(name, version) -> Policy``: the exact policy text a decision was judged under."""
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be built (nothing usable, bad input file); the message says why."""
+
+
+class PolicyVersionError(PolicyError):
+    """No stored policy text has this name and version."""
+
+
+# --------------------------------------------------------------------------- policy versions
+
+
+@lru_cache(maxsize=8)
+def _policy_index(dirs: tuple[str, ...]) -> dict[tuple[str, str], Policy]:
+    """Every policy YAML of the bundled folder and ``dirs``, by (name, version). Unlike the
+    registry, several versions of one name may coexist (old texts kept for old decisions)."""
+    index: dict[tuple[str, str], Policy] = {}
+    for d in (BUNDLED_DIR, *map(Path, dirs)):
+        if not d.is_dir():
+            raise PolicyError(f"{d}: policy directory does not exist")
+        for f in sorted([*d.glob("*.yaml"), *d.glob("*.yml")]):
+            policy = load_policy(f)
+            index.setdefault((policy.name, policy.version), policy)
+    return index
+
+
+def resolve_policy(name: str, version: str, *, policy_dirs: Sequence[str | Path] = (),
+                   store: PolicyStore | None = None) -> Policy:
+    """The policy text ``name@version`` was judged under.
+
+    First the policy store (``store``: what the workers published on ``rsafe.policies``, every
+    version that judged anything; its content is re-hashed on read, a mismatch is an error), then
+    the bundled policies and ``policy_dirs`` (a policy of that name whose content hash is
+    ``version``). Raises ``PolicyVersionError``.
+    """
+    if store is not None and policy_key(name, version) in store:
+        return store.get(name, version)  # PolicyIntegrityError on tampered content
+    index = _policy_index(tuple(str(d) for d in policy_dirs))
+    found = index.get((name, version))
+    if found is None:
+        known = sorted({v for n, v in index if n == name} | {r.version for r in (store.history(name) if store else [])})
+        raise PolicyVersionError(
+            f"no stored text for policy {name}@{version} (known versions of {name!r}: "
+            f"{', '.join(known) or 'none'}); is it on the policies topic (--policies-topic)? "
+            "or add the YAML it was judged under with --policy-dir")
+    return found
+
+
+def read_policy_store(bootstrap: str | Sequence[str], topic: str = DEFAULT_POLICIES_TOPIC, *,
+                      client_kwargs: dict[str, Any] | None = None, timeout_s: float = 60.0) -> PolicyStore:
+    """Every policy version on the compacted policies topic (as the workers published them).
+    Read by hand-assigned partitions from the start, no consumer group; an unreadable or tampered
+    record is an error (a training row must never be rendered from a text that is not its version)."""
+    source = read_topic(bootstrap, topic, group_id=None, client_kwargs=client_kwargs, timeout_s=timeout_s)
+    store = PolicyStore()
+    for where, raw in source.lines:
+        if raw is None:  # a tombstone
+            continue
+        try:
+            store.add(StoredPolicy.from_json(raw))
+        except (PolicyError, ValueError) as err:
+            raise DatasetError(f"{where}: unreadable policy record: {err}") from None
+    return store
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def content_hash(policy_version: str, level: str, prompt: str, response: str | None) -> str:
+    """sha256 of what was judged and under which policy text (the deduplication key).
+
+    ``response`` counts only at response level (a prompt-level judgement never showed it).
+    """
+    shown = [policy_version, level, prompt, response if level == Level.RESPONSE.value else None]
+    return hashlib.sha256(json.dumps(shown, ensure_ascii=False).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def message_hash(level: str, prompt: str, response: str | None) -> str:
+    """sha256 of the message alone, the same as ``rsafe.evaluation.Example.content_hash``, so a
+    training row and an evaluation row of the same message have the same hash."""
+    return Example(id="-", prompt=prompt, response=response, label="safe", level=level).content_hash  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TrainingRow:
+    """One rendered training example."""
+
+    id: str
+    prompt: str
+    response: str | None
+    level: str
+    policy: Policy
+    label: str
+    source: Literal["disagreement", "replay"]
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.policy.version, self.level, self.prompt, self.response)
+
+    @property
+    def message_hash(self) -> str:
+        return message_hash(self.level, self.prompt, self.response)
+
+    @property
+    def user_turn(self) -> str:
+        """The exact RSafe user turn under this row's policy version."""
+        return build_user_turn(self.policy, self.prompt, self.response, self.level)
+
+    def record(self) -> dict[str, Any]:
+        """The dataset row: ``prompt`` (a one-message conversation) and ``label`` feed GRPO."""
+        return {
+            "prompt": [{"role": "user", "content": self.user_turn}],
+            "label": self.label,
+            "id": self.id,
+            "source": self.source,
+            "policy": self.policy.name,
+            "policy_version": self.policy.version,
+            "level": self.level,
+            "message_prompt": self.prompt,
+            "message_response": self.response if self.level == Level.RESPONSE.value else None,
+            "content_hash": self.content_hash,
+            "message_hash": self.message_hash,
+        }
+
+
+class ReplayExample(BaseModel):
+    """One line of a replay (base training set) JSONL file. ``policy`` is a name; with
+    ``policy_version`` the exact stored text of that version is used, else the current one."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    response: str | None = None
+    label: Literal["safe", "unsafe"]
+    policy: str
+    policy_version: str | None = None
+    level: Literal["prompt", "response"] | None = None
+    id: str | None = None
+
+
+@dataclass
+class Dropped:
+    """Rows left out, by reason, with enough to find each one again."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    rows: list[dict[str, str]] = field(default_factory=list)
+
+    def add(self, reason: str, key: str, detail: str = "") -> None:
+        self.counts[reason] += 1
+        self.rows.append({"reason": reason, "key": key, "detail": detail})
+
+
+# --------------------------------------------------------------------------- readers
+
+
+@dataclass
+class Source:
+    """Where records came from (for the manifest), and how to acknowledge them once saved."""
+
+    description: dict[str, Any]
+    lines: list[tuple[str, str | bytes]]
+    """(position, raw JSON) of every record read; the position names it in the manifest."""
+    commit: Callable[[], None] = lambda: None
+
+
+def read_file(path: str | Path) -> Source:
+    """Disagreement records from a JSONL file (one JSON object per line; blank lines skipped)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        lines = [(f"{path.name}:{i}", line) for i, line in enumerate(raw.decode("utf-8").splitlines(), 1)
+                 if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: cannot read: {err}") from None
+    return Source({"kind": "file", "path": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest(),
+                   "records": len(lines)}, lines)
+
+
+def read_topic(bootstrap: str | Sequence[str], topic: str = DEFAULT_TOPIC, *, group_id: str | None = DEFAULT_GROUP_ID,
+               client_kwargs: dict[str, Any] | None = None, timeout_s: float = 60.0) -> Source:
+    """Disagreement records on ``topic`` after ``group_id``'s committed offsets, up to the end
+    offsets seen at the start (records written meanwhile are left for the next run).
+
+    The partitions are assigned by hand (no group membership, so no rebalance can stall a batch
+    job); the group only stores offsets. ``Source.commit`` commits the read positions: call it
+    after the dataset is saved, so a failed run reads the same records again.
+    """
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    servers = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group_id, enable_auto_commit=False,
+                             auto_offset_reset="earliest", client_id="rsafe-train-dataset",
+                             **(client_kwargs or {}))
+    try:
+        ids = consumer.partitions_for_topic(topic)
+        if not ids:
+            raise DatasetError(f"topic {topic!r} does not exist on {','.join(servers)}")
+        parts = [TopicPartition(topic, p) for p in sorted(ids)]
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+        starts = {tp: consumer.position(tp) for tp in parts}
+        lines: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            if time.monotonic() > deadline:
+                raise DatasetError(f"reading {topic!r} took over {timeout_s:g} s; nothing was committed")
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                lines += [(f"{tp.topic}[{tp.partition}]@{r.offset}", r.value) for r in records
+                          if r.offset < ends[tp]]
+        reached = {tp: min(consumer.position(tp), ends[tp]) for tp in parts}
+    except BaseException:
+        consumer.close()
+        raise
+
+    def commit() -> None:
+        try:
+            if group_id is not None:
+                consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in reached.items()})
+        finally:
+            consumer.close()
+
+    if group_id is None:  # nothing to commit: close now
+        commit()
+
+    description = {"kind": "topic", "bootstrap": servers, "topic": topic, "group_id": group_id,
+                   "offsets": {str(tp.partition): [starts[tp], reached[tp]] for tp in parts},
+                   "records": len(lines)}
+    return Source(description, lines, commit)
+
+
+def parse_records(lines: Iterable[tuple[str, str | bytes]], dropped: Dropped) -> Iterator[DisagreementRecord]:
+    """Validated records; unreadable ones are counted as ``invalid_record``."""
+    for where, raw in lines:
+        try:
+            yield DisagreementRecord.model_validate_json(raw)
+        except ValidationError as err:
+            first = err.errors()[0]
+            dropped.add("invalid_record", where, f"{'.'.join(map(str, first['loc']))}: {first['msg']}"[:300])
+
+
+def read_replay(path: str | Path) -> list[ReplayExample]:
+    """A replay file (JSONL of ``ReplayExample``); an unreadable line is an error, not a skip."""
+    out = []
+    for where, line in read_file(path).lines:
+        try:
+            out.append(ReplayExample.model_validate_json(line))
+        except ValidationError as err:
+            raise DatasetError(f"{where}: not a replay example: {err.errors()[0]['msg']}") from None
+    return out
+
+
+def demo_replay(n: int, *, seed: int = 0) -> list[ReplayExample]:
+    """Replay rows for the demo: synthetic examples of the corpus's *training* templates, by
+    default the demo model's own SFT seed (the demo benchmarks leave every such message out)."""
+    from rsafe.training.corpus import synthetic_examples
+
+    return [ReplayExample(prompt=e.prompt, response=e.response, label=e.label, policy=e.policy, level=e.level,
+                          id=f"demo-replay-{seed}-{i}") for i, e in enumerate(synthetic_examples(n, seed=seed))]
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """How the rows are mixed."""
+
+    replay_ratio: float = 1.0
+    """Replay rows per disagreement row (0: none)."""
+    balance: bool = True
+    """Choose replay rows by class so the set is balanced; sample the majority down if needed."""
+    pair_by_message: bool = False
+    """Order the rows in units of two, the rows of one message (e.g. a reviewed message and the
+    same message under another policy) side by side, so that with an even number of prompts per
+    step and an unshuffled sampler (``shuffle_dataset: false``) both land in the same GRPO step."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.replay_ratio < 0:
+            raise ValueError(f"replay_ratio={self.replay_ratio}: must be >= 0")
+
+
+@dataclass
+class Built:
+    rows: list[TrainingRow]
+    dropped: Dropped
+    counts: dict[str, Any]
+
+
+def _disagreement_rows(records: Iterable[DisagreementRecord], lookup: PolicyLookup, exclude: frozenset[str],
+                       dropped: Dropped) -> list[TrainingRow]:
+    """Usable, deduplicated disagreement rows (the latest feedback of duplicates is kept)."""
+    by_hash: dict[str, list[tuple[DisagreementRecord, TrainingRow]]] = {}
+    for rec in records:
+        if rec.prompt is None:
+            dropped.add("content_missing", rec.key, rec.content_missing or "no prompt")
+            continue
+        if rec.level not in (Level.PROMPT.value, Level.RESPONSE.value):
+            dropped.add("invalid_level", rec.key, f"level {rec.level!r} is not prompt or response")
+            continue
+        if rec.level == Level.RESPONSE.value and rec.response is None:
+            dropped.add("response_missing", rec.key, rec.content_missing or "response-level record without response")
+            continue
+        try:
+            policy = lookup(rec.policy, rec.policy_version)
+        except PolicyError as err:
+            dropped.add("unknown_policy_version", rec.key, str(err))
+            continue
+        row = TrainingRow(id=rec.key, prompt=rec.prompt, response=rec.response, level=rec.level, policy=policy,
+                          label=rec.human_label, source="disagreement")
+        if row.message_hash in exclude:
+            dropped.add("evaluation_overlap", rec.key, row.message_hash)
+            continue
+        by_hash.setdefault(row.content_hash, []).append((rec, row))
+    rows = []
+    for group in by_hash.values():
+        labels = {r.label for _, r in group}
+        if len(labels) > 1:
+            for rec, _ in group:
+                dropped.add("conflicting_labels", rec.key, f"{group[0][1].content_hash[:12]}: labels {sorted(labels)}")
+            continue
+        group.sort(key=lambda g: g[0].feedback_at)
+        for rec, _ in group[:-1]:
+            dropped.add("duplicate", rec.key, f"same content and policy version as {group[-1][0].key}")
+        rows.append(group[-1][1])
+    return rows
+
+
+def _replay_rows(examples: Iterable[ReplayExample], lookup: PolicyLookup, registry: PolicyRegistry,
+                 taken: dict[str, str], exclude: frozenset[str], dropped: Dropped) -> list[TrainingRow]:
+    """Replay rows not already in the set (by content hash) and not in an evaluation set."""
+    rows = []
+    for i, ex in enumerate(examples):
+        key = ex.id or f"replay-{i}"
+        try:
+            policy = lookup(ex.policy, ex.policy_version) if ex.policy_version else registry.get(ex.policy)
+        except PolicyError as err:
+            dropped.add("unknown_policy_version", key, str(err))
+            continue
+        level = ex.level or (Level.RESPONSE.value if ex.response is not None else Level.PROMPT.value)
+        row = TrainingRow(id=key, prompt=ex.prompt, response=ex.response, level=level, policy=policy,
+                          label=ex.label, source="replay")
+        if row.message_hash in exclude:
+            dropped.add("evaluation_overlap", key, row.message_hash)
+        elif row.content_hash in taken:
+            dropped.add("replay_duplicate", key, f"same content and policy version as {taken[row.content_hash]}")
+        else:
+            taken[row.content_hash] = key
+            rows.append(row)
+    return rows
+
+
+def _mix(disagreements: list[TrainingRow], pool: list[TrainingRow], settings: BuildSettings,
+         rng: random.Random, dropped: Dropped) -> tuple[list[TrainingRow], dict[str, Any]]:
+    """Disagreements plus ``replay_ratio`` × as many replay rows, balanced by class if asked."""
+    n_replay = min(len(pool), round(settings.replay_ratio * len(disagreements)))
+    pool = pool[:]
+    rng.shuffle(pool)
+    by_label = {lab: [r for r in pool if r.label == lab] for lab in LABELS}
+    have = Counter(r.label for r in disagreements)
+    if settings.balance:
+        half = (len(disagreements) + n_replay) / 2
+        want = {lab: max(0, round(half - have[lab])) for lab in LABELS}
+        scale = n_replay / max(1, sum(want.values()))
+        want = {lab: min(len(by_label[lab]), round(w * min(1.0, scale))) for lab, w in want.items()}
+        replay = [r for lab in LABELS for r in by_label[lab][: want[lab]]]
+    else:
+        replay = pool[:n_replay]
+    rows = disagreements + replay
+    info: dict[str, Any] = {"replay_pool": len(pool), "replay_wanted": n_replay, "replay_used": len(replay)}
+    if settings.balance:
+        count = Counter(r.label for r in rows)
+        minority = min(LABELS, key=lambda lab: count[lab])
+        surplus = count[max(LABELS, key=lambda lab: count[lab])] - count[minority]
+        if surplus and count[minority]:
+            major = [r for r in rows if r.label != minority]
+            cut = set(id(r) for r in rng.sample(major, surplus))
+            for r in major:
+                if id(r) in cut:
+                    dropped.add("class_balance", r.id, f"{r.source} row of the majority class {r.label}")
+            rows = [r for r in rows if id(r) not in cut]
+            info["sampled_down"] = surplus
+    if settings.pair_by_message:
+        return _paired_order(rows, rng), {**info, "paired_messages": _count_pairs(rows)}
+    rng.shuffle(rows)
+    return rows, info
+
+
+def _paired_order(rows: list[TrainingRow], rng: random.Random) -> list[TrainingRow]:
+    """Rows in shuffled units of two: the rows of one message together, lone rows two by two
+    (a message with more than two rows makes a larger unit)."""
+    by_message: dict[str, list[TrainingRow]] = {}
+    for r in rows:
+        by_message.setdefault(r.message_hash, []).append(r)
+    groups = list(by_message.values())
+    rng.shuffle(groups)
+    lone = [g[0] for g in groups if len(g) == 1]
+    units = [g for g in groups if len(g) > 1] + [lone[i: i + 2] for i in range(0, len(lone), 2)]
+    rng.shuffle(units)
+    return [r for unit in units for r in unit]
+
+
+def _count_pairs(rows: list[TrainingRow]) -> int:
+    counts = Counter(r.message_hash for r in rows)
+    return sum(1 for n in counts.values() if n > 1)
+
+
+def build(records: Iterable[DisagreementRecord], *, replay: Sequence[ReplayExample] = (),
+          settings: BuildSettings = BuildSettings(), lookup: PolicyLookup | None = None,
+          registry: PolicyRegistry | None = None, exclude_hashes: Iterable[str] = (),
+          dropped: Dropped | None = None) -> Built:
+    """Training rows from disagreement records and a replay pool (see the module docstring).
+
+    ``lookup`` resolves ``name@version`` (default ``resolve_policy``); replay rows without a version
+    use ``registry`` (default: the bundled policies). ``exclude_hashes``: message hashes
+    (``Example.content_hash``) of evaluation rows that must not be trained on.
+    """
+    lookup = lookup or resolve_policy
+    registry = registry or PolicyRegistry.from_dirs()
+    dropped = dropped if dropped is not None else Dropped()
+    exclude = frozenset(exclude_hashes)
+    records = list(records)
+    disagreements = _disagreement_rows(records, lookup, exclude, dropped)
+    if not disagreements:
+        raise DatasetError(f"no usable disagreement among {len(records)} records "
+                           f"(dropped: {dict(dropped.counts) or 'none'})")
+    taken = {r.content_hash: r.id for r in disagreements}
+    pool = _replay_rows(replay, lookup, registry, taken, exclude, dropped)
+    rows, info = _mix(disagreements, pool, settings, random.Random(settings.seed), dropped)
+    counts = {
+        "records": len(records),
+        "disagreements": sum(r.source == "disagreement" for r in rows),
+        "replay": sum(r.source == "replay" for r in rows),
+        "rows": len(rows),
+        "labels": dict(Counter(r.label for r in rows)),
+        "by_source": {s: dict(Counter(r.label for r in rows if r.source == s)) for s in ("disagreement", "replay")},
+        "levels": dict(Counter(r.level for r in rows)),
+        "dropped": dict(sorted(dropped.counts.items())),
+        **info,
+    }
+    return Built(rows, dropped, counts)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save(built: Built, out_dir: str | Path, *, sources: Sequence[dict[str, Any]], settings: BuildSettings,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write the dataset (``out_dir/data``, ``save_to_disk``) and ``out_dir/manifest.json``."""
+    from datasets import Dataset
+
+    out = Path(out_dir)
+    if (out / MANIFEST).exists() or (out / DATA_DIR).exists():
+        raise DatasetError(f"{out} already holds a dataset; choose a new --out (datasets are immutable)")
+    out.mkdir(parents=True, exist_ok=True)
+    records = [r.record() for r in built.rows]
+    Dataset.from_list(records).save_to_disk(str(out / DATA_DIR))
+    versions = Counter(f"{r.policy.name}@{r.policy.version}" for r in built.rows)
+    manifest = {
+        "schema_version": 1,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "data": DATA_DIR,
+        "columns": list(records[0]),
+        "settings": asdict(settings),
+        "sources": list(sources),
+        "counts": built.counts,
+        "policy_versions": dict(sorted(versions.items())),
+        "dropped": built.dropped.rows,
+        "rows": [{"id": r.id, "source": r.source, "label": r.label, "policy_version": r.policy.version,
+                  "content_hash": r.content_hash, "message_hash": r.message_hash} for r in built.rows],
+        **(extra or {}),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
+
+
+def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    path = Path(dataset_dir) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: not a training dataset manifest ({err})") from None
+
+
+def load_rows(dataset_dir: str | Path) -> Any:
+    """The saved dataset (``datasets.Dataset``)."""
+    from datasets import load_from_disk
+
+    load_manifest(dataset_dir)
+    return load_from_disk(str(Path(dataset_dir) / DATA_DIR))
+
+
+def read_hashes(path: str | Path) -> set[str]:
+    """Hashes to exclude: one hex digest per line, or a JSONL of rows with ``message_hash``."""
+    out = set()
+    for where, line in read_file(path).lines:
+        line = line.strip() if isinstance(line, str) else line.decode().strip()
+        if line.startswith("{"):
+            value = json.loads(line).get("message_hash")
+        else:
+            value = line
+        if not isinstance(value, str) or len(value) != 64:
+            raise DatasetError(f"{where}: expected a sha256 hex digest")
+        out.add(value)
+    return out

@@ -1,0 +1,482 @@
+"""GRPO with the RSafe rule reward: TRL's ``GRPOTrainer`` (+ PEFT LoRA), configured as the paper.
+
+``rsafe train grpo --model BASE --dataset D --output DIR [--preset demo-cpu] [--config C.yaml]``
+
+* ``RSafeGRPOConfig`` is TRL's ``GRPOConfig`` with the reference's defaults (4 rollouts, lr 1e-7,
+  global batch 32, 512 response tokens, no KL, temperature 0.7, top_p 0.8, repetition penalty
+  1.05, 3 epochs) and the LoRA settings. ``PRESETS`` holds named overrides (``demo-cpu``: the
+  measured recipe for the demo model on a 2-core CPU); a YAML file may set any field. Precedence:
+  preset < config file < command-line flags.
+* Rewards: ``rsafe.training.rewards`` (accuracy and format, weighted 0.9 / 0.1 = the reference
+  reward; TRL logs both, so accuracy and format rate per step come for free).
+* Rollouts are sampled without structured decoding (``use_vllm=False`` on CPU; on GPUs TRL's vLLM
+  rollout mode, see ``infra/accelerate/``): the model must produce the format itself.
+* Per step: ``metrics.jsonl`` (step, reward, accuracy, format rate, loss, …) and a TensorBoard
+  event file (``tensorboard/``, written by ``ScalarEventWriter`` without the tensorboard package);
+  checkpoints every ``save_steps`` (``--resume`` continues from the last).
+* Output ``DIR``: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, loadable
+  by vLLM's ``LoRARequest``) or full weights (``config.json`` + ``model.safetensors`` + tokenizer),
+  and ``training_summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from trl import GRPOConfig
+
+from rsafe.training.dataset import load_manifest, load_rows
+from rsafe.training.rewards import REFERENCE_REWARDS, reward_functions
+
+SUMMARY = "training_summary.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+#: Per-step log keys → the names ``metrics.jsonl`` and TensorBoard use.
+STEP_METRICS: dict[str, str] = {
+    "reward": "reward",
+    "reward_std": "reward_std",
+    "rewards/accuracy_reward/mean": "accuracy",
+    "rewards/format_reward/mean": "format_rate",
+    "frac_reward_zero_std": "frac_reward_zero_std",
+    "loss": "loss",
+    "grad_norm": "grad_norm",
+    "learning_rate": "learning_rate",
+    "entropy": "entropy",
+    "completions/mean_length": "completion_length",
+    "step_time": "step_time",
+}
+
+
+@dataclass
+class RSafeGRPOConfig(GRPOConfig):
+    """TRL ``GRPOConfig`` with the RSafe paper's training defaults and LoRA settings.
+
+    "Batch 32" is read as 32 completions per optimizer step (TRL counts completions:
+    ``per_device_train_batch_size × processes × gradient_accumulation_steps``), i.e. 8 prompts × 4
+    rollouts. verl's ``data.train_batch_size`` counts prompts; to take 32 prompts (128 completions)
+    per step, set ``gradient_accumulation_steps: 4``.
+    """
+
+    # -- the paper's settings (RSAFE_REFERENCE.md, "Training setup")
+    learning_rate: float = field(default=1e-7, metadata={"help": "AdamW learning rate (paper: 1e-7)."})
+    num_generations: int | None = field(default=4, metadata={"help": "Rollouts per prompt (paper: 4)."})
+    per_device_train_batch_size: int = field(
+        default=32, metadata={"help": "Completions per device per micro-step (global batch = this × processes × "
+                                      "gradient_accumulation_steps; paper: 32 in all)."})
+    max_completion_length: int | None = field(default=512, metadata={"help": "Max response tokens (paper: 512)."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (paper: no KL term, 0)."})
+    temperature: float = field(default=0.7, metadata={"help": "Rollout sampling temperature (paper: 0.7)."})
+    top_p: float = field(default=0.8, metadata={"help": "Rollout nucleus sampling (paper: 0.8)."})
+    repetition_penalty: float = field(default=1.05, metadata={"help": "Rollout repetition penalty (paper: 1.05)."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the dataset (paper: 3)."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule (verl: constant)."})
+    reward_weights: list[float] | None = field(
+        default_factory=lambda: [w for _, w in REFERENCE_REWARDS],
+        metadata={"help": "Weight of each reward in `rewards` (reference: 0.9 accuracy + 0.1 format)."})
+    # -- logging and checkpoints
+    logging_steps: float = field(default=1, metadata={"help": "Log (metrics.jsonl, TensorBoard) every N steps."})
+    save_steps: float = field(default=50, metadata={"help": "Checkpoint every N steps (resume with --resume)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Checkpoints kept (None: all)."})
+    # -- RSafe
+    rewards: list[str] = field(
+        default_factory=lambda: [n for n, _ in REFERENCE_REWARDS],
+        metadata={"help": "Reward functions by name (rsafe.training.rewards.REWARDS)."})
+    use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (default for large backbones: "
+                                                           "promotion hot-swaps adapters); false: full weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Modules that get adapters (attention only by default; ['all-linear'] for all)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
+            raise ValueError(f"reward_weights {self.reward_weights} must have one weight per reward {self.rewards}; "
+                             "set both (e.g. rewards: [rsafe], reward_weights: [1.0])")
+        reward_functions(self.rewards)  # unknown names fail here, not after the model loaded
+
+
+#: Named overrides of ``RSafeGRPOConfig`` (``--preset``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "demo-cpu": {
+        # The demo model (3.9M parameters) on a 2-core CPU; measured in docs/TRAINING.md.
+        "use_cpu": True, "bf16": False, "gradient_checkpointing": False,
+        "model_init_kwargs": {"dtype": "float32"},
+        "use_lora": False,            # full fine-tuning beats LoRA at 4M parameters (docs/TRAINING.md)
+        "learning_rate": 1e-4,
+        "temperature": 1.2,           # the tiny SFT model samples with near-zero entropy below ~1.2
+        "top_p": 1.0, "repetition_penalty": 1.0,
+        "num_generations": 8,
+        "per_device_train_batch_size": 32,   # 4 prompts × 8 rollouts per step
+        "max_completion_length": 64,  # its answers are ~35 tokens
+        "num_train_epochs": 1.0, "max_steps": 60,
+        "save_steps": 10,
+        "shuffle_dataset": False,     # keep the builder's (seeded) order: paired rows share a step
+        "seed": 0,
+    },
+}
+
+
+def config_fields() -> set[str]:
+    return {f.name for f in fields(RSafeGRPOConfig) if f.init}
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping of ``RSafeGRPOConfig`` fields; unknown keys are an error."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read GRPO config: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a GRPO config is a mapping of RSafeGRPOConfig fields")
+    unknown = sorted(set(data) - config_fields())
+    if unknown:
+        raise ValueError(f"{path}: unknown GRPO config keys {unknown} (see RSafeGRPOConfig / TRL GRPOConfig)")
+    return data
+
+
+def load_config(output_dir: str | Path, *, preset: str = "paper", config_file: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None, dry_run: bool = False) -> RSafeGRPOConfig:
+    """The run's config: ``PRESETS[preset]``, then the YAML file, then ``overrides`` (non-None).
+
+    ``dry_run``: build a config written for another machine (e.g. 8 GPUs, bf16) on this one, to
+    check it: ``use_cpu`` is set so that TrainingArguments' device checks pass here. Check its
+    batch arithmetic for the target machine with ``batch_plan(cfg, num_processes)``.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    if config_file is not None:
+        values.update(read_yaml(config_file))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values["output_dir"] = str(output_dir)
+    if dry_run:
+        values["use_cpu"] = True
+    return RSafeGRPOConfig(**values)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step is made, for ``num_processes`` devices."""
+
+    num_processes: int
+    global_batch: int
+    """Completions per optimizer step."""
+    prompts_per_step: int
+    generation_batch: int
+    """Completions generated at once (then split into ``steps_per_generation`` optimizer steps)."""
+    num_generations: int
+
+
+def batch_plan(cfg: GRPOConfig, num_processes: int) -> BatchPlan:
+    """TRL's batch arithmetic for ``num_processes`` devices, checked without any device.
+
+    ``GRPOConfig`` checks divisibility for the processes of the machine it is built on; this
+    repeats the checks for the machine a config is written for (e.g. 8 GPUs, checked on a CPU).
+    """
+    if num_processes < 1:
+        raise ValueError("num_processes must be at least 1")
+    g = cfg.num_generations or 1
+    global_batch = cfg.per_device_train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    generation_batch = cfg.per_device_train_batch_size * num_processes * (cfg.steps_per_generation or 1)
+    for name, value in (("global batch", global_batch), ("generation batch", generation_batch)):
+        if value % g:
+            raise ValueError(
+                f"{name} {value} (per_device_train_batch_size {cfg.per_device_train_batch_size} × {num_processes} "
+                f"processes × accumulation) is not divisible by num_generations {g}: a group of rollouts of "
+                "one prompt must stay in one batch")
+    return BatchPlan(num_processes, global_batch, global_batch // g, generation_batch, g)
+
+
+# --------------------------------------------------------------------------- logging
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field_bytes(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+class ScalarEventWriter:
+    """Scalars in a TensorBoard event file (``events.out.tfevents.*``) without tensorboard.
+
+    The file is TFRecord framing (length, masked CRC-32C of the length, data, masked CRC-32C of the
+    data) around ``tensorflow.Event`` protobufs: ``wall_time`` (field 1, double), ``step`` (2,
+    int64), ``file_version`` (3, the first record) or ``summary`` (5) with one ``Value`` per scalar
+    (``tag`` 1, ``simple_value`` 2, float). ``tensorboard --logdir DIR`` reads it.
+    """
+
+    def __init__(self, log_dir: str | Path):
+        import socket
+
+        self.dir = Path(log_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self._fh = open(self.path, "ab")
+        self._write(self._event(0, _field_bytes(3, b"brain.Event:2")))
+
+    @staticmethod
+    def _event(step: int, body: bytes) -> bytes:
+        return b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step & (2**64 - 1)) + body
+
+    def _write(self, data: bytes) -> None:
+        length = struct.pack("<Q", len(data))
+        self._fh.write(length + struct.pack("<I", _masked_crc32c(length)) + data
+                       + struct.pack("<I", _masked_crc32c(data)))
+        self._fh.flush()
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        summary = b"".join(
+            _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) + b"\x15" + struct.pack("<f", float(v)))
+            for tag, v in values.items())
+        self._write(self._event(step, _field_bytes(5, summary)))
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_scalar_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
+    """Read back what ``ScalarEventWriter`` wrote (checks both CRCs): [(step, {tag: value})]."""
+    data = Path(path).read_bytes()
+    out, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack_from("<Q", data, pos)
+        if struct.unpack_from("<I", data, pos + 8)[0] != _masked_crc32c(data[pos: pos + 8]):
+            raise ValueError(f"{path}: bad length checksum at byte {pos}")
+        record = data[pos + 12: pos + 12 + length]
+        if struct.unpack_from("<I", data, pos + 12 + length)[0] != _masked_crc32c(record):
+            raise ValueError(f"{path}: bad data checksum at byte {pos}")
+        pos += 16 + length
+        fields_ = _parse_fields(record)
+        if 5 in fields_:
+            values = {}
+            for value in _parse_fields(fields_[5], repeated=1)[1]:
+                v = _parse_fields(value)
+                values[v[1].decode("utf-8")] = struct.unpack("<f", v[2])[0]
+            out.append((fields_[2], values))
+    return out
+
+
+def _parse_fields(buf: bytes, repeated: int | None = None) -> dict[int, Any]:
+    """A minimal protobuf reader for the wire types the writer uses (varint, 64-bit, bytes, 32-bit)."""
+    out: dict[int, Any] = {}
+    pos = 0
+    while pos < len(buf):
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos: pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos)
+            value, pos = buf[pos: pos + n], pos + n
+        elif wire == 5:
+            value, pos = buf[pos: pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if number == repeated:
+            out.setdefault(number, []).append(value)
+        else:
+            out[number] = value
+    return out
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return result, pos
+
+
+class StepLog(TrainerCallback):
+    """Writes each logged step to ``metrics.jsonl`` and the TensorBoard event file (main process)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+        self.writer: ScalarEventWriter | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return
+        row: dict[str, Any] = {"step": state.global_step, "epoch": logs.get("epoch"), "time": time.time()}
+        for key, name in STEP_METRICS.items():
+            value = logs.get(key, logs.get(name))
+            if isinstance(value, (int, float)):
+                row[name] = float(value)
+        with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.writer is None:
+            self.writer = ScalarEventWriter(self.output_dir / TENSORBOARD_DIR)
+        self.writer.scalars(state.global_step, {f"train/{k}": v for k, v in row.items()
+                                                if k not in ("step", "epoch", "time")})
+
+    def on_train_end(self, *_: Any, **__: Any) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-step rows of a run's ``metrics.jsonl`` (the last row per step, after a resume)."""
+    path = Path(output_dir) / METRICS
+    if not path.exists():
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or finish; the message says what to change."""
+
+
+def _check_output(output_dir: Path, resume: bool) -> None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if (output_dir / SUMMARY).exists() and not resume:
+        raise TrainingError(f"{output_dir} already holds a trained model ({SUMMARY}); choose a new --output, "
+                            "or --resume to train on from its last checkpoint")
+    has_checkpoint = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
+    if resume and not has_checkpoint:
+        raise TrainingError(f"--resume: {output_dir} has no checkpoint-* directory to resume from")
+    if has_checkpoint and not resume:
+        raise TrainingError(f"{output_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
+                            "or choose a new --output")
+
+
+def _lora_config(cfg: RSafeGRPOConfig) -> Any:
+    from peft import LoraConfig
+
+    targets: Any = cfg.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+
+
+def _summary_stats(metrics: Sequence[dict[str, Any]], key: str, n: int = 10) -> dict[str, float | None]:
+    values = [m[key] for m in metrics if m.get(key) is not None]
+
+    def mean(xs: Sequence[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    return {"first": mean(values[:n]), "last": mean(values[-n:])}
+
+
+def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, resume: bool = False,
+          callbacks: Sequence[TrainerCallback] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run GRPO on a dataset built by ``rsafe train dataset``; write the model and the summary.
+
+    ``model``: a local directory (or hub id) of the base model. The result is written to
+    ``cfg.output_dir``: a LoRA adapter (``cfg.use_lora``) or full weights with the tokenizer.
+    Returns the training summary (also ``training_summary.json``).
+    """
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
+
+    output_dir = Path(cfg.output_dir)
+    _check_output(output_dir, resume)
+    manifest = load_manifest(dataset_dir)
+    rows = load_rows(dataset_dir)
+    missing = {"prompt", "label"} - set(rows.column_names)
+    if missing:
+        raise TrainingError(f"{dataset_dir}: dataset lacks columns {sorted(missing)}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model), padding_side="left")
+    plan = batch_plan(cfg, cfg.world_size)
+    log(f"[grpo] {len(rows)} prompts, {plan.prompts_per_step} prompts × {plan.num_generations} rollouts per step, "
+        f"{'LoRA r' + str(cfg.lora_r) if cfg.use_lora else 'full fine-tuning'}, lr {cfg.learning_rate:g}, "
+        f"temperature {cfg.temperature:g}")
+    trainer = GRPOTrainer(
+        model=str(model), reward_funcs=reward_functions(cfg.rewards), args=cfg, train_dataset=rows,
+        processing_class=tokenizer, peft_config=_lora_config(cfg) if cfg.use_lora else None,
+        callbacks=[StepLog(output_dir), *callbacks],
+    )
+    started = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.monotonic() - started
+    # LoRA: adapter_config.json + adapter_model.safetensors; full: config.json + model.safetensors +
+    # generation_config.json; both with the tokenizer. Gathers ZeRO-3 shards on several GPUs.
+    trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return {}
+    metrics = read_metrics(output_dir)
+    summary = {
+        "kind": "lora" if cfg.use_lora else "full",
+        "base_model": str(Path(model).resolve()) if Path(model).exists() else str(model),
+        "dataset": str(Path(dataset_dir).resolve()),
+        "dataset_rows": len(rows),
+        "dataset_counts": manifest.get("counts"),
+        "steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(1, trainer.state.global_step), 2),
+        "batch": plan.__dict__,
+        "reward": _summary_stats(metrics, "reward"),
+        "accuracy": _summary_stats(metrics, "accuracy"),
+        "format_rate": _summary_stats(metrics, "format_rate"),
+        "train_loss": result.training_loss,
+        "config": {k: v for k, v in cfg.to_dict().items()
+                   if k in {f for f in config_fields() if not f.startswith(("push_to_hub", "hub_"))}},
+        "resumed": resume,
+    }
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    log(f"[grpo] {summary['steps']} steps in {seconds:.0f} s; reward {summary['reward']['first']} → "
+        f"{summary['reward']['last']}; written to {output_dir}")
+    return summary
