@@ -71,15 +71,16 @@ class Scripted:
     model_id = "scripted"
     token_counter = None
 
-    def __init__(self, better: bool = True):
+    def __init__(self, better: bool = True, weights: bool = False):
         self.better = better
+        self.weights = weights  # other full weights: better on every request, no adapter needed
 
     def generate(self, turns, gen, adapters):
         out = []
         for turn, adapter in zip(turns, adapters):
             text = turn.split("<BEGIN CONVERSATION>")[1]
             unsafe = "[U]" in text
-            if self.better and adapter == "candidate" and "medication" in text.lower():
+            if self.better and (adapter == "candidate" or self.weights) and "medication" in text.lower():
                 unsafe = False
             label = "unsafe" if unsafe else "safe"
             out.append(Completion(text=f"<think>x</think>\\boxed{{{label}}}", prompt=turn, finish_reason="stop"))
@@ -132,6 +133,38 @@ def test_promotion_accepts_a_better_candidate_publishes_and_rolls_back(tmp_path)
         promo.run(f"guard@{rejected.version}", rollback=True)
 
 
+def test_a_full_weights_candidate_is_gated_on_an_engine_of_its_own(tmp_path):
+    from rsafe.policies import PolicyRegistry
+
+    reg = Registry(tmp_path / "reg")
+    started: list[str] = []
+
+    def on_weights(path):
+        started.append(path)
+        return Guard(Scripted(better=True, weights=True), policies=PolicyRegistry.from_dirs())
+
+    def base(adapters):
+        assert "candidate" not in adapters  # full weights are not an adapter
+        return Guard(Scripted(better=False), policies=PolicyRegistry.from_dirs())
+
+    full = tmp_path / "run-full"
+    full.mkdir()
+    (full / "config.json").write_text("{}")
+    (full / "model.safetensors").write_bytes(b"w" * 100)
+    promo = Promotion(reg, "base", "/base", base, promotion_set=tiny_set, log=lambda m: None,
+                      model_guard_factory=on_weights)
+    card = promo.run(str(full), approver="ann")
+    assert card.kind == "full" and card.status == "promoted" and len(started) == 1
+    assert (Path(started[0]) / "model.safetensors").exists()
+    promo.model_guard_factory = None
+    other = tmp_path / "run-full-2"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "model.safetensors").write_bytes(b"v" * 100)
+    with pytest.raises(RegistryError, match="engine on its weights"):
+        promo.run(str(other))
+
+
 def test_overlap_with_a_training_set_rejects(tmp_path):
     pset = tiny_set()
     ds = tmp_path / "ds"
@@ -172,3 +205,18 @@ def test_extract_lora_recovers_a_low_rank_weight_change(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.allclose(adapter(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
+
+
+def test_promote_needs_an_approver_when_configured(tmp_path):
+    import subprocess
+    import sys
+
+    def rsafe(*args):
+        return subprocess.run([sys.executable, "-m", "rsafe.cli", *args], capture_output=True, text=True, timeout=120)
+
+    cfg = tmp_path / "worker.yaml"
+    cfg.write_text(f"models:\n  registry: {tmp_path / 'reg'}\n  require_approver: true\n")
+    out = rsafe("train", "promote", str(tmp_path), "--config", str(cfg), "--model", str(tmp_path), "--engine", "transformers")
+    assert out.returncode == 2 and "approver" in out.stderr
+    missing = rsafe("models", "list")
+    assert missing.returncode == 2 and "registry" in missing.stderr

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from rsafe.models.options import die
 
@@ -154,6 +155,157 @@ def cmd_drift_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- promotion and the registry
+
+
+def _models_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``models:`` section (and ``broker``) of a worker config file, for defaults; flags win."""
+    if not getattr(args, "config", None):
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        die(f"{args.config}: cannot read the worker config: {err}", 2)
+    section = dict(data.get("models") or {})
+    if data.get("broker"):
+        section.setdefault("broker", data["broker"])
+    return section
+
+
+def _registry(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
+    from rsafe.training.registry import Registry
+
+    url = args.registry or os.environ.get("RSAFE_REGISTRY") or settings.get("registry")
+    if not url:
+        die("no registry: give --registry DIR|URL, $RSAFE_REGISTRY, or a --config whose models.registry is set", 2)
+    return Registry(url)
+
+
+def cmd_train_promote(args: argparse.Namespace) -> int:
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import EngineConfig
+    from rsafe.models.options import engine_config_from_args
+    from rsafe.training.promote import GateSettings, Promotion, publish_control
+    from rsafe.training.registry import RegistryError
+
+    settings = _models_settings(args)
+    registry = _registry(args, settings)
+    require = args.require_approver or bool(settings.get("require_approver"))
+    if require and not args.approver:
+        die("promotion requires a named approver here (models.require_approver): give --approver NAME", 2)
+    base_cfg = engine_config_from_args(args)
+
+    def guard_factory(adapters: dict[str, str]) -> Any:
+        data = base_cfg.model_dump()
+        data.update(enable_lora=True, max_lora_rank=max(base_cfg.max_lora_rank, args.max_lora_rank),
+                    lora_adapters={**base_cfg.lora_adapters, **adapters},
+                    generation=GenerationConfig(**{**base_cfg.generation.model_dump(), "structured": False}))
+        return Guard.from_config(EngineConfig.model_validate(data))
+
+    def model_guard_factory(path: str) -> Any:  # a full-weights candidate: an engine on its own weights
+        data = base_cfg.model_dump()
+        data.update(model=path, enable_lora=False, lora_adapters={},
+                    generation=GenerationConfig(**{**base_cfg.generation.model_dump(), "structured": False}))
+        return Guard.from_config(EngineConfig.model_validate(data))
+
+    broker = args.broker or settings.get("broker")
+    topic = args.control_topic or settings.get("control_topic") or "rsafe.models"
+    publish = None
+    if broker and not args.no_publish:
+        servers = broker.split(",") if isinstance(broker, str) else list(broker)
+        publish = lambda record: publish_control(servers, topic, record)  # noqa: E731
+    gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
+    promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
+                          model_guard_factory=model_guard_factory)
+    try:
+        card = promotion.run(args.candidate, args.against, args.approver, publish, rollback=args.rollback)
+    except (RegistryError, ValueError, OSError) as err:
+        die(str(err), 1)
+    print(json.dumps({"ref": card.ref, "status": card.status, "kind": card.kind,
+                      "accepted": card.gate.accepted if card.gate and not args.rollback else None,
+                      "reasons": card.gate.reasons if card.gate and not args.rollback else [],
+                      "control_topic": topic if publish else None}))
+    return 0 if card.status == "promoted" else 3
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    registry = _registry(args, _models_settings(args))
+    rows = []
+    for name in ([args.name] if args.name else registry.names()):
+        current = registry.current_version(name)
+        for c in registry.cards(name):
+            rows.append({"name": c.name, "version": c.version, "kind": c.kind, "status": c.status,
+                         "current": c.version == current, "created_at": c.created_at.isoformat(timespec="seconds"),
+                         "parent": c.parent_version, "gate": None if c.gate is None else c.gate.accepted,
+                         "promoted_by": c.promoted_by})
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return 0
+    if not rows:
+        _log(f"no models in {registry.url}")
+        return 0
+    print(f"{'NAME':<16} {'VERSION':<14} {'KIND':<5} {'STATUS':<9} {'GATE':<8} {'CREATED':<20} PARENT")
+    for r in rows:
+        gate = {None: "-", True: "accepted", False: "rejected"}[r["gate"]]
+        print(f"{r['name']:<16} {r['version']:<14} {r['kind']:<5} {r['status'] + ('*' if r['current'] else ''):<9} "
+              f"{gate:<8} {r['created_at']:<20} {r['parent'] or '-'}")
+    print("(* current)")
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from rsafe.training.registry import RegistryError
+
+    registry = _registry(args, _models_settings(args))
+    try:
+        card = registry.resolve(args.ref)
+    except (RegistryError, FileNotFoundError) as err:
+        die(f"{args.ref}: {err}", 1)
+    out = json.loads(card.model_dump_json())
+    out["current"] = registry.current_version(card.name) == card.version
+    out["artifact"] = registry.artifact_uri(card.name, card.version)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", help="the model registry, a directory or fsspec URL (default $RSAFE_REGISTRY, "
+                                      "or models.registry of --config)")
+    p.add_argument("--config", help="a worker config YAML: its models: section gives defaults")
+
+
+def _add_promote(train: argparse._SubParsersAction) -> None:
+    from rsafe.models.options import add_engine_args
+    from rsafe.training.promote import GateSettings
+
+    d = GateSettings()
+    p = train.add_parser("promote", help="gate a candidate (evaluation on a promotion set), then promote it: "
+                                         "registry + control record → running workers switch")
+    p.add_argument("candidate", help="a GRPO output directory (registered first) or a registry NAME@VERSION")
+    p.add_argument("--against", metavar="NAME@VERSION", help="compare with this version (default: the current one)")
+    p.add_argument("--name", default="guard", help="the adapter name workers serve (inputs[].adapter; default guard)")
+    p.add_argument("--approver", help="who promotes (recorded; required when models.require_approver)")
+    p.add_argument("--require-approver", action="store_true", help="refuse without --approver")
+    p.add_argument("--rollback", action="store_true",
+                   help="return to an earlier promoted version: no gate, but the record and the control message")
+    p.add_argument("--broker", help="Kafka bootstrap for the control record (default: broker of --config; "
+                                    "without one nothing is published)")
+    p.add_argument("--control-topic", help="default models.control_topic of --config, else rsafe.models")
+    p.add_argument("--no-publish", action="store_true", help="decide and record only")
+    p.add_argument("--tolerance", type=float, default=d.tolerance,
+                   help=f"largest drop of general F1 / any category recall, points (default {d.tolerance:g})")
+    p.add_argument("--min-gain", type=float, default=d.min_gain,
+                   help=f"smallest gain on the disagreement slice, points (default {d.min_gain:g})")
+    p.add_argument("--min-slice", type=int, default=d.min_slice, help=f"smallest slice (default {d.min_slice})")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the gate engine's LoRA rank limit (default 16)")
+    _add_registry_args(p)
+    add_engine_args(p)  # the gate's engine on the base model: --model BASE --engine …
+    p.set_defaults(func=cmd_train_promote, structured=False)
+
+
 # --------------------------------------------------------------------------- wiring
 
 
@@ -255,3 +407,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_dataset(train)
     _add_grpo(train)
     _add_drift(train)
+    _add_promote(train)
+
+    models = sub.add_parser("models", help="the model registry: versions, cards, gate decisions").add_subparsers(
+        dest="models_cmd", required=True)
+    ls = models.add_parser("list", help="registered versions (all names, or NAME)")
+    ls.add_argument("name", nargs="?")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_registry_args(ls)
+    ls.set_defaults(func=cmd_models_list)
+    show = models.add_parser("show", help="a version's model card: NAME@VERSION, NAME@current or NAME")
+    show.add_argument("ref")
+    _add_registry_args(show)
+    show.set_defaults(func=cmd_models_show)

@@ -164,6 +164,9 @@ class Promotion:
     """Starts a ``Guard`` on the base model with these adapters (name → path), structured off."""
     settings: GateSettings = field(default_factory=GateSettings)
     promotion_set: Callable[[], PromotionSet] = demo_promotion_set
+    model_guard_factory: Callable[[str], Any] | None = None
+    """Starts a ``Guard`` on other full weights (a directory), structured off: gates a full-weights
+    candidate (a second engine, measured one after the other)."""
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
 
     def candidate(self, ref: str) -> ModelCard:
@@ -196,14 +199,22 @@ class Promotion:
             adapters["candidate"] = str(self.registry.local_artifact(card.name, card.version))
         if current_card is not None and current_card.kind == "lora":
             adapters["current"] = str(self.registry.local_artifact(current_card.name, current_card.version))
-        if card.kind == "full":
-            raise RegistryError("gating a full-weights candidate needs a second engine on its weights: use a LoRA "
-                                "adapter, or evaluate it with rsafe eval and promote with --rollback after review")
+        if card.kind == "full" and self.model_guard_factory is None:
+            raise RegistryError("gating a full-weights candidate needs an engine on its weights "
+                                "(Promotion.model_guard_factory)")
         self.log(f"[promote] measuring {card.ref} against {current_card.ref if current_card else 'the base model'} "
                  f"on {len(pset.general)} general + {len(pset.slice)} slice examples (structured decoding off)")
+        if card.kind == "full":  # its own engine on the candidate's weights, then the current one
+            assert self.model_guard_factory is not None
+            guard = self.model_guard_factory(str(self.registry.local_artifact(card.name, card.version)))
+            try:
+                cand = measure(guard, pset, None, self.settings)
+            finally:
+                guard.close()
         guard = self.guard_factory(adapters)
         try:
-            cand = measure(guard, pset, "candidate", self.settings)
+            if card.kind == "lora":
+                cand = measure(guard, pset, "candidate", self.settings)
             curr = measure(guard, pset, "current" if "current" in adapters else None, self.settings)
         finally:
             guard.close()
