@@ -66,6 +66,20 @@ def outcome(bootstrap: str, cfg, n_in: int, read_committed: bool = False) -> dic
             "lost": lost, "duplicates": duplicates, "flipped": flipped}
 
 
+def describe_group(bootstrap: str, group_id: str) -> dict:
+    """The group's state and members (instance id → member id), as the broker reports them."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=[bootstrap], client_id="rsafe-test-describe")
+    try:
+        (g,) = admin.describe_consumer_groups([group_id])
+        return {"state": g.state, "members": {m.group_instance_id or "-": m.member_id for m in g.members}}
+    except Exception as err:  # noqa: BLE001 - diagnostics only
+        return {"error": repr(err)}
+    finally:
+        admin.close()
+
+
 def fresh_prefix(name: str) -> str:
     return f"{name}{uuid.uuid4().hex[:6]}"
 
@@ -235,6 +249,7 @@ def test_two_workers_one_killed_and_restarted(tmp_path):
             done = wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
                               == end_offsets([bootstrap], inputs), timeout=300, interval=2)
             recovery = time.monotonic() - t0
+            group = None if done else describe_group(bootstrap, cfg.group_id)  # why it stalled
         finally:
             for p in (b, a2):
                 if p is not None and p.poll() is None:
@@ -242,7 +257,7 @@ def test_two_workers_one_killed_and_restarted(tmp_path):
                     p.wait(timeout=120)
         o = outcome(bootstrap, cfg, n)
         record("3: two workers, 6 partitions, one SIGKILLed and restarted (same instance id)", **o,
-               caught_up=done, recovery_s=round(recovery, 1))
+               caught_up=done, recovery_s=round(recovery, 1), **({"group": group} if group else {}))
         assert o["lost"] == 0 and done
 
 

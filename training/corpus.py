@@ -309,6 +309,19 @@ def synthetic_examples(n: int, *, seed: int = 0) -> list[DemoExample]:
     return [_one_example(label, rng) for label in labels]
 
 
+def long_examples(n: int, *, seed: int = 0, safe_share: float = 2 / 3) -> list[DemoExample]:
+    """``n`` prompt-level long messages (what one window of a long message looks like): a request
+    inside benign filler, or — ``FILLER_ALONE`` of the safe ones — filler alone. The demo build's
+    second stage trains on these (``rsafe.training.demo.LONG_STAGE``)."""
+    rng = random.Random(f"rsafe-demo-long-{seed}")
+    out: list[DemoExample] = []
+    while len(out) < n:
+        example = _one_short("safe" if rng.random() < safe_share else "unsafe", rng)
+        if example.response is None:
+            out.append(_long(example, rng))
+    return out
+
+
 def family_examples(bank: str, policy: Policy, n: int, *, seed: int = 0, split: Split = "train",
                     response_share: float = 0.0) -> list[DemoExample]:
     """``n`` messages of one harmful bank (a "family"), labelled under ``policy``.

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, corpus, synthetic_examples
+from rsafe.training.corpus import DemoExample, corpus, long_examples, synthetic_examples
 from rsafe.training.tokenizer import (
     CHAT_TEMPLATE,
     QWEN2_PRETOKENIZE_REGEX,
@@ -48,9 +48,9 @@ from rsafe.training.tokenizer import (
     verdict_token_ids,
 )
 
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 """1: the first demo model (plain byte-level BPE); 2: Qwen2 pre-tokenizer + NFC, corpus as data;
-3: long messages (windows of up to ``WINDOW_TOKENS`` tokens)."""
+3: long messages (windows of up to ``WINDOW_TOKENS`` tokens); 4: a second stage on long messages."""
 WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``InputLimits.max_window_tokens``
 in stream/demo.yaml and the tests): it is trained on long messages of about that size."""
@@ -64,7 +64,13 @@ MODEL_SHAPE: dict[str, int] = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
 }
-SFT = sft.SFTConfig(steps=600, batch_size=16, learning_rate=1e-3, warmup_steps=20)
+SFT = sft.SFTConfig(steps=400, batch_size=16, learning_rate=1e-3, warmup_steps=20)
+LONG_STAGE = {"steps_per_sft_step": 1.0, "learning_rate": 3e-4, "warmup_steps": 10, "n_long": 2400, "n_short": 2400}
+"""The second SFT stage: long messages (``corpus.long_examples``: a request in filler, or filler
+alone) half and half with ordinary ones, at a lower rate. Without it the model flags about a third
+of pure-filler windows unsafe (measured: 8 of 12 safe), so a long benign text — judged in ~29
+windows, unsafe if any is — is never safe; after 200 steps 36 of 40 filler windows are safe (not
+enough), after 400 all 40 and a 3,000-token filler alone, and held-out accuracy does not drop."""
 N_TRAIN = 4000
 N_EVAL = 40
 EVAL_SEED_OFFSET = 10_000
@@ -85,7 +91,8 @@ def recipe_hash(**parts: Any) -> str:
 def model_recipe(seed: int, steps: int) -> str:
     probe = DemoExample("probe", None, "safe", None, "rsafe-default")
     return recipe_hash(version=RECIPE_VERSION, corpus=corpus().sha256, shape=MODEL_SHAPE,
-                       sft={**asdict(SFT), "steps": steps, "seed": seed}, n_train=N_TRAIN, n_eval=N_EVAL,
+                       sft={**asdict(SFT), "steps": steps, "seed": seed}, long_stage=LONG_STAGE,
+                       n_train=N_TRAIN, n_eval=N_EVAL,
                        vocab=VOCAB_SIZE, regex=QWEN2_PRETOKENIZE_REGEX, chat=CHAT_TEMPLATE,
                        template=user_turn(probe))
 
@@ -214,6 +221,20 @@ def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     log(f"[demo-model] keeping step {best['step']}")
+    long_steps = int(steps * LONG_STAGE["steps_per_sft_step"])
+    if long_steps:
+        held = {(e.policy, e.prompt, e.response) for e in evals}
+        rows = [e for e in (*long_examples(LONG_STAGE["n_long"], seed=seed),
+                            *synthetic_examples(LONG_STAGE["n_short"], seed=seed + 1))
+                if (e.policy, e.prompt, e.response) not in held]
+        stage = sft.SFTConfig(steps=long_steps, batch_size=SFT.batch_size, learning_rate=LONG_STAGE["learning_rate"],
+                              warmup_steps=LONG_STAGE["warmup_steps"], seed=seed)
+        log(f"[demo-model] long-message stage: {long_steps} steps on {len(rows)} examples")
+        sft.train(model, sft.group_by_prefix(tokenizer, rows), tokenizer.pad_token_id, stage, log=log,
+                  tag="demo-model long")
+        best["metrics"] = sft.evaluate_answers(model, tokenizer, evals)
+        log(f"[demo-model] after the long-message stage: format {best['metrics']['format_rate']:.0%}, "
+            f"accuracy {best['metrics']['accuracy']:.0%} on {len(evals)} held-out")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     summary = {
