@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Iterable, Protocol, Sequence
 
 from rsafe.stream.moderate import EngineDead, Incoming, Moderator, Outcome
 from rsafe.stream.telemetry import Telemetry, inject_headers
@@ -62,6 +62,11 @@ class BatchPipeline:
         self.publish_backoff_s = publish_backoff_s
         self.max_publish_backoff_s = max_publish_backoff_s
         self.stopping = False
+        self._holes: dict[tuple[str, int], int] = {}
+        """Per input partition, the lowest offset of a batch left unacked. Faust commits the first
+        run of consecutive acked offsets, so acking a later batch would commit past the hole and
+        lose it: later offsets of that partition are not acked (they are redelivered after the
+        restart or rebalance that redelivers the hole — duplicates, never loss)."""
         self._running = 0
         """Set at shutdown: a publish that keeps failing is given up (left unacked → replayed)."""
 
@@ -121,21 +126,35 @@ class BatchPipeline:
                 log.debug("batch of %d: moderated in %.0f ms, published in %.0f ms", len(batch),
                           (judged - started) * 1e3, (time.perf_counter() - judged) * 1e3)
                 if published:
+                    held = 0
                     for inc in batch:
+                        hole = self._holes.get((inc.source.topic, inc.source.partition))
+                        if hole is not None and inc.source.offset > hole:
+                            held += 1  # acking it would commit past the hole
+                            continue
                         await self.ack(inc)
+                    if held:
+                        log.warning("%d published events not acked: an earlier batch of their partition was "
+                                    "left unacked (they will be redelivered with it)", held)
                     if self.commit is not None:
                         await self.commit()
                     if self.on_published is not None:
                         self.on_published(outcomes)
+                else:
+                    self._hole(batch)
         except asyncio.CancelledError:
+            self._hole(batch)
             raise
         except LeftForRedelivery as why:
+            self._hole(batch)
             log.warning("batch of %d left unacked for redelivery: %s", len(batch), why)
         except EngineDead as why:
+            self._hole(batch)
             log.critical("engine dead: %s; batch of %d left unacked, stopping the worker", why, len(batch))
             if self.on_engine_dead is not None:
                 self.on_engine_dead(str(why))
         except Exception:  # noqa: BLE001 - never crash the worker; unacked messages are replayed
+            self._hole(batch)
             log.exception("batch of %d failed; its messages stay unacked and will be redelivered", len(batch))
         finally:
             if not done.done():
@@ -143,6 +162,21 @@ class BatchPipeline:
             self._running -= 1
             self._slots.release()
             self.telemetry.batch_finished(len(batch), (time.perf_counter() - started) * 1e3)
+
+    def _hole(self, batch: Sequence[Incoming]) -> None:
+        for inc in batch:
+            tp = (inc.source.topic, inc.source.partition)
+            if tp not in self._holes or inc.source.offset < self._holes[tp]:
+                if tp not in self._holes and not self.stopping:
+                    log.error("%s[%d]: offsets from %d left unacked; later offsets of this partition are not "
+                              "committed until they are redelivered (restart or rebalance)", tp[0], tp[1],
+                              inc.source.offset)
+                self._holes[tp] = inc.source.offset
+
+    def partitions_reassigned(self, tps: Iterable[tuple[str, int]]) -> None:
+        """A rebalance redelivers these partitions from their committed offsets: their holes are gone."""
+        for tp in tps:
+            self._holes.pop(tp, None)
 
     async def _publish(self, outcomes: Sequence[Outcome]) -> bool:
         delay, attempt = self.publish_backoff_s, 0

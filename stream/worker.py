@@ -287,6 +287,12 @@ class GuardWorker:
                                       commit=commit if eos else None, on_published=self._on_published,
                                       on_engine_dead=self._engine_dead, consumer_group=cfg.group_id)
         self.telemetry.lag_source = self._lag
+        pipeline = self.pipeline
+
+        async def reassigned(sender: Any, assigned: Any, **_: Any) -> None:  # redelivered from commits
+            pipeline.partitions_reassigned((tp.topic, tp.partition) for tp in assigned)
+
+        app.on_partitions_assigned.connect(reassigned)
         wire(app, cfg, self.pipeline)
         if cfg.feedback.enabled:
             from rsafe.stream.app import FeedbackWiring

@@ -1,6 +1,11 @@
 """``rsafe train promote`` and ``rsafe models list|show`` on the demo model (transformers engine,
-structured decoding off): a drift-trained adapter passes the gate and is published, an adapter
-trained on flipped labels is rejected and kept, rollback returns to the earlier version."""
+structured decoding off, the real gate): an adapter trained on flipped labels is rejected and kept;
+the demo corpus adapter, measured against it on an operator's promotion set, is accepted and
+published; rollback publishes an earlier promoted version again.
+
+(The demo model cannot learn the drift scenario's policy change even by SFT — docs/TRAINING.md —
+so acceptance is shown against a worse current version, on a promotion set given with
+``--promotion-set``.)"""
 
 from __future__ import annotations
 
@@ -23,50 +28,58 @@ def rsafe(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def adapters(demo_model_dir: Path) -> dict[str, Path]:
+def flipped(demo_model_dir: Path) -> Path:
     from rsafe.training.demo import build_demo_lora
 
-    return {v: build_demo_lora(demo_model_dir, demo_model_dir.parent / f"demo-lora-{v}", variant=v, steps=60)
-            for v in ("drift", "flipped")}
+    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora-flipped", variant="flipped", steps=60)
 
 
-def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, adapters):  # noqa: F811
+def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped):  # noqa: F811
     from rsafe.stream.clients import read_all
+    from rsafe.training.benchmarks import demo_examples
+    from rsafe.training.promote import PromotionSet, save_promotion_set
 
     reg = tmp_path / "registry"
     topic = f"models-{uuid.uuid4().hex[:6]}"
     common = ["--registry", str(reg), "--model", str(demo_model_dir), "--engine", "transformers",
               "--max-tokens", "96", "--broker", kafka, "--control-topic", topic]
+    pset = save_promotion_set(PromotionSet(demo_examples("rsafe-default", n=120), "rsafe-default",
+                                           demo_examples("kids-platform", n=60), "kids-platform"), tmp_path / "pset")
 
-    good = rsafe("train", "promote", str(adapters["drift"]), "--approver", "ann", *common)
-    assert good.returncode == 0, good.stderr[-3000:]
-    first = json.loads(good.stdout)
-    assert first["status"] == "promoted" and first["accepted"], first
-    assert any("slice" in r for r in first["reasons"])
-
-    bad = rsafe("train", "promote", str(adapters["flipped"]), *common)
+    # 1. flipped labels vs the base model, the demo promotion set: rejected, kept, marked, nothing published
+    bad = rsafe("train", "promote", str(flipped), *common)
     assert bad.returncode == 3, bad.stderr[-3000:]
-    second = json.loads(bad.stdout)
-    assert second["status"] == "rejected" and not second["accepted"]
-    assert any(r.startswith("FAIL") for r in second["reasons"]), second["reasons"]
+    rejected = json.loads(bad.stdout)
+    assert rejected["status"] == "rejected" and not rejected["accepted"]
+    assert any(r.startswith("FAIL general F1") for r in rejected["reasons"]), rejected["reasons"]
 
-    # the registry: both kept, one current, the rejected one marked, the gate's figures on the card
+    # 2. the corpus adapter against that worse version, on an operator's promotion set: accepted, published
+    good = rsafe("train", "promote", str(demo_lora_dir), "--against", rejected["ref"], "--promotion-set", str(pset),
+                 "--approver", "ann", *common)
+    assert good.returncode == 0, good.stderr[-3000:]
+    promoted = json.loads(good.stdout)
+    assert promoted["status"] == "promoted" and promoted["accepted"], promoted
+    assert all(r.startswith("PASS") for r in promoted["reasons"]), promoted["reasons"]
+
+    # the registry: both kept, one current, the gate's figures on the cards
     listed = [json.loads(line) for line in rsafe("models", "list", "--registry", str(reg), "--json").stdout.splitlines()]
     by_status = {r["status"]: r for r in listed}
     assert set(by_status) == {"promoted", "rejected"} and by_status["promoted"]["current"]
-    shown = json.loads(rsafe("models", "show", first["ref"], "--registry", str(reg)).stdout)
-    assert shown["gate"]["accepted"] and shown["promoted_by"] == "ann" and shown["current"]
-    assert shown["gate"]["candidate_metrics"]["slice_accuracy"] >= shown["gate"]["current_metrics"]["slice_accuracy"] + 10
+    shown = json.loads(rsafe("models", "show", "guard", "--registry", str(reg)).stdout)
+    assert shown["version"] == promoted["ref"].split("@")[1] and shown["promoted_by"] == "ann"
+    gate = shown["gate"]
+    assert gate["accepted"] and gate["against"] == rejected["ref"]
+    assert gate["candidate_metrics"]["slice_accuracy"] >= gate["current_metrics"]["slice_accuracy"] + 10
+    assert gate["settings"]["promotion_set"]["slice_policy"] == "kids-platform"
     table = rsafe("models", "list", "--registry", str(reg)).stdout
     assert "rejected" in table and "promoted*" in table
 
-    # a rejected version cannot be rolled back to; the promoted one can (no gate, a control record)
-    no = rsafe("train", "promote", second["ref"], "--rollback", *common)
+    # 3. a rejected version cannot be rolled back to; the promoted one can (no gate, a control record)
+    no = rsafe("train", "promote", rejected["ref"], "--rollback", *common)
     assert no.returncode == 1 and "never promoted" in no.stderr
-    back = rsafe("train", "promote", first["ref"], "--rollback", "--approver", "bob", *common)
+    back = rsafe("train", "promote", promoted["ref"], "--rollback", "--approver", "bob", *common)
     assert back.returncode == 0, back.stderr[-2000:]
+    version = promoted["ref"].split("@")[1]
     records = [json.loads(r.value) for r in read_all([kafka], [topic])]
-    assert [(r["version"], r["rollback"]) for r in records] == [(first["ref"].split("@")[1], False),
-                                                                (first["ref"].split("@")[1], True)]
-    assert Registry(reg).current_version("guard") == first["ref"].split("@")[1]
-
+    assert [(r["version"], r["rollback"]) for r in records] == [(version, False), (version, True)]
+    assert Registry(reg).current_version("guard") == version

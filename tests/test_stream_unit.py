@@ -18,7 +18,7 @@ from rsafe.models.guard import Guard
 from rsafe.policies import PolicyRegistry
 from rsafe.stream.config import ConfigError, OnError, load_config
 from rsafe.stream.moderate import Incoming, Moderator, Outcome, OutRecord, summarize
-from rsafe.stream.pipeline import BatchPipeline
+from rsafe.stream.pipeline import BatchPipeline, LeftForRedelivery
 from rsafe.stream.records import DLQReason, Rejected, SourceRef, decode_event, sha256_text
 from rsafe.stream.telemetry import Telemetry
 
@@ -310,6 +310,43 @@ def test_pipeline_publishes_in_order_and_acks_only_after_publish():
     written, acked, stats = run(scenario())
     assert written == ["a:0", "a:1", "a:2"] and acked == written
     assert stats["publish_failures"] == 1 and stats["max_inflight_batches"] == 2
+
+
+class FirstBatchFails(SlowFirstModerator):
+    """Batch 0 is slow and then fails (left for redelivery); the later batches succeed."""
+
+    async def moderate(self, batch):
+        first = self.n == 0
+        out = await super().moderate(batch)
+        if first:
+            raise LeftForRedelivery("the engine failed during shutdown")
+        return out
+
+
+def test_a_batch_left_unacked_holds_back_later_acks_of_its_partitions():
+    """Faust commits the first run of consecutive acked offsets: acking a:2 after a:1 was left
+    unacked would commit past a:1 and lose it. Later offsets of *that* partition stay unacked
+    (redelivered with the hole); other partitions are acked as usual."""
+
+    async def scenario():
+        acked: list[str] = []
+
+        async def ack(i):
+            acked.append(f"{i.source.topic}:{i.source.offset}")
+
+        p = BatchPipeline(FirstBatchFails(), MemorySink(), ack, max_inflight=2, telemetry=Telemetry("w"))
+        await p.submit([inc("a", None, 0), inc("a", None, 1)])  # fails
+        await p.submit([inc("a", None, 2), inc("b", None, 0)])  # published; a:2 must not be acked
+        await p.drain()
+        held = list(acked)
+        p.partitions_reassigned([("a", 0)])  # a rebalance redelivers a from its committed offset
+        await p.submit([inc("a", None, 0)])
+        await p.drain()
+        return held, acked
+
+    held, acked = run(scenario())
+    assert held == ["b:0"]
+    assert acked == ["b:0", "a:0"]
 
 
 def test_pipeline_bounds_inflight_batches():

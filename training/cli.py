@@ -184,7 +184,9 @@ def _registry(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
 
 
 def cmd_train_promote(args: argparse.Namespace) -> int:
-    from rsafe.models import GenerationConfig, Guard
+    from dataclasses import replace
+
+    from rsafe.models import Guard
     from rsafe.models.config import EngineConfig
     from rsafe.models.options import engine_config_from_args
     from rsafe.training.promote import GateSettings, Promotion, publish_control
@@ -201,13 +203,13 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
         data = base_cfg.model_dump()
         data.update(enable_lora=True, max_lora_rank=max(base_cfg.max_lora_rank, args.max_lora_rank),
                     lora_adapters={**base_cfg.lora_adapters, **adapters},
-                    generation=GenerationConfig(**{**base_cfg.generation.model_dump(), "structured": False}))
+                    generation=replace(base_cfg.generation, structured=False))
         return Guard.from_config(EngineConfig.model_validate(data))
 
     def model_guard_factory(path: str) -> Any:  # a full-weights candidate: an engine on its own weights
         data = base_cfg.model_dump()
         data.update(model=path, enable_lora=False, lora_adapters={},
-                    generation=GenerationConfig(**{**base_cfg.generation.model_dump(), "structured": False}))
+                    generation=replace(base_cfg.generation, structured=False))
         return Guard.from_config(EngineConfig.model_validate(data))
 
     broker = args.broker or settings.get("broker")
@@ -219,6 +221,10 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
     gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
     promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
                           model_guard_factory=model_guard_factory)
+    if args.promotion_set:
+        from rsafe.training.promote import load_promotion_set
+
+        promotion.promotion_set = lambda: load_promotion_set(args.promotion_set)
     try:
         card = promotion.run(args.candidate, args.against, args.approver, publish, rollback=args.rollback)
     except (RegistryError, ValueError, OSError) as err:
@@ -295,6 +301,8 @@ def _add_promote(train: argparse._SubParsersAction) -> None:
                                     "without one nothing is published)")
     p.add_argument("--control-topic", help="default models.control_topic of --config, else rsafe.models")
     p.add_argument("--no-publish", action="store_true", help="decide and record only")
+    p.add_argument("--promotion-set", metavar="DIR",
+                   help="general.jsonl + slice.jsonl + promotion_set.json (default: the demo's promotion set)")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help=f"largest drop of general F1 / any category recall, points (default {d.tolerance:g})")
     p.add_argument("--min-gain", type=float, default=d.min_gain,

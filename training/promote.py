@@ -76,6 +76,40 @@ def demo_promotion_set(n_slice: int = 60) -> PromotionSet:
                          "slice": "medical family, held-out templates, medical-platform, seed 991"})
 
 
+def load_promotion_set(folder: str | Path) -> PromotionSet:
+    """An operator's promotion set: ``general.jsonl`` and ``slice.jsonl`` (rows of
+    ``rsafe.evaluation.Example``: ``id``, ``prompt``, optional ``response``, ``label``, ``categories``)
+    and ``promotion_set.json`` (``{"general_policy": NAME, "slice_policy": NAME}``). Neither may share
+    a row with any training set (checked against the candidate's dataset manifest)."""
+    from pydantic import ValidationError
+
+    from rsafe.evaluation.benchmarks import BenchmarkError, read_rows
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "promotion_set.json").read_text(encoding="utf-8"))
+        sets = {}
+        for name in ("general", "slice"):
+            rows = read_rows(folder / f"{name}.jsonl")
+            sets[name] = [Example.model_validate({"id": f"{name}-{i}", **r}) for i, r in enumerate(rows)]
+        return PromotionSet(sets["general"], meta["general_policy"], sets["slice"], meta["slice_policy"],
+                            {"path": str(folder.resolve()), **meta})
+    except (OSError, ValueError, KeyError, ValidationError, BenchmarkError) as err:
+        raise RegistryError(f"{folder}: not a promotion set (general.jsonl, slice.jsonl, promotion_set.json "
+                            f"with general_policy and slice_policy): {err}") from None
+
+
+def save_promotion_set(pset: PromotionSet, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("general", pset.general), ("slice", pset.slice)):
+        (folder / f"{name}.jsonl").write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows),
+                                              encoding="utf-8")
+    (folder / "promotion_set.json").write_text(json.dumps({"general_policy": pset.general_policy,
+                                                           "slice_policy": pset.slice_policy}) + "\n")
+    return folder
+
+
 def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
