@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from rsafe.stream.broker import EmbeddedBroker
-from rsafe.stream.clients import Message, end_offsets, read_all
+from rsafe.stream.clients import Message, committed_offsets, end_offsets, read_all
 
 
 REAL_KAFKA = os.environ.get("RSAFE_TEST_BROKER")
@@ -83,3 +83,11 @@ def verdict_ids(bootstrap: str, cfg) -> Counter:
                                                                 idle_timeout_s=1.0))
 
 
+
+
+def caught_up(bootstrap: str, group_id: str, topics: list[str]) -> bool:
+    """Every partition of ``topics`` committed to its end. An empty partition (end offset 0) has
+    no committed offset at all, and counts as caught up (the producer's partitioner may leave a
+    partition empty: comparing ``None`` with 0 once made a finished run look stalled)."""
+    committed = committed_offsets([bootstrap], group_id, topics)
+    return all((committed.get(tp) or 0) >= end for tp, end in end_offsets([bootstrap], topics).items())

@@ -24,7 +24,7 @@ from rsafe.stream.broker import ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
-from streamkit import events, kafka, logged, published, start_worker, verdict_ids, wait_until, worker_config  # noqa: F401
+from streamkit import caught_up, events, kafka, logged, published, start_worker, verdict_ids, wait_until, worker_config  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def test_kill9_and_restart_with_the_same_instance_id_takes_over_at_once(kafka, t
     assert duplicates <= bound, duplicates
     assert recovery_s < 60  # static membership: no waiting for a dead member to expire
     inputs = [t.topic for t in cfg.inputs]
-    assert committed_offsets([kafka], cfg.group_id, inputs) == end_offsets([kafka], inputs)
+    assert caught_up(kafka, cfg.group_id, inputs)
 
 
 def test_a_second_worker_with_the_same_instance_id_on_this_host_refuses_to_start(kafka, tmp_path):
@@ -254,7 +254,7 @@ def test_bad_input_at_volume_every_offset_is_accounted_for(kafka, tmp_path):
     w = start_worker(tmp_path, raw, "w")
     inputs = [t.topic for t in cfg.inputs]
     try:
-        assert wait_until(lambda: committed_offsets([kafka], cfg.group_id, inputs) == end_offsets([kafka], inputs),
+        assert wait_until(lambda: caught_up(kafka, cfg.group_id, inputs),
                           timeout=180, interval=1.0), (tmp_path / "w.log").read_text()[-2000:]
         assert w.poll() is None  # no crash
     finally:

@@ -30,7 +30,7 @@ from rsafe.stream.broker import EmbeddedBroker, ensure_topics, free_port
 from rsafe.stream.clients import committed_offsets, end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
-from streamkit import REAL_KAFKA, events, logged, published, start_worker, wait_until, worker_config
+from streamkit import caught_up, REAL_KAFKA, events, logged, published, start_worker, wait_until, worker_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -72,8 +72,9 @@ def describe_group(bootstrap: str, group_id: str) -> dict:
 
     admin = KafkaAdminClient(bootstrap_servers=[bootstrap], client_id="rsafe-test-describe")
     try:
-        (g,) = admin.describe_consumer_groups([group_id])
-        return {"state": g.state, "members": {m.group_instance_id or "-": m.member_id for m in g.members}}
+        g = admin.describe_groups([group_id]).get(group_id) or {}
+        return {"state": g.get("group_state") or g.get("state"),
+                "members": {m.get("group_instance_id") or "-": m.get("member_id") for m in g.get("members") or []}}
     except Exception as err:  # noqa: BLE001 - diagnostics only
         return {"error": repr(err)}
     finally:
@@ -195,8 +196,7 @@ def _broker_restart(tmp_path: Path, kill: bool) -> dict:
             assert wait_until(lambda: published(bootstrap, cfg) > 0, timeout=120)
             t.join(timeout=600)
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
-                              == end_offsets([bootstrap], inputs), timeout=300, interval=2)
+            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
             recovery = time.monotonic() - t0
             assert w.poll() is None, "the worker did not survive the broker restart"
         finally:
@@ -246,8 +246,7 @@ def test_two_workers_one_killed_and_restarted(tmp_path):
             t0 = time.monotonic()
             a2 = start_worker(tmp_path, {**raw, "group_instance_id": f"{prefix}-a"}, "a2")
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
-                              == end_offsets([bootstrap], inputs), timeout=300, interval=2)
+            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
             recovery = time.monotonic() - t0
             group = None if done else describe_group(bootstrap, cfg.group_id)  # why it stalled
         finally:
@@ -278,8 +277,7 @@ def test_the_other_worker_takes_over_a_dead_members_partitions(tmp_path):
         assert wait_until(lambda: published(bootstrap, cfg) > 1000, timeout=120, interval=0.2)
         a.send_signal(signal.SIGKILL)
         inputs = [x.topic for x in cfg.inputs]
-        assert wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
-                          == end_offsets([bootstrap], inputs), timeout=600, interval=2)
+        assert wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=600, interval=2)
     finally:
         b.send_signal(signal.SIGTERM)
         b.wait(timeout=120)
@@ -310,8 +308,7 @@ def test_exactly_once_with_sigkill(tmp_path):
         w2 = start_worker(tmp_path, raw, "w2")
         try:
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
-                              == end_offsets([bootstrap], inputs), timeout=300, interval=2)
+            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
         finally:
             w2.send_signal(signal.SIGTERM)
             w2.wait(timeout=120)
@@ -352,8 +349,7 @@ def test_soak_20k_events_memory_and_lag(tmp_path):
             for start in range(0, n, 1000):  # a steady stream: 1,000 events per batch of produce
                 produce([bootstrap], events(cfg.inputs[0].topic, prefix, 1000, start=start))
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: committed_offsets([bootstrap], cfg.group_id, inputs)
-                              == end_offsets([bootstrap], inputs), timeout=900, interval=1)
+            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=900, interval=1)
             elapsed = time.monotonic() - t0
         finally:
             stop.set()

@@ -25,6 +25,7 @@ import yaml
 from rsafe.policies import PolicyRegistry
 from rsafe.stream.broker import EmbeddedBroker, ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
+from streamkit import caught_up
 from rsafe.stream.config import load_config
 from rsafe.stream.records import sha256_text
 from rsafe.stream.worker import GuardWorker, serve, topic_specs
@@ -314,7 +315,7 @@ def test_exactly_once_mode(kafka, demo_model_dir, vllm_guard):
     assert len(out.dlq) == 3
     assert all(out.audit[e][0]["processing_guarantee"] == "exactly_once" for e in meta)
     inputs = [t.topic for t in cfg.inputs]
-    assert committed_offsets([kafka], cfg.group_id, inputs) == end_offsets([kafka], inputs)
+    assert caught_up(kafka, cfg.group_id, inputs)
 
 
 # --------------------------------------------------------------------------- policy hot reload
