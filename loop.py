@@ -177,7 +177,8 @@ async def run_loop(s: LoopSettings) -> int:
         if summary.get("kind") == "full":  # workers hot-swap adapters: take the low-rank part of the change
             candidate = work / "candidate"
             report = extract_lora(model, run_dir, candidate, rank=s.lora_rank)
-            shutil.copy(run_dir / grpo.SUMMARY, candidate / grpo.SUMMARY)
+            extracted = {**summary, "kind": "lora", "extracted_from": str(run_dir), "extraction": report}
+            (candidate / grpo.SUMMARY).write_text(json.dumps(extracted, indent=1, default=str) + "\n")
             say(f"LoRA r{s.lora_rank} extracted from the full fine-tune (energy kept {report['mean_energy_kept']:.0%})")
         steps.end(f"reward {summary['reward']['first']} → {summary['reward']['last']}")
 
