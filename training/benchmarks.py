@@ -21,9 +21,9 @@ DEMO_SIZE = 400
 
 @lru_cache(maxsize=1)
 def _demo_training_messages() -> frozenset[tuple[str, str, str | None]]:
-    from rsafe.training.demo import N_TRAIN
+    from rsafe.training.demo import training_messages
 
-    return frozenset((e.policy, e.prompt, e.response) for e in synthetic_examples(N_TRAIN, seed=0))
+    return training_messages(seed=0)
 
 
 def demo_examples(policy: str = "rsafe-default", n: int = DEMO_SIZE, seed: int = DEMO_SEED) -> list[Example]:

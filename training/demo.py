@@ -158,6 +158,14 @@ def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[
 # The demo model
 # --------------------------------------------------------------------------------------------
 
+def training_messages(seed: int = 0) -> frozenset[tuple[str, str, str | None]]:
+    """Every (policy, prompt, response) a demo build of ``seed`` trains on, in both stages: what
+    evaluation sets must leave out (``rsafe.training.benchmarks``)."""
+    examples = [*synthetic_examples(N_TRAIN, seed=seed), *long_examples(LONG_STAGE["n_long"], seed=seed),
+                *synthetic_examples(LONG_STAGE["n_short"], seed=seed + 1)]
+    return frozenset((e.policy, e.prompt, e.response) for e in examples)
+
+
 def split(seed: int, n_train: int, n_eval: int) -> tuple[list[DemoExample], list[DemoExample]]:
     """Train and held-out examples; no held-out message (with its response) occurs in training."""
     evals = synthetic_examples(n_eval, seed=seed + EVAL_SEED_OFFSET)
