@@ -199,18 +199,16 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
         die("promotion requires a named approver here (models.require_approver): give --approver NAME", 2)
     base_cfg = engine_config_from_args(args)
 
-    def guard_factory(adapters: dict[str, str]) -> Any:
-        data = base_cfg.model_dump()
-        data.update(enable_lora=True, max_lora_rank=max(base_cfg.max_lora_rank, args.max_lora_rank),
-                    lora_adapters={**base_cfg.lora_adapters, **adapters},
-                    generation=replace(base_cfg.generation, structured=False))
+    def gate_engine(**changes: Any) -> Any:  # the gate's engine: structured decoding always off
+        data = {**base_cfg.model_dump(), **changes, "generation": replace(base_cfg.generation, structured=False)}
         return Guard.from_config(EngineConfig.model_validate(data))
 
+    def guard_factory(adapters: dict[str, str]) -> Any:
+        return gate_engine(enable_lora=True, max_lora_rank=max(base_cfg.max_lora_rank, args.max_lora_rank),
+                           lora_adapters={**base_cfg.lora_adapters, **adapters})
+
     def model_guard_factory(path: str) -> Any:  # a full-weights candidate: an engine on its own weights
-        data = base_cfg.model_dump()
-        data.update(model=path, enable_lora=False, lora_adapters={},
-                    generation=replace(base_cfg.generation, structured=False))
-        return Guard.from_config(EngineConfig.model_validate(data))
+        return gate_engine(model=path, enable_lora=False, lora_adapters={})
 
     broker = args.broker or settings.get("broker")
     topic = args.control_topic or settings.get("control_topic") or "rsafe.models"
