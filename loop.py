@@ -33,7 +33,7 @@ class LoopSettings:
     n_general: int = 40
     n_heldout: int = 60
     """Held-out drift messages (held-out templates) judged before and after."""
-    grpo_steps: int = 40
+    grpo_steps: int = 30
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
     lora_rank: int = 16
     timeout_s: float = 1800.0

@@ -2,8 +2,10 @@
 
 ``.venv/bin/python bench/batching.py --model .cache/demo-model`` calls the engine directly;
 ``--kafka`` runs the real worker on an embedded broker for each setting (events/s from the first
-event consumed to the last verdict published, and consumed → verdict latency).
-docs/BENCHMARKS.md records the numbers behind the worker's defaults.
+event consumed to the last verdict published, and consumed → verdict latency p50/p99/max).
+Prints a markdown table with each setting's throughput ÷ one event at a time (size 1, one in
+flight), measured in the same run. docs/BENCHMARKS.md records the numbers behind the worker's
+defaults.
 """
 
 from __future__ import annotations
@@ -95,11 +97,17 @@ async def _kafka_round(backend, engine_cfg, bootstrap: str, requests, size: int,
     return wall, latencies
 
 
+def _pct(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile (nearest rank) of already sorted values."""
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
-    p.add_argument("--events", type=int, default=96)
-    p.add_argument("--sizes", default="8,16,32")
+    p.add_argument("--events", type=int, default=200)
+    p.add_argument("--sizes", default="1,8,16,32,64")
     p.add_argument("--inflight", default="1,2,4")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--kafka", action="store_true", help="through the real worker on an embedded broker")
@@ -114,8 +122,10 @@ def main() -> None:
     try:
         requests = _requests(args.events)
         asyncio.run(_run(guard, requests[:16], 16, 1))  # warm-up
-        what = "event p50 ms" if args.kafka else "batch p50 ms"
-        print(f"{'size':>5} {'inflight':>8} {'events/s':>9} {what:>13} {what.replace('p50', 'max'):>13}")
+        what = "event" if args.kafka else "batch"
+        print(f"| size | in flight | events/s | × one at a time | {what} p50 ms | {what} p99 ms | {what} max ms |")
+        print("|---|---|---|---|---|---|---|")
+        single: float | None = None
         if args.kafka:
             import tempfile
 
@@ -124,12 +134,18 @@ def main() -> None:
             broker = EmbeddedBroker(tempfile.mkdtemp(prefix="rsafe-bench-"), port=0).start()
             atexit.register(shutil.rmtree, broker.data_dir, True)
         for size, inflight in itertools.product(map(int, args.sizes.split(",")), map(int, args.inflight.split(","))):
+            if size == 1 and inflight > 1 and single is not None:
+                continue  # one event at a time is the baseline: measured once
             if args.kafka:
                 wall, lat = asyncio.run(_kafka_round(guard.backend, cfg, broker.bootstrap, requests, size, inflight))
             else:
                 wall, lat = asyncio.run(_run(guard, requests, size, inflight))
             lat.sort()
-            print(f"{size:>5} {inflight:>8} {len(requests) / wall:>9.1f} {lat[len(lat) // 2]:>13.0f} {lat[-1]:>13.0f}",
+            rate = len(requests) / wall
+            if size == 1 and inflight == 1:
+                single = rate
+            gain = f"{rate / single:.1f}×" if single else "–"
+            print(f"| {size} | {inflight} | {rate:.1f} | {gain} | {_pct(lat, 50):.0f} | {_pct(lat, 99):.0f} | {lat[-1]:.0f} |",
                   flush=True)
     finally:
         if broker is not None:

@@ -79,6 +79,26 @@ def prompts(model: Path, n: int) -> list[str]:
     return [render_prompt(tok, build_user_turn(policy, e.prompt)) for e in rows]
 
 
+def prefix_report(model: Path, texts: list[str]) -> dict:
+    """Tokens the rendered prompts share: across the messages of one policy (everything before the
+    message: chat template, task text, the policy's categories), and across policies (the common
+    head of two policies' prompts — e.g. ``medical-platform`` shares ``rsafe-default``'s U1–U12)."""
+    from transformers import AutoTokenizer
+
+    from rsafe.models.prompt import build_user_turn, render_prompt
+    from rsafe.policies import PolicyRegistry
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    shared = len(os.path.commonprefix(ids))
+    registry = PolicyRegistry.from_dirs()
+    heads = {name: tok.encode(render_prompt(tok, build_user_turn(registry.get(name), "x")), add_special_tokens=False)
+             for name in ("rsafe-default", "medical-platform", "kids-platform")}
+    return {"shared_prefix_tokens": shared,
+            "across_policies": {f"rsafe-default/{name}": len(os.path.commonprefix([heads["rsafe-default"], h]))
+                                for name, h in heads.items() if name != "rsafe-default"}}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -97,6 +117,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
         enable_prefix_caching=not args.no_prefix_caching, gpu_memory_utilization=0.9,
         enforce_eager=not on_gpu, seed=0))
     start_s = time.perf_counter() - t0
+    block_size = engine.vllm_config.cache_config.block_size
     sp = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0,
                         output_kind=RequestOutputKind.FINAL_ONLY)
     prefill: list[int] = []
@@ -119,7 +140,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
         wall = time.perf_counter() - t
         lat = [r[0] for r in res]
         out = {
-            "engine_start_s": round(start_s, 1), "n": len(texts),
+            "engine_start_s": round(start_s, 1), "n": len(texts), "block_size": block_size,
             "prompt_tokens_mean": round(statistics.mean(r[1] for r in res), 1),
             "new_tokens": args.new_tokens,
             "prefill_computed_per_msg": round(statistics.mean(prefill), 1),
@@ -170,17 +191,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = model_dir(args.shape, Path(args.demo_model), Path(tmp) / "model")
         texts = prompts(model, args.n)
-        result = {"shape": args.shape, "device": args.device, **asyncio.run(bench(args, model, texts))}
+        result = {"shape": args.shape, "device": args.device, **asyncio.run(bench(args, model, texts)),
+                  **prefix_report(model, texts)}
+        result["aligned_prefix_tokens"] = result["shared_prefix_tokens"] // result["block_size"] * result["block_size"]
     if args.compare_prefix and not args.no_prefix_caching:
         cmd = [sys.executable, __file__, "--no-prefix-caching", *[a for a in sys.argv[1:] if a != "--compare-prefix"]]
         off = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         result["prefix_off"] = {k: off[k] for k in ("batched_msgs_per_s", "prefill_computed_per_msg", "engine_start_s")}
         result["prefix_speedup"] = round(result["batched_msgs_per_s"] / off["batched_msgs_per_s"], 2)
+        saved = off["prefill_computed_per_msg"] - result["prefill_computed_per_msg"]
+        result["prefix_reuse_of_aligned"] = round(saved / max(1, result["aligned_prefix_tokens"]), 3)  # target ≥ 0.8
     if not args.no_prefix_caching:
         r = result
         print(f"| {r['shape']} | {r['device']} | {r['batched_msgs_per_s']} | {r['batched_tokens_per_s']} | "
               f"{r['batched_p99_s']} | {r.get('batching_ratio')} | {r['prefill_computed_per_msg']} / "
               f"{r['prompt_tokens_mean']} | {r.get('prefix_speedup', '–')} |", file=sys.stderr)
+        print(f"shared prefix {r['shared_prefix_tokens']} tokens, {r['aligned_prefix_tokens']} in whole "
+              f"{r['block_size']}-token blocks; prefill saved per message with caching: "
+              f"{r.get('prefix_reuse_of_aligned', '–')} of the aligned part (target ≥ 0.8); across policies: "
+              f"{r['across_policies']}", file=sys.stderr)
     print(json.dumps(result))
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -94,6 +94,25 @@ class PolicyStore:
         self._records: dict[str, StoredPolicy] = {}
         for r in records:
             self.add(r)
+
+    @classmethod
+    def from_topic_values(cls, values: Iterable[tuple[str, bytes | None]], *,
+                          on_unreadable: Callable[[str, PolicyIntegrityError], object] | None = None) -> PolicyStore:
+        """A store from the policies topic's records, ``(where, value)`` in offset order: tombstones
+        are skipped and the first record of a key is kept. An unreadable record raises
+        ``PolicyIntegrityError`` naming where it is, unless ``on_unreadable`` takes it (the stream
+        worker logs and skips it; the retraining job lets it raise)."""
+        store = cls()
+        for where, value in values:
+            if value is None:  # a tombstone
+                continue
+            try:
+                store.add(StoredPolicy.from_json(value))
+            except PolicyIntegrityError as err:
+                if on_unreadable is None:
+                    raise PolicyIntegrityError(f"{where}: {err}") from None
+                on_unreadable(where, err)
+        return store
 
     def add(self, record: StoredPolicy) -> bool:
         """Keep ``record`` unless its key is already stored; True when it was new."""

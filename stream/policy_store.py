@@ -13,7 +13,7 @@ import logging
 from typing import Any, Sequence
 
 from rsafe.policies import PolicyRegistry
-from rsafe.policies.store import PolicyIntegrityError, PolicyStore, StoredPolicy
+from rsafe.policies.store import PolicyStore, StoredPolicy
 
 log = logging.getLogger("rsafe.stream.policy_store")
 
@@ -23,15 +23,10 @@ def read_store(bootstrap: Sequence[str], topic: str, *, client_kwargs: dict[str,
     """Every policy version on ``topic`` (unreadable records are logged and skipped)."""
     from rsafe.stream.clients import iter_records
 
-    store = PolicyStore()
-    for r in iter_records(bootstrap, [topic], idle_timeout_s=idle_timeout_s, client_kwargs=client_kwargs):
-        if r.value is None:  # a tombstone
-            continue
-        try:
-            store.add(StoredPolicy.from_json(r.value))
-        except PolicyIntegrityError as err:
-            log.warning("skipping %s[%d]@%d: %s", r.topic, r.partition, r.offset, err)
-    return store
+    records = iter_records(bootstrap, [topic], idle_timeout_s=idle_timeout_s, client_kwargs=client_kwargs)
+    return PolicyStore.from_topic_values(
+        ((f"{r.topic}[{r.partition}]@{r.offset}", r.value) for r in records),
+        on_unreadable=lambda where, err: log.warning("skipping %s: %s", where, err))
 
 
 class PolicyPublisher:

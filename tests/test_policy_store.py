@@ -67,6 +67,18 @@ def test_tampered_content_is_detected():
     assert StoredPolicy.model_validate(record).load().version == kids.version
 
 
+def test_store_from_topic_values_names_an_unreadable_record_or_hands_it_over():
+    kids = REGISTRY.get("kids-platform")
+    first, again = StoredPolicy.of(kids, "w1"), StoredPolicy.of(kids, "w2")
+    values = [("p[0]@0", first.to_json()), ("p[0]@1", None), ("p[0]@2", b"{not json"), ("p[0]@3", again.to_json())]
+    with pytest.raises(PolicyIntegrityError, match=r"p\[0\]@2: unreadable"):
+        PolicyStore.from_topic_values(values)
+    skipped: list[str] = []
+    store = PolicyStore.from_topic_values(values, on_unreadable=lambda where, err: skipped.append(where))
+    assert skipped == ["p[0]@2"] and len(store) == 1  # the tombstone ignored, the first record kept
+    assert store.record("kids-platform", kids.version).published_by == "w1"
+
+
 @pytest.mark.slow
 def test_worker_publishes_on_start_and_reload_and_the_cli_reads_the_store(tmp_path):
     from rsafe.models.config import local_engine_config

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from rsafe.evaluation import Example
 from rsafe.models.prompt import build_user_turn
 from rsafe.policies import BUNDLED_DIR, Level, Policy, PolicyError, PolicyRegistry, load_policy
-from rsafe.policies.store import PolicyStore, StoredPolicy, policy_key
+from rsafe.policies.store import PolicyStore, policy_key
 from rsafe.schemas.feedback import DisagreementRecord
 
 MANIFEST = "manifest.json"
@@ -113,15 +113,10 @@ def read_policy_store(bootstrap: str | Sequence[str], topic: str = DEFAULT_POLIC
     Read by hand-assigned partitions from the start, no consumer group; an unreadable or tampered
     record is an error (a training row must never be rendered from a text that is not its version)."""
     source = read_topic(bootstrap, topic, group_id=None, client_kwargs=client_kwargs, timeout_s=timeout_s)
-    store = PolicyStore()
-    for where, raw in source.lines:
-        if raw is None:  # a tombstone
-            continue
-        try:
-            store.add(StoredPolicy.from_json(raw))
-        except (PolicyError, ValueError) as err:
-            raise DatasetError(f"{where}: unreadable policy record: {err}") from None
-    return store
+    try:
+        return PolicyStore.from_topic_values(source.lines)
+    except PolicyError as err:
+        raise DatasetError(f"unreadable policy record: {err}") from None
 
 
 # --------------------------------------------------------------------------- rows
