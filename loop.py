@@ -170,9 +170,10 @@ async def run_loop(s: LoopSettings) -> int:
 
         steps.begin(f"6. GRPO ({s.grpo_steps} steps, TRL GRPOTrainer, the RSafe rule reward; its own process)")
         run_dir = work / "grpo"
-        # GRPO and the gate run as CLI subprocesses: in this process their Python-heavy generation
-        # loops would share one GIL with the worker's event loop (measured: 21 s per GRPO step
-        # in-process vs 6-8 s alone). The worker keeps serving meanwhile.
+        # GRPO and the gate run as the CLI commands an operator uses, each in a process of its own
+        # (in this one their Python-heavy generation loops share the GIL with the worker: 21 s per
+        # GRPO step in-process, 18 s in a child, 6-8 s alone — the rest is the idle worker polling
+        # the embedded broker, docs/RELIABILITY.md). The worker keeps serving meanwhile.
         grpo_args = ["train", "grpo", "--model", str(model), "--dataset", str(dataset_dir), "--output", str(run_dir),
                      "--preset", "demo-cpu", "--max-steps", str(s.grpo_steps)]
         if s.grpo_overrides:
