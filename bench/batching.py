@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from common import percentile
+
 
 def _requests(n: int):
     from rsafe.models.guard import GuardRequest
@@ -97,12 +99,6 @@ async def _kafka_round(backend, engine_cfg, bootstrap: str, requests, size: int,
     return wall, latencies
 
 
-def _pct(sorted_values: list[float], q: float) -> float:
-    """The q-th percentile (nearest rank) of already sorted values."""
-    rank = max(1, -(-len(sorted_values) * q // 100))
-    return sorted_values[int(rank) - 1]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True)
@@ -145,8 +141,8 @@ def main() -> None:
             if size == 1 and inflight == 1:
                 single = rate
             gain = f"{rate / single:.1f}×" if single else "–"
-            print(f"| {size} | {inflight} | {rate:.1f} | {gain} | {_pct(lat, 50):.0f} | {_pct(lat, 99):.0f} | {lat[-1]:.0f} |",
-                  flush=True)
+            print(f"| {size} | {inflight} | {rate:.1f} | {gain} | {percentile(lat, 50):.0f} | "
+                  f"{percentile(lat, 99):.0f} | {lat[-1]:.0f} |", flush=True)
     finally:
         if broker is not None:
             broker.stop()

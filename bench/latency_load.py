@@ -30,10 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q * len(s) + 0.5)) - 1))]
+from common import percentile, worker_config
 
 
 def messages(n: int, seed: int) -> list[tuple[str, bytes]]:
@@ -92,7 +89,6 @@ async def run(args: argparse.Namespace) -> dict:
     from rsafe.models.config import local_engine_config
     from rsafe.stream.broker import EmbeddedBroker, ensure_topics
     from rsafe.stream.clients import Message, produce
-    from rsafe.stream.config import load_config
     from rsafe.stream.worker import GuardWorker, topic_specs
 
     engine = local_engine_config(args.model, model_id="rsafe-demo", generation=GenerationConfig(max_tokens=128),
@@ -103,13 +99,8 @@ async def run(args: argparse.Namespace) -> dict:
     batch = {k: v for k, v in (("size", args.batch_size), ("max_inflight", args.inflight),
                                ("linger_ms", args.linger_ms)) if v is not None}
     prefix = f"load{uuid.uuid4().hex[:6]}"
-    cfg = load_config(data={
-        "broker": broker.bootstrap, "group_id": prefix, "static_membership": False,
-        "engine": engine.model_dump(mode="json"),
-        "inputs": [{"topic": f"{prefix}.chat", "policy": "rsafe-default", "partitions": 2}],
-        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq", "policies_topic": f"{prefix}.pol"},
-        "batch": batch, "policy_reload": {"watch": False}, "models": {"follow": False}, "http": {"enabled": False},
-    }, env={})
+    inputs = [{"topic": f"{prefix}.chat", "policy": "rsafe-default", "partitions": 2}]
+    cfg = worker_config(broker.bootstrap, prefix, inputs, batch=batch, engine=engine)
     topic = cfg.inputs[0].topic
     await asyncio.to_thread(ensure_topics, cfg.bootstrap, topic_specs(cfg))
     worker = GuardWorker(cfg, backend=guard.backend, on_published=rec)
@@ -156,8 +147,8 @@ async def run(args: argparse.Namespace) -> dict:
             series = sorted((sent[k] - start, rec.published[k][1] * 1e3) for k in sent)
             result["runs"].append({
                 "load": load, "rate": round(rate, 2), "n": len(sent),
-                "p50_ms": round(pct(lat, 0.5)), "p99_ms": round(pct(lat, 0.99)), "max_ms": round(max(lat)),
-                "produced_to_published_p99_ms": round(pct(e2e, 0.99)),
+                "p50_ms": round(percentile(lat, 50)), "p99_ms": round(percentile(lat, 99)), "max_ms": round(max(lat)),
+                "produced_to_published_p99_ms": round(percentile(e2e, 99)),
                 "max_lag": max(t[1] for t in timeline), "max_in_system": max(t[2] for t in timeline),
                 "timeline": timeline, "series": series,
             })

@@ -25,6 +25,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from common import worker_config
+
 VERDICT_BYTES = 700
 AUDIT_BYTES = 2500
 
@@ -94,17 +96,11 @@ async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = No
                  batch: dict | None = None) -> float:
     from rsafe.models.config import local_engine_config
     from rsafe.models.engines import make_backend
-    from rsafe.stream.config import load_config
     from rsafe.stream.worker import GuardWorker
 
-    prefix = topic
-    cfg = load_config(data={
-        "broker": bootstrap, "group_id": f"w-{uuid.uuid4().hex[:6]}", "static_membership": False,
-        "inputs": [{"topic": topic, "policy": "rsafe-default"}],
-        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq", "policies_topic": f"{prefix}.pol"},
-        "models": {"follow": False}, "http": {"enabled": False}, "policy_reload": {"watch": False},
-        "batch": batch or {"size": 64, "linger_ms": 5, "max_inflight": 4}, "telemetry": telemetry or {},
-    }, env={})
+    cfg = worker_config(bootstrap, topic, [{"topic": topic, "policy": "rsafe-default"}],
+                        batch=batch or {"size": 64, "linger_ms": 5, "max_inflight": 4}, telemetry=telemetry,
+                        group_id=f"w-{uuid.uuid4().hex[:6]}")
     first: list[float] = []
     count = [0]
     finished = asyncio.Event()

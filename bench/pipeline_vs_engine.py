@@ -25,6 +25,8 @@ import threading
 import time
 import uuid
 
+from common import worker_config
+
 
 def requests(n: int):
     from rsafe.models.guard import GuardRequest
@@ -42,7 +44,8 @@ async def engine_alone(guard, reqs) -> float:
     return len(reqs) / dt
 
 
-def consume(bootstrap: list[str], topics: list[str], ids: set[str], got: dict[str, float], stop: threading.Event) -> None:
+def consume(bootstrap: list[str], topics: list[str], ids: set[str], got: dict[str, float],
+            stop: threading.Event) -> None:
     from rsafe.stream.clients import consumer
 
     c = consumer(bootstrap, topics, from_beginning=True)
@@ -61,20 +64,13 @@ def consume(bootstrap: list[str], topics: list[str], ids: set[str], got: dict[st
 async def full_path(backend, engine_cfg, bootstrap: str, reqs, size: int, inflight: int, linger_ms: int) -> float:
     from rsafe.stream.broker import ensure_topics
     from rsafe.stream.clients import Message, produce
-    from rsafe.stream.config import load_config
     from rsafe.stream.worker import GuardWorker, topic_specs
 
     prefix = f"pve{uuid.uuid4().hex[:6]}"
     policies = sorted({r.policy for r in reqs})
-    cfg = load_config(data={
-        "broker": bootstrap, "group_id": prefix, "static_membership": False,
-        "engine": engine_cfg.model_dump(mode="json"),
-        "inputs": [{"topic": f"{prefix}.{p}", "policy": p, "partitions": 2} for p in policies],
-        "outputs": {"audit_topic": f"{prefix}.audit", "dlq_topic": f"{prefix}.dlq",
-                    "policies_topic": f"{prefix}.policies"},
-        "batch": {"size": size, "linger_ms": linger_ms, "max_inflight": inflight},
-        "policy_reload": {"watch": False}, "models": {"follow": False}, "http": {"enabled": False},
-    }, env={})
+    inputs = [{"topic": f"{prefix}.{p}", "policy": p, "partitions": 2} for p in policies]
+    batch = {"size": size, "linger_ms": linger_ms, "max_inflight": inflight}
+    cfg = worker_config(bootstrap, prefix, inputs, batch=batch, engine=engine_cfg)
     await asyncio.to_thread(ensure_topics, cfg.bootstrap, topic_specs(cfg))
     worker = GuardWorker(cfg, backend=backend)
     task = asyncio.create_task(worker.run())
