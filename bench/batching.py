@@ -83,7 +83,7 @@ async def _kafka_round(backend, engine_cfg, bootstrap: str, requests, size: int,
     def published(outcomes) -> None:
         for o in outcomes:
             first.append(o.incoming.arrived)
-            latencies.append(o.verdict.timings.total_ms if o.verdict else 0.0)
+            latencies.append(o.verdict_fields["timings"]["total_ms"] if o.verdict_fields else 0.0)
 
     worker = GuardWorker(cfg, backend=backend, on_published=published)
     task = asyncio.create_task(worker.run())

@@ -57,9 +57,9 @@ class Recorder:
         now = time.perf_counter()
         self.batch_sizes.append(len(outcomes))
         for o in outcomes:
-            if o.verdict is not None:
-                self.published[o.verdict.id] = (now, now - o.incoming.arrived)
-                self.engine_ms.append(o.verdict.timings.engine_ms)
+            if o.verdict_fields is not None:
+                self.published[o.verdict_fields["id"]] = (now, now - o.incoming.arrived)
+                self.engine_ms.append(o.verdict_fields["timings"]["engine_ms"])
 
 
 def open_loop(bootstrap: list[str], topic: str, msgs: list[tuple[str, bytes]], rate: float, duration: float,

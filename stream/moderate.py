@@ -23,7 +23,7 @@ from rsafe.models.verdict import Label, Verdict
 from rsafe.policies import Level
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.records import (
-    AuditContent,
+    SCHEMA_VERSION,
     AuditRecord,
     ChatEvent,
     ContentMode,
@@ -31,11 +31,11 @@ from rsafe.stream.records import (
     DLQRecord,
     Rejected,
     SourceRef,
-    StreamTimings,
     VerdictRecord,
     b64,
     decode_event,
     dumps,
+    encode,
     sha256_text,
     utcnow,
 )
@@ -74,9 +74,29 @@ class Outcome:
     incoming: Incoming
     kind: Literal["verdict", "dlq"]
     records: list[OutRecord]
-    verdict: VerdictRecord | None = None
-    audit: AuditRecord | None = None
+    verdict_fields: dict[str, Any] | None = None
+    """The verdict record as written (the wire dict of ``VerdictRecord``)."""
+    audit_fields: dict[str, Any] | None = None
+    """The audit record as written (the wire dict of ``AuditRecord``)."""
     dlq: DLQRecord | None = None
+
+    @property
+    def verdict(self) -> VerdictRecord | None:
+        """The verdict record as a validated model (built on first use; not on the hot path)."""
+        if self.verdict_fields is None:
+            return None
+        if "_verdict" not in self.__dict__:
+            self.__dict__["_verdict"] = VerdictRecord.model_validate(self.verdict_fields)
+        return self.__dict__["_verdict"]
+
+    @property
+    def audit(self) -> AuditRecord | None:
+        """The audit record as a validated model (built on first use)."""
+        if self.audit_fields is None:
+            return None
+        if "_audit" not in self.__dict__:
+            self.__dict__["_audit"] = AuditRecord.model_validate(self.audit_fields)
+        return self.__dict__["_audit"]
 
 
 @dataclass
@@ -115,6 +135,7 @@ class Moderator:
         self.model_version = model_version
         self.adapter_versions = adapter_versions or {}
         self.sampling = dataclasses.asdict(guard.generation)
+        self._content_mode = ContentMode(cfg.audit.content)
         self.consecutive_failures = 0
 
     # ------------------------------------------------------------------ decode + route
@@ -225,30 +246,40 @@ class Moderator:
 
     # ------------------------------------------------------------------ records
 
-    def _content(self, event: ChatEvent) -> AuditContent:
-        mode = ContentMode(self.cfg.audit.content)
-        c = AuditContent.model_construct(
-            mode=mode, prompt_chars=len(event.prompt),
-            response_chars=None if event.response is None else len(event.response))
-        if mode == ContentMode.FULL:
-            c.prompt, c.response, c.metadata = event.prompt, event.response, event.metadata
-        if mode in (ContentMode.FULL, ContentMode.HASH):
-            c.prompt_sha256, c.response_sha256 = sha256_text(event.prompt), sha256_text(event.response)
-        return c
+    def _content(self, event: ChatEvent) -> dict[str, Any]:
+        """``AuditContent`` as a wire dict: what the privacy setting (``audit.content``) allows."""
+        mode = self._content_mode
+        full = mode == ContentMode.FULL
+        hashed = full or mode == ContentMode.HASH
+        return {"mode": mode.value, "prompt": event.prompt if full else None,
+                "response": event.response if full else None,
+                "prompt_sha256": sha256_text(event.prompt) if hashed else None,
+                "response_sha256": sha256_text(event.response) if hashed else None,
+                "prompt_chars": len(event.prompt),
+                "response_chars": None if event.response is None else len(event.response),
+                "metadata": event.metadata if full else None}
 
     def verdict_outcome(self, r: _Routed, v: Verdict | None, *, attempts: int, batch_size: int,
                         engine_error: str | None, started: float, engine_ms: float) -> Outcome:
+        """The verdict and audit records of one judged message, as wire dicts encoded once.
+
+        This is the hot path of the worker (one call per event): the records are plain dicts in the
+        shapes of ``VerdictRecord`` and ``AuditRecord`` (every field, in declaration order), encoded
+        with msgspec. Building the pydantic models and dumping them cost ~110 µs per event, most of
+        the worker's own CPU (bench/cpu_stages.py); ``tests/test_stream_unit.py`` validates the bytes
+        against the models."""
         inc, event, topic = r.incoming, r.event, r.topic
         now = time.perf_counter()
         decided = utcnow()
+        prepared = r.prepared
         failed = v is None or v.label == Label.ERROR
         if failed:
             reason = (v.error_reason if v is not None else None) or engine_error or "engine failure"
             on_error = topic.on_error
             label = on_error.value
             fallback = True
-            policy_name = v.policy if v is not None and v.policy else r.prepared.policy.name
-            policy_version = v.policy_version if v is not None and v.policy_version else r.prepared.policy.version
+            policy_name = v.policy if v is not None and v.policy else prepared.policy.name
+            policy_version = v.policy_version if v is not None and v.policy_version else prepared.policy.version
             unsafe_p, categories = None, []
             if on_error != OnError.ERROR:
                 reason = f"{reason} (on_error: {on_error.value})"
@@ -256,46 +287,56 @@ class Moderator:
             reason, label, fallback = None, v.label.value, False
             policy_name, policy_version = v.policy, v.policy_version
             unsafe_p, categories = v.unsafe_probability, list(v.categories)
-        level = v.level if v is not None and v.level else r.prepared.level.value
-        # Records are built with model_construct: every value is the worker's own (typed above), so
-        # validating them again cost ~20 % of this stage's per-event CPU (bench/cpu_stages.py: 166 → 130 µs).
-        timings = StreamTimings.model_construct(
-            queued_ms=(started - inc.arrived) * 1e3, engine_ms=engine_ms, total_ms=(now - inc.arrived) * 1e3,
-            batch_size=batch_size, attempts=attempts)
+        level = v.level if v is not None and v.level else prepared.level.value
         adapter = r.request.adapter
-        common = dict(conversation_id=self.conversation_id(inc, event), label=label,
-                      unsafe_probability=unsafe_p, categories=categories, level=level,
-                      policy=policy_name, policy_version=policy_version, model=self.guard.model_id,
-                      model_version=self.model_version, adapter=adapter,
-                      adapter_version=(v.adapter_version if v is not None and v.adapter_version
-                                       else self.adapter_versions.get(adapter)) if adapter else None,
-                      error_reason=reason, fallback=fallback,
-                      truncated_input=r.prepared.truncated, windows=len(r.prepared.windows),
-                      window=v.window if v is not None else 0, answer_forced=bool(v and v.answer_forced),
-                      source=inc.source,
-                      worker_id=self.worker_id, decided_at=decided, timings=timings)
-        verdict = VerdictRecord.model_construct(id=event.id, reasoning_summary=summarize(
-            v.reasoning if v is not None and not failed else None, self.cfg.outputs.reasoning_summary_chars),
-            **common)
-        audit = AuditRecord.model_construct(
-            event_id=event.id, model_label=None if failed or v is None else v.label.value,
-            reasoning=v.reasoning if v is not None else None, raw_output=v.raw_output if v is not None else None,
-            format_ok=bool(v and v.format_ok), finish_reason=v.finish_reason if v is not None else None,
-            content=self._content(event), rendered_prompt_sha256=v.prompt_hash if v is not None else None,
-            prompt_tokens=v.prompt_tokens if v is not None else 0,
-            completion_tokens=v.completion_tokens if v is not None else 0,
-            window_field=v.window_field if v is not None else None,
-            window_span=list(v.window_span) if v is not None and v.window_span else None,
-            unsafe_threshold=r.prepared.policy.unsafe_threshold,
-            sampling=self.sampling, processing_guarantee=self.cfg.processing_guarantee,
-            event_created_at=event.created_at, consumed_at=inc.consumed_at,
-            **common,
-        )
-        key = (verdict.conversation_id or event.id).encode("utf-8", "surrogatepass")
-        records = [OutRecord(self.cfg.verdicts_topic(topic), key, dumps(verdict)),
-                   OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), dumps(audit))]
-        self.telemetry.verdict(label, inc.source.topic, fallback, policy_name, categories)
-        return Outcome(inc, "verdict", records, verdict=verdict, audit=audit)
+        adapter_version = ((v.adapter_version if v is not None and v.adapter_version
+                            else self.adapter_versions.get(adapter)) if adapter else None)
+        conversation_id = self.conversation_id(inc, event)
+        src = inc.source
+        source = {"topic": src.topic, "partition": src.partition, "offset": src.offset,
+                  "timestamp_ms": src.timestamp_ms}
+        timings = {"queued_ms": (started - inc.arrived) * 1e3, "engine_ms": engine_ms,
+                   "total_ms": (now - inc.arrived) * 1e3, "batch_size": batch_size, "attempts": attempts}
+        windows = len(prepared.windows)
+        window = v.window if v is not None else 0
+        forced = bool(v and v.answer_forced)
+        verdict = {
+            "schema_version": SCHEMA_VERSION, "id": event.id, "conversation_id": conversation_id, "label": label,
+            "unsafe_probability": unsafe_p, "categories": categories, "level": level, "policy": policy_name,
+            "policy_version": policy_version, "model": self.guard.model_id, "model_version": self.model_version,
+            "adapter": adapter, "adapter_version": adapter_version,
+            "reasoning_summary": summarize(v.reasoning if v is not None and not failed else None,
+                                           self.cfg.outputs.reasoning_summary_chars),
+            "error_reason": reason, "fallback": fallback, "truncated_input": prepared.truncated,
+            "windows": windows, "window": window, "answer_forced": forced, "source": source,
+            "worker_id": self.worker_id, "decided_at": decided, "timings": timings,
+        }
+        audit = {
+            "schema_version": SCHEMA_VERSION, "event_id": event.id, "conversation_id": conversation_id,
+            "label": label, "model_label": None if failed or v is None else v.label.value,
+            "unsafe_probability": unsafe_p, "unsafe_threshold": prepared.policy.unsafe_threshold,
+            "categories": categories, "fallback": fallback, "error_reason": reason,
+            "reasoning": v.reasoning if v is not None else None, "raw_output": v.raw_output if v is not None else None,
+            "format_ok": bool(v and v.format_ok), "finish_reason": v.finish_reason if v is not None else None,
+            "truncated_input": prepared.truncated, "windows": windows, "window": window,
+            "window_field": v.window_field if v is not None else None,
+            "window_span": list(v.window_span) if v is not None and v.window_span else None,
+            "answer_forced": forced, "content": self._content(event), "level": level,
+            "policy": policy_name, "policy_version": policy_version,
+            "rendered_prompt_sha256": v.prompt_hash if v is not None else None,
+            "prompt_tokens": v.prompt_tokens if v is not None else 0,
+            "completion_tokens": v.completion_tokens if v is not None else 0,
+            "model": self.guard.model_id, "model_version": self.model_version, "adapter": adapter,
+            "adapter_version": adapter_version, "sampling": self.sampling, "source": source,
+            "worker_id": self.worker_id, "processing_guarantee": self.cfg.processing_guarantee,
+            "event_created_at": event.created_at, "consumed_at": inc.consumed_at, "decided_at": decided,
+            "timings": timings,
+        }
+        key = (conversation_id or event.id).encode("utf-8", "surrogatepass")
+        records = [OutRecord(self.cfg.verdicts_topic(topic), key, encode(verdict)),
+                   OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), encode(audit))]
+        self.telemetry.verdict(label, src.topic, fallback, policy_name, categories)
+        return Outcome(inc, "verdict", records, verdict_fields=verdict, audit_fields=audit)
 
     @staticmethod
     def conversation_id(inc: Incoming, event: ChatEvent) -> str | None:

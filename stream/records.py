@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
@@ -278,6 +279,26 @@ def decode_event(value: bytes | None, *, max_bytes: int) -> ChatEvent:
         return ChatEvent.model_validate(data)
     except ValidationError as err:
         raise Rejected(DLQReason.SCHEMA, f"schema violation: {_schema_detail(err)}", event_id) from None
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def encode(fields: dict[str, Any]) -> bytes:
+    """A record built as a plain dict (the hot path) → UTF-8 JSON, as ``dumps`` writes it: datetimes
+    in ISO 8601 with ``Z``; text with lone surrogates \\u-escaped."""
+    try:
+        return _ENCODER.encode(fields)
+    except UnicodeEncodeError:
+        return json.dumps(fields, ensure_ascii=True, default=_json_default).encode("ascii")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def dumps(record: BaseModel) -> bytes:

@@ -334,19 +334,19 @@ class Telemetry:
             }
             if consumer_group:
                 attrs["messaging.consumer.group.name"] = consumer_group
-            if o.verdict is not None:
-                v = o.verdict
-                attrs.update({"gen_ai.request.model": v.model or "", "rsafe.policy": v.policy or "",
-                              "rsafe.policy_version": v.policy_version or "", "rsafe.label": v.label,
-                              "rsafe.fallback": v.fallback, "rsafe.windows": v.windows})
-                if o.audit is not None:
-                    attrs["gen_ai.usage.input_tokens"] = o.audit.prompt_tokens
-                    attrs["gen_ai.usage.output_tokens"] = o.audit.completion_tokens
+            v, a = o.verdict_fields, o.audit_fields
+            if v is not None:
+                attrs.update({"gen_ai.request.model": v["model"] or "", "rsafe.policy": v["policy"] or "",
+                              "rsafe.policy_version": v["policy_version"] or "", "rsafe.label": v["label"],
+                              "rsafe.fallback": v["fallback"], "rsafe.windows": v["windows"]})
+                if a is not None:
+                    attrs["gen_ai.usage.input_tokens"] = a["prompt_tokens"]
+                    attrs["gen_ai.usage.output_tokens"] = a["completion_tokens"]
             span = self.tracer.start_span("rsafe.moderate", context=extract_context(inc.headers), kind=SpanKind.CONSUMER,
                                           links=links, attributes=attrs,
                                           start_time=int(inc.consumed_at.timestamp() * 1e9))
-            if o.verdict is not None and o.verdict.timings.attempts > 1:
-                span.add_event("retry", {"rsafe.attempts": o.verdict.timings.attempts})
+            if v is not None and v["timings"]["attempts"] > 1:
+                span.add_event("retry", {"rsafe.attempts": v["timings"]["attempts"]})
             if o.dlq is not None:
                 span.add_event("dead_letter", {"rsafe.dlq.reason": o.dlq.reason.value})
             spans.append(span)

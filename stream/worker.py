@@ -205,7 +205,9 @@ class GuardWorker:
         from rsafe.stream.policy_store import PolicyPublisher
         from rsafe.stream.policy_watch import PolicyWatcher, load_registry
         from rsafe.models.versions import artifact_version
+        from rsafe.stream import long_poll
 
+        long_poll.install()  # a drained consumer must not spin on a broker without long polling
         cfg = self.cfg
         try:
             registry = load_registry(cfg)

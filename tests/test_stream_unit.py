@@ -241,7 +241,31 @@ def test_verdict_and_audit_records(mode):
     else:
         assert a.content.prompt is None and a.content.metadata is None
     assert (a.content.prompt_sha256 == sha256_text(event["prompt"])) == (mode != "redacted")
-    json.loads(o.records[1].value)  # valid JSON on the wire
+    assert_wire_records_are_complete(o)
+
+
+def assert_wire_records_are_complete(o):
+    """The bytes on the wire (built as dicts on the hot path) hold exactly the models' fields, with
+    the values the models write (so a consumer validating them with pydantic reads the same)."""
+    from rsafe.stream.records import AuditRecord, VerdictRecord, dumps
+
+    for record, model in zip(o.records, (VerdictRecord, AuditRecord)):
+        wire = json.loads(record.value)
+        assert list(wire) == list(model.model_fields)
+        assert json.loads(dumps(model.model_validate(wire))) == wire
+
+
+def test_wire_records_of_fallbacks_and_odd_text():
+    m = moderator(NoEngine(), health={"probe": False, "max_consecutive_failures": 99})
+    (o,) = run(m.moderate([inc("chat.kids", {"id": 7, "prompt": "hi", "created_at": "2026-01-02T03:04:05+02:00"}, 1)]))
+    assert o.verdict_fields["fallback"] and o.verdict.label == "unsafe"
+    assert_wire_records_are_complete(o)
+    assert json.loads(o.records[1].value)["event_created_at"] == "2026-01-02T03:04:05+02:00"
+    m = moderator(FixedAnswer("safe"), audit={"content": "full"})
+    (o,) = run(m.moderate([inc("chat.general", {"id": "s1", "prompt": "é, \u2028", "metadata": {"note": "lone \ud800"}}, 2)]))
+    assert_wire_records_are_complete(o)
+    content = json.loads(o.records[1].value)["content"]  # metadata is not checked by the guard: \\u-escaped
+    assert content["prompt"] == "é, \u2028" and content["metadata"] == {"note": "lone \ud800"}
 
 
 def test_policy_override_and_levels():
