@@ -8,8 +8,12 @@
 * **worker + OTLP**: the same with telemetry exported to an OTLP/HTTP receiver in this process
   (the default sampling), to measure the cost of tracing.
 
-Prints events/s of each and the ratios (the performance issue's target: worker / bare ≥ 0.5).
-``--profile`` writes a pyinstrument profile of the worker run.
+Prints events/s of each and the ratios (the performance issue's target: worker / bare ≥ 0.5), and
+the CPU each run cost per event — this process (all its threads) and the broker process — over the
+same window as the rate (first event to last): throughput on the shared 2-core VM varies ±25 %
+from run to run, CPU per event much less. ``--profile`` writes a pyinstrument profile of the worker
+run. Both sides run with the worker's client-side long polling (``rsafe.stream.long_poll``;
+``--no-long-poll``: aiokafka as it ships, the embedded broker's empty fetches spinning).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import tempfile
 import threading
 import time
@@ -29,6 +34,25 @@ from common import worker_config
 
 VERDICT_BYTES = 700
 AUDIT_BYTES = 2500
+
+BROKER_PID: list[int] = []
+"""The embedded broker's pid (its CPU is read from /proc)."""
+
+
+def cpu_now() -> tuple[float, float, float]:
+    """(wall, CPU seconds of this process, CPU seconds of the broker process)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    broker = 0.0
+    if BROKER_PID:
+        with open(f"/proc/{BROKER_PID[0]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        broker = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter(), r.ru_utime + r.ru_stime, broker
+
+
+def per_event(start: tuple[float, float, float], end: tuple[float, float, float], n: int) -> dict[str, float]:
+    return {"events/s": n / (end[0] - start[0]), "cpu_us": (end[1] - start[1]) / n * 1e6,
+            "broker_us": (end[2] - start[2]) / n * 1e6}
 
 
 def events(n: int) -> list[bytes]:
@@ -50,8 +74,8 @@ def fill(bootstrap: str, topic: str, n: int, partitions: int = 3) -> None:
     p.close()
 
 
-async def bare(bootstrap: str, topic: str, n: int) -> float:
-    """consume → produce verdict + audit → commit; events/s."""
+async def bare(bootstrap: str, topic: str, n: int) -> dict[str, float]:
+    """consume → produce verdict + audit → commit; events/s and CPU per event."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
     out1, out2 = f"{topic}.v", f"{topic}.a"
@@ -66,7 +90,7 @@ async def bare(bootstrap: str, topic: str, n: int) -> float:
         while done < n:
             batch = await consumer.getmany(timeout_ms=1000)
             if t0 is None and batch:
-                t0 = time.perf_counter()
+                t0 = cpu_now()
             futures = []
             for records in batch.values():
                 for r in records:
@@ -76,7 +100,7 @@ async def bare(bootstrap: str, topic: str, n: int) -> float:
             if futures:
                 await asyncio.gather(*futures)
                 await consumer.commit()
-        return n / (time.perf_counter() - t0)
+        return per_event(t0, cpu_now(), n)
     finally:
         await consumer.stop()
         await producer.stop()
@@ -93,7 +117,7 @@ class _Sink(BaseHTTPRequestHandler):
 
 
 async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = None, profile: str | None = None,
-                 batch: dict | None = None) -> float:
+                 batch: dict | None = None) -> dict[str, float]:
     from rsafe.models.config import local_engine_config
     from rsafe.models.engines import make_backend
     from rsafe.stream.worker import GuardWorker
@@ -101,15 +125,16 @@ async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = No
     cfg = worker_config(bootstrap, topic, [{"topic": topic, "policy": "rsafe-default"}],
                         batch=batch or {"size": 64, "linger_ms": 5, "max_inflight": 4}, telemetry=telemetry,
                         group_id=f"w-{uuid.uuid4().hex[:6]}")
-    first: list[float] = []
+    marks: list[tuple[int, tuple[float, float, float]]] = []
     count = [0]
     finished = asyncio.Event()
 
     def published(outcomes) -> None:
-        if not first:
-            first.append(min(o.incoming.arrived for o in outcomes))
         count[0] += len(outcomes)
-        if count[0] >= n:
+        if not marks:  # from the first published batch on: the worker's start is not in the window
+            marks.append((count[0], cpu_now()))
+        if count[0] >= n and not finished.is_set():
+            marks.append((count[0], cpu_now()))
             finished.set()
 
     w = GuardWorker(cfg, backend=make_backend(local_engine_config("null", "null")), on_published=published)
@@ -121,14 +146,15 @@ async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = No
         profiler.start()
     task = asyncio.create_task(w.run())
     await asyncio.wait_for(finished.wait(), timeout=600)
-    rate = n / (time.perf_counter() - first[0])
+    (c0, start), (c1, end) = marks
+    result = per_event(start, end, c1 - c0)
     if profiler is not None:
         profiler.stop()
         with open(profile, "w") as f:
             f.write(profiler.output_html() if profile.endswith(".html") else profiler.output_text(unicode=True))
     w.request_stop()
     await task
-    return rate
+    return result
 
 
 def main() -> None:
@@ -136,10 +162,16 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--profile", help="write a pyinstrument HTML profile of the worker run here")
     ap.add_argument("--no-otlp", action="store_true")
+    ap.add_argument("--no-long-poll", action="store_true", help="aiokafka as it ships (empty fetches spin)")
     args = ap.parse_args()
+    from rsafe.stream import long_poll
     from rsafe.stream.broker import EmbeddedBroker
 
+    if args.no_long_poll:
+        os.environ[long_poll.ENV] = "0"  # the worker installs it at start: turned off there too
+    long_poll.install()
     with EmbeddedBroker(tempfile.mkdtemp(prefix="rsafe-bench-"), port=0) as broker:
+        BROKER_PID.append(broker.proc.pid)
         rates = {}
         t = f"b{uuid.uuid4().hex[:6]}"
         fill(broker.bootstrap, t, args.events)
@@ -156,15 +188,16 @@ def main() -> None:
                 broker.bootstrap, t, args.events,
                 telemetry={"exporter": "otlp", "otlp": {"endpoint": f"http://127.0.0.1:{server.server_port}"}}))
             server.shutdown()
-    base = rates["bare aiokafka"]
-    print(f"machine: {platform.machine()} {os.cpu_count()} cores; {args.events} events per run; embedded broker")
-    print("| run | events/s | ÷ bare |")
-    print("|---|---|---|")
-    for name, rate in rates.items():
-        print(f"| {name} | {rate:.0f} | {rate / base:.2f} |")
+    base = rates["bare aiokafka"]["events/s"]
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores; {args.events} events per run; embedded broker; "
+          f"client-side long polling {'on' if long_poll.installed() else 'off'}")
+    print("| run | events/s | ÷ bare | CPU µs/event (this process) | broker CPU µs/event |")
+    print("|---|---|---|---|---|")
+    for name, r in rates.items():
+        print(f"| {name} | {r['events/s']:.0f} | {r['events/s'] / base:.2f} | {r['cpu_us']:.0f} | {r['broker_us']:.0f} |")
     if "worker + OTLP export" in rates:
-        print(f"OTLP export costs {1 - rates['worker + OTLP export'] / rates['worker, null engine']:.0%} of the "
-              "worker's throughput")
+        print(f"OTLP export costs {1 - rates['worker + OTLP export']['events/s'] / rates['worker, null engine']['events/s']:.0%} "
+              "of the worker's throughput")
 
 
 if __name__ == "__main__":
