@@ -466,3 +466,16 @@ def test_policy_watcher_reloads_changed_files_and_rejects_bad_ones(tmp_path):
 
     reloads, v2, v3 = run(scenario())
     assert reloads == 1 and v2 != v1 and v3 == v2
+
+
+def test_the_app_delivers_fetched_batches_with_the_worker_consumer(tmp_path):
+    """The worker's Faust app uses ``BatchDeliveryConsumer`` (one delivery task per fetched batch);
+    it overrides Faust's ``_drain_messages``, so a Faust upgrade that renames it must fail here."""
+    import faust.transport.consumer
+
+    from rsafe.stream.app import BatchDeliveryConsumer, build_app
+
+    assert callable(getattr(faust.transport.consumer.Consumer, "_drain_messages", None))
+    app = build_app(cfg_of(broker=["127.0.0.1:9"]), datadir=str(tmp_path))
+    assert app.transport.Consumer is BatchDeliveryConsumer
+    assert isinstance(app.consumer, BatchDeliveryConsumer)  # what the app builds (not started here)
