@@ -48,6 +48,7 @@ loop-demo: .venv/.ok demo-model  ## the whole loop live: feedback → GRPO → g
 bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios measured within each run)
 	$(PY) bench/pipeline.py
 	$(PY) bench/cpu_stages.py
+	$(PY) bench/idle_fetch.py --seconds 3
 	$(PY) bench/run.py --model $(DEMO_MODEL)
 	$(PY) bench/batching.py --model $(DEMO_MODEL) --kafka
 	$(PY) bench/windows.py --model $(DEMO_MODEL)
