@@ -83,20 +83,17 @@ class Outcome:
     @property
     def verdict(self) -> VerdictRecord | None:
         """The verdict record as a validated model (built on first use; not on the hot path)."""
-        if self.verdict_fields is None:
-            return None
-        if "_verdict" not in self.__dict__:
-            self.__dict__["_verdict"] = VerdictRecord.model_validate(self.verdict_fields)
-        return self.__dict__["_verdict"]
+        return self._validated("_verdict", self.verdict_fields, VerdictRecord)
 
     @property
     def audit(self) -> AuditRecord | None:
         """The audit record as a validated model (built on first use)."""
-        if self.audit_fields is None:
-            return None
-        if "_audit" not in self.__dict__:
-            self.__dict__["_audit"] = AuditRecord.model_validate(self.audit_fields)
-        return self.__dict__["_audit"]
+        return self._validated("_audit", self.audit_fields, AuditRecord)
+
+    def _validated(self, slot: str, fields: dict[str, Any] | None, model: Any) -> Any:
+        if fields is not None and slot not in self.__dict__:
+            self.__dict__[slot] = model.model_validate(fields)
+        return self.__dict__.get(slot) if fields is not None else None
 
 
 @dataclass
