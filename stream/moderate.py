@@ -91,9 +91,11 @@ class Outcome:
         return self._validated("_audit", self.audit_fields, AuditRecord)
 
     def _validated(self, slot: str, fields: dict[str, Any] | None, model: Any) -> Any:
-        if fields is not None and slot not in self.__dict__:
+        if fields is None:
+            return None
+        if slot not in self.__dict__:
             self.__dict__[slot] = model.model_validate(fields)
-        return self.__dict__.get(slot) if fields is not None else None
+        return self.__dict__[slot]
 
 
 @dataclass
