@@ -1,9 +1,10 @@
-"""Faust wiring, in one place: the app, its input channel, the moderation agent and the sink.
+"""Faust wiring, in one place: the app, its consumer, the moderation agent and the sink.
 
 Messages are read as raw bytes (``value_serializer="raw"``) so that a malformed event reaches the
-worker and goes to the DLQ instead of failing inside Faust's decoder. The agent micro-batches with
-``noack_take`` and acks nothing itself: ``BatchPipeline`` acks each message after its records were
-acknowledged by the broker (Faust's ``take()`` would ack even a failed batch).
+worker and goes to the DLQ instead of failing inside Faust's decoder. The consumer hands the
+moderation topics' messages to the agent a fetched batch at a time (``rsafe.stream.intake``); the
+agent micro-batches them into the pipeline and acks nothing itself: ``BatchPipeline`` acks each
+message after its records were acknowledged by the broker, and Faust commits acked offsets.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ import logging
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
-from typing import Any, Sequence
+import time
+from datetime import datetime
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -24,9 +26,10 @@ from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AiokafkaTransport
 
 from rsafe.stream.config import StreamConfig
+from rsafe.stream.intake import Intake
 from rsafe.stream.moderate import Incoming, Outcome
 from rsafe.stream.pipeline import BatchPipeline, NotPublishable
-from rsafe.stream.records import SourceRef
+from rsafe.stream.records import SourceRef, utcnow
 
 log = logging.getLogger("rsafe.stream.app")
 
@@ -40,7 +43,8 @@ def client_id() -> str:
 
 
 class BatchDeliveryConsumer(AiokafkaConsumer):
-    """Faust's aiokafka consumer, delivering each fetched batch to the streams in one task.
+    """Faust's aiokafka consumer, delivering each fetched batch in one task, and the moderation
+    topics' messages in bulk.
 
     Faust's ``Consumer._drain_messages`` hands every message to the conductor inside its own
     ``wait_first(callback(message), suspend_flow.wait())``: four tasks and an ``asyncio.wait`` per
@@ -49,7 +53,21 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
     suspension (a rebalance), and delivery stops before the next message once the flow is suspended
     — messages not delivered are never acked, so they are fetched again from the committed offsets.
     Everything else (read offsets, gaps, ``commit_every``, yielding every 100 messages) is Faust's.
+
+    Messages of the topics given to ``attach_intake`` skip the conductor: they go, converted by
+    ``convert``, into the ``Intake`` the moderation agent takes from (a list per fetched batch,
+    at most ``INTAKE_CHUNK`` at a time). Other topics (the feedback agent's) take Faust's path.
     """
+
+    INTAKE_CHUNK = 512
+    intake: Intake | None = None
+    intake_topics: frozenset[str] = frozenset()
+    convert: Callable[[Any, float, Any], Any] | None = None
+
+    def attach_intake(self, topics: Iterable[str], intake: Intake, convert: Callable[[Any, float, Any], Any]) -> None:
+        """Deliver ``topics`` into ``intake``: ``convert(message, arrived, consumed_at)`` per message."""
+        self.intake, self.intake_topics, self.convert = intake, frozenset(topics), convert
+        self.app.flow_control.manage_queue(intake)  # cleared with Faust's buffers when partitions are revoked
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by every worker test
         callback = self.callback
@@ -64,26 +82,42 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
         acks_enabled_for = self.app.topics.acks_enabled_for
         since_yield = 0
 
+        intake, intake_topics, convert = self.intake, self.intake_topics, self.convert
+        chunk = self.INTAKE_CHUNK
+
         async def deliver(records: Any) -> None:
             nonlocal since_yield
-            async for tp, message in records:
-                since_yield += 1
-                if since_yield > 100:
-                    await asyncio.sleep(0)
-                    since_yield = 0
-                offset = message.offset
-                r_offset = get_read_offset(tp)
-                if r_offset is not None and offset < r_offset:
-                    continue  # already delivered (Faust logs these as dropped)
-                if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                    await self._add_gap(tp, r_offset + 1, offset)
-                if commit_every is not None and self._n_acked >= commit_every:
-                    self._n_acked = 0
-                    await self.commit()
-                if suspended():
-                    return
-                await callback(message)
-                set_read_offset(tp, offset)
+            bulk: list[Any] = []
+            arrived, consumed_at = time.perf_counter(), utcnow()
+            try:
+                async for tp, message in records:
+                    since_yield += 1
+                    if since_yield > 100:
+                        await asyncio.sleep(0)
+                        since_yield = 0
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is not None and offset < r_offset:
+                        continue  # already delivered (Faust logs these as dropped)
+                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
+                        await self._add_gap(tp, r_offset + 1, offset)
+                    if commit_every is not None and self._n_acked >= commit_every:
+                        self._n_acked = 0
+                        await self.commit()
+                    if suspended():
+                        return
+                    if message.topic in intake_topics:
+                        bulk.append(convert(message, arrived, consumed_at))
+                        if len(bulk) >= chunk:
+                            await intake.put_many(bulk)
+                            bulk = []
+                    else:
+                        await callback(message)
+                    set_read_offset(tp, offset)
+                if bulk and not suspended():
+                    await intake.put_many(bulk)
+            finally:
+                bulk.clear()  # suspended (a rebalance): not delivered, so fetched again
 
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
@@ -143,30 +177,33 @@ def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
     return app
 
 
-@dataclass
-class FaustHandle:
-    stream: Any
-    event: Any
-
-
-def to_incoming(stream: Any, event: Any) -> Incoming:
-    m = event.message
-    ts = getattr(m, "timestamp", None)
+def to_incoming(m: Any, arrived: float, consumed_at: datetime) -> Incoming:
+    """A consumed Faust ``Message`` as the pipeline's ``Incoming`` (the message is its ack handle)."""
+    ts = m.timestamp
     return Incoming(value=m.value, key=m.key,
                     source=SourceRef(topic=m.topic, partition=m.partition, offset=m.offset,
                                      timestamp_ms=int(ts * 1000) if ts else None),
-                    handle=FaustHandle(stream, event), headers=m.headers)
+                    arrived=arrived, consumed_at=consumed_at, handle=m, headers=m.headers)
 
 
-async def ack(inc: Incoming) -> None:
-    h: FaustHandle = inc.handle
-    await h.stream.ack(h.event)
+def acker(app: faust.App) -> Callable[[Incoming], Awaitable[None]]:
+    """The pipeline's ack: marks the message's offset as processed; Faust commits it."""
+    consumer = app.consumer
+
+    async def ack(inc: Incoming) -> None:
+        consumer.ack(inc.handle)
+
+    return ack
 
 
-async def moderate_agent(stream: Any, *, pipeline: BatchPipeline, batch_size: int, linger_s: float) -> None:
-    """Micro-batch (up to ``batch_size`` events or ``linger_s``, across partitions) into the pipeline."""
-    async for events in stream.noack_take(batch_size, within=linger_s):
-        await pipeline.submit([to_incoming(stream, ev) for ev in events])
+async def moderate_agent(stream: Any, *, intake: Intake, pipeline: BatchPipeline, batch_size: int,
+                         linger_s: float) -> None:
+    """Micro-batch (up to ``batch_size`` events or ``linger_s``, across partitions) into the pipeline.
+
+    The agent's stream subscribes the input topics; their messages reach the agent through
+    ``intake`` (``BatchDeliveryConsumer.attach_intake``), not through the stream."""
+    async for batch in intake.take(batch_size, linger_s):
+        await pipeline.submit(batch)
 
 
 class FaustSink:
@@ -206,10 +243,14 @@ class FaustSink:
 
 
 def wire(app: faust.App, cfg: StreamConfig, pipeline: BatchPipeline) -> Any:
-    """Register the moderation agent on every input topic (one channel, one agent instance)."""
-    channel = app.topic(*[t.topic for t in cfg.inputs], key_type=bytes, value_type=bytes,
-                        key_serializer="raw", value_serializer="raw")
-    fun = functools.partial(moderate_agent, pipeline=pipeline, batch_size=cfg.batch.size,
+    """Register the moderation agent on every input topic (one channel, one agent instance), fed
+    by the consumer through an ``Intake`` of ``cfg.stream_buffer`` events."""
+    topics = [t.topic for t in cfg.inputs]
+    channel = app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    intake: Intake[Incoming] = Intake(cfg.stream_buffer)
+    app.consumer.attach_intake(topics, intake, to_incoming)
+    app.intake = intake  # type: ignore[attr-defined] - held here (flow control keeps a weak reference)
+    fun = functools.partial(moderate_agent, intake=intake, pipeline=pipeline, batch_size=cfg.batch.size,
                             linger_s=cfg.batch.linger_ms / 1000)
     functools.update_wrapper(fun, moderate_agent)
     return app.agent(channel, name=AGENT_NAME, concurrency=1)(fun)

@@ -104,7 +104,9 @@ class Batching(_Strict):
     ``size × max_inflight`` is the engine's concurrency; docs/BENCHMARKS.md has the measurement
     behind the defaults."""
     buffer: Annotated[int | None, Field(ge=1)] = None
-    """Events buffered per input partition before fetching pauses (default ``2 * size``)."""
+    """Events buffered between the consumer and the agent before delivery pauses (default
+    ``2 * size``; plus at most one fetched batch). The Kafka client then stops fetching once its
+    own prefetch buffer is full."""
 
 
 class Retry(_Strict):
@@ -332,6 +334,24 @@ def parse_brokers(value: str | list[str]) -> list[str] | None:
     return out or None
 
 
+class Gc(_Strict):
+    """Python's garbage collector in the worker process.
+
+    The hot path allocates a few dozen short-lived containers per event; with Python's default
+    generation-0 threshold (700) the collector runs every ~20 events and walks the in-flight
+    batches and the young heap each time: ~30 % of the worker's CPU with a fast engine
+    (``bench/pipeline.py``, docs/BENCHMARKS.md). Reference counting frees almost all of it; the
+    collector is only for cycles."""
+
+    gen0_threshold: Annotated[int, Field(ge=0)] = 50_000
+    """Allocations (net) between young-generation collections; 0 keeps Python's default (700).
+    Cyclic garbage waits at most this many allocations: a few MB."""
+    freeze: bool = True
+    """After start-up (engine loaded, Kafka clients started) move every object alive to the
+    permanent generation (``gc.freeze``): full collections no longer walk the engine's and the
+    libraries' objects."""
+
+
 class StreamConfig(_Strict):
     broker: list[str] | None = None
     """Broker URL(s): ``kafka://h1:9092;kafka://h2:9092``, ``h1:9092,h2:9092`` or a list.
@@ -381,6 +401,7 @@ class StreamConfig(_Strict):
     telemetry: Telemetry = Field(default_factory=Telemetry)
     models: Models = Field(default_factory=Models)
     faults: Faults = Field(default_factory=Faults)
+    gc: Gc = Field(default_factory=Gc)
 
     @field_validator("broker", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ processes too (same process group), and they exit at once.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import shutil
@@ -199,7 +200,7 @@ class GuardWorker:
 
     async def _start(self) -> None:
         from rsafe.policies import PolicyError
-        from rsafe.stream.app import FaustSink, ack, build_app, wire
+        from rsafe.stream.app import FaustSink, acker, build_app, wire
         from rsafe.stream.pipeline import BatchPipeline
         from rsafe.stream.membership import FencingWatch, live_duplicate
         from rsafe.stream.policy_store import PolicyPublisher
@@ -284,7 +285,7 @@ class GuardWorker:
             if not await app.consumer.commit():
                 await app.consumer.commit()
 
-        self.pipeline = BatchPipeline(self.moderator, FaustSink(app, transactional=eos), ack,
+        self.pipeline = BatchPipeline(self.moderator, FaustSink(app, transactional=eos), acker(app),
                                       max_inflight=cfg.batch.max_inflight, telemetry=self.telemetry,
                                       commit=commit if eos else None, on_published=self._on_published,
                                       on_engine_dead=self._engine_dead, consumer_group=cfg.group_id)
@@ -324,6 +325,7 @@ class GuardWorker:
         if self.models is not None:
             self._tasks.append(asyncio.create_task(self.models.follow(control_ends), name="rsafe-models-watch"))
         await app.producer.maybe_start()
+        tune_gc(cfg.gc)
         log.info("worker %s consuming %s as group %s%s (%s, batch %d / %.0f ms, %d in flight)",
                  self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,
                  f", static member {instance}" if instance else "", cfg.processing_guarantee, cfg.batch.size,
@@ -353,11 +355,12 @@ class GuardWorker:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Telemetry counters plus how often Faust paused fetching because the buffer was full."""
+        """Telemetry counters plus how often delivery paused because the agent's buffer was full."""
         out = self.telemetry.snapshot()
         monitor = getattr(self.app, "_monitor", None) if self.app is not None else None
         full = getattr(monitor, "topic_buffer_full", None) if monitor is not None else None
-        out["fetch_pauses"] = sum(full.values()) if full else 0
+        intake = getattr(self.app, "intake", None) if self.app is not None else None
+        out["fetch_pauses"] = (sum(full.values()) if full else 0) + (intake.full_waits if intake is not None else 0)
         return out
 
     # ------------------------------------------------------------------ run
@@ -481,6 +484,18 @@ class GuardWorker:
             await asyncio.to_thread(self.broker.stop)
             self.broker = None
         await asyncio.to_thread(self.providers.shutdown)
+
+
+def tune_gc(cfg: Any) -> None:
+    """Apply ``gc:`` (``StreamConfig.gc``) to this process: a higher young-generation threshold,
+    then the start-up heap collected once and frozen."""
+    if cfg.gen0_threshold:
+        _, gen1, gen2 = gc.get_threshold()
+        gc.set_threshold(cfg.gen0_threshold, gen1, gen2)
+    if cfg.freeze:
+        gc.collect()
+        gc.freeze()
+    log.debug("gc: thresholds %s, %d objects frozen", gc.get_threshold(), gc.get_freeze_count())
 
 
 def _providers(cfg: StreamConfig, worker_id: str, backend: Any) -> Any:

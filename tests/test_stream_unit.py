@@ -479,3 +479,67 @@ def test_the_app_delivers_fetched_batches_with_the_worker_consumer(tmp_path):
     app = build_app(cfg_of(broker=["127.0.0.1:9"]), datadir=str(tmp_path))
     assert app.transport.Consumer is BatchDeliveryConsumer
     assert isinstance(app.consumer, BatchDeliveryConsumer)  # what the app builds (not started here)
+
+
+# --------------------------------------------------------------------------- intake
+
+
+def test_intake_yields_full_batches_at_once_and_a_partial_one_after_linger():
+    from rsafe.stream.intake import Intake
+
+    async def scenario():
+        intake: Intake[int] = Intake(maxsize=100)
+        await intake.put_many(range(10))
+        batches = intake.take(4, within=0.2)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        full = [await batches.__anext__(), await batches.__anext__()]
+        fast = loop.time() - t0
+        t0 = loop.time()
+        partial = await batches.__anext__()  # 2 left: waits for more until the linger ends
+        slow = loop.time() - t0
+        await batches.aclose()
+        return full, fast, partial, slow
+
+    full, fast, partial, slow = run(scenario())
+    assert full == [[0, 1, 2, 3], [4, 5, 6, 7]] and fast < 0.05
+    assert partial == [8, 9] and slow >= 0.15
+
+
+def test_intake_delivery_waits_while_full_and_clear_drops_what_was_not_taken():
+    from rsafe.stream.intake import Intake
+
+    async def scenario():
+        intake: Intake[int] = Intake(maxsize=3)
+        await intake.put_many([1, 2, 3])
+        blocked = asyncio.ensure_future(intake.put_many([4, 5]))
+        await asyncio.sleep(0.05)
+        was_blocked = not blocked.done()
+        batches = intake.take(2, within=0.01)
+        first = await batches.__anext__()  # frees room: the waiting delivery goes in
+        await asyncio.wait_for(blocked, 1)
+        after_put = len(intake)
+        intake.clear()  # partitions revoked: the rest is fetched again
+        await intake.put_many([9])
+        second = await batches.__anext__()
+        await batches.aclose()
+        return was_blocked, first, after_put, second, intake.full_waits
+
+    was_blocked, first, after_put, second, waits = run(scenario())
+    assert was_blocked and first == [1, 2] and after_put == 3 and second == [9] and waits == 1
+
+
+def test_gc_tuning_raises_the_young_threshold_and_freezes_the_startup_heap():
+    import gc
+
+    from rsafe.stream.config import Gc
+    from rsafe.stream.worker import tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(Gc(gen0_threshold=12_345, freeze=True))
+        assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    assert cfg_of().gc.gen0_threshold == 50_000 and cfg_of().gc.freeze
