@@ -5,8 +5,8 @@
 * **bare**: aiokafka consume → produce two records of verdict/audit size per event (acks=all) →
   commit, in batches (``getmany``): what Kafka itself costs, the ceiling of any worker.
 * **worker**: ``GuardWorker`` with the null engine (answers at once) on the same kind of topic.
-* **worker + OTLP**: the same with telemetry exported to an OTLP/HTTP receiver in this process
-  (the default sampling), to measure the cost of tracing.
+* **worker + OTLP**: the same with telemetry exported to an OTLP/HTTP receiver (a child process,
+  as a collector would be) at the default sampling, to measure the cost of telemetry.
 
 Prints events/s of each and the ratios (the performance issue's target: worker / bare ≥ 0.5), and
 the CPU each run cost per event — this process (all its threads) and the broker process — over the
@@ -24,11 +24,11 @@ import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from common import worker_config
 
@@ -106,14 +106,23 @@ async def bare(bootstrap: str, topic: str, n: int) -> dict[str, float]:
         await producer.stop()
 
 
-class _Sink(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802
+RECEIVER = """
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+class Sink(BaseHTTPRequestHandler):
+    def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
         self.send_response(200)
         self.end_headers()
 
     def log_message(self, *args):
         pass
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+print(server.server_port, flush=True)
+server.serve_forever()
+"""
+"""An OTLP/HTTP receiver that accepts everything (run as a child process: its CPU is not the worker's)."""
 
 
 async def worker(bootstrap: str, topic: str, n: int, telemetry: dict | None = None, profile: str | None = None,
@@ -180,14 +189,17 @@ def main() -> None:
         fill(broker.bootstrap, t, args.events)
         rates["worker, null engine"] = asyncio.run(worker(broker.bootstrap, t, args.events, profile=args.profile))
         if not args.no_otlp:
-            server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            t = f"o{uuid.uuid4().hex[:6]}"
-            fill(broker.bootstrap, t, args.events)
-            rates["worker + OTLP export"] = asyncio.run(worker(
-                broker.bootstrap, t, args.events,
-                telemetry={"exporter": "otlp", "otlp": {"endpoint": f"http://127.0.0.1:{server.server_port}"}}))
-            server.shutdown()
+            receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
+            try:
+                port = int(receiver.stdout.readline())
+                t = f"o{uuid.uuid4().hex[:6]}"
+                fill(broker.bootstrap, t, args.events)
+                rates["worker + OTLP export"] = asyncio.run(worker(
+                    broker.bootstrap, t, args.events,
+                    telemetry={"exporter": "otlp", "otlp": {"endpoint": f"http://127.0.0.1:{port}"}}))
+            finally:
+                receiver.kill()
+                receiver.wait()
     base = rates["bare aiokafka"]["events/s"]
     print(f"machine: {platform.machine()} {os.cpu_count()} cores; {args.events} events per run; embedded broker; "
           f"client-side long polling {'on' if long_poll.installed() else 'off'}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -115,7 +114,7 @@ def summarize(reasoning: str | None, limit: int) -> str | None:
     """The first ``limit`` characters of the reasoning, whitespace collapsed, cut at a word."""
     if not reasoning or limit <= 0:
         return None
-    text = re.sub(r"\s+", " ", reasoning).strip()
+    text = " ".join(reasoning.split())  # whitespace runs collapsed (str.split splits on what \s matches)
     if len(text) <= limit:
         return text or None
     cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
@@ -334,7 +333,6 @@ class Moderator:
         key = (conversation_id or event.id).encode("utf-8", "surrogatepass")
         records = [OutRecord(self.cfg.verdicts_topic(topic), key, encode(verdict)),
                    OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), encode(audit))]
-        self.telemetry.verdict(label, src.topic, fallback, policy_name, categories)
         return Outcome(inc, "verdict", records, verdict_fields=verdict, audit_fields=audit)
 
     @staticmethod
@@ -400,7 +398,10 @@ class Moderator:
                 log.exception("building the verdict failed for %s", r.incoming.source)
                 outcomes[i] = self.dlq_outcome(r.incoming, DLQReason.INTERNAL,
                                                f"{type(err).__name__}: {err}", r.event.id)
-        return [o for o in outcomes if o is not None]
+        done = [o for o in outcomes if o is not None]
+        self.telemetry.verdicts((v["label"], o.incoming.source.topic, v["fallback"], v["policy"], v["categories"])
+                                for o in done if (v := o.verdict_fields) is not None)
+        return done
 
     async def _after_failure(self, routed: list[tuple[int, _Routed]], outcomes: list[Outcome | None],
                              error: str | None) -> dict[int, Verdict | None]:

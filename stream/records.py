@@ -268,9 +268,12 @@ def decode_event(value: bytes | None, *, max_bytes: int) -> ChatEvent:
     if len(value) > max_bytes:
         raise Rejected(DLQReason.TOO_LARGE, f"message is {len(value)} bytes, over the limit of {max_bytes}")
     try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise Rejected(DLQReason.NOT_JSON, f"not valid JSON: {err}") from None
+        data = _DECODER.decode(value)
+    except msgspec.DecodeError:  # what json accepts and msgspec does not (lone surrogates, NaN) stays valid
+        try:
+            data = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise Rejected(DLQReason.NOT_JSON, f"not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise Rejected(DLQReason.SCHEMA, f"expected a JSON object, got {type(data).__name__}")
     raw_id = data.get("id")
@@ -282,6 +285,7 @@ def decode_event(value: bytes | None, *, max_bytes: int) -> ChatEvent:
 
 
 _ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder()
 
 
 def encode(fields: dict[str, Any]) -> bytes:

@@ -86,7 +86,7 @@ def test_spans_context_propagation_and_metrics_with_in_memory_exporters(kafka):
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     prefix = f"tel{uuid.uuid4().hex[:6]}"
-    cfg = load_config(data=worker_config(kafka, prefix), env={})
+    cfg = load_config(data=worker_config(kafka, prefix, telemetry={"sampling_ratio": 1.0}), env={})
     ensure_topics([kafka], topic_specs(cfg))
     spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
     prov = providers(cfg.telemetry, {"rsafe.worker.id": "w"}, span_exporter=spans, metric_reader=metrics)
@@ -158,7 +158,7 @@ def _referenced_metrics() -> set[str]:
 
 def test_prometheus_endpoint_serves_every_metric_the_dashboard_and_alerts_use(kafka):
     prefix = f"prom{uuid.uuid4().hex[:6]}"
-    raw = worker_config(kafka, prefix, telemetry={"prometheus": True},
+    raw = worker_config(kafka, prefix, telemetry={"prometheus": True, "sampling_ratio": 1.0},
                         inputs=[{"topic": f"{prefix}.in", "policy": "rsafe-default", "on_error": "safe"}],
                         faults={"request_error_marker": "BAD"}, feedback={"enabled": True, "expiry_interval_s": 1})
     cfg = load_config(data=raw, env={})
@@ -225,7 +225,7 @@ def test_otlp_http_receiver_gets_the_spans(kafka):
         prefix = f"otlp{uuid.uuid4().hex[:6]}"
         raw = worker_config(kafka, prefix, telemetry={
             "exporter": "otlp", "otlp": {"endpoint": f"http://127.0.0.1:{server.server_port}"},
-            "metric_export_interval_s": 1})
+            "metric_export_interval_s": 1, "sampling_ratio": 1.0})
         cfg = load_config(data=raw, env={})
         ensure_topics([kafka], topic_specs(cfg))
         from rsafe.stream.clients import produce
@@ -243,3 +243,48 @@ def test_otlp_http_receiver_gets_the_spans(kafka):
             for ss in rs.scope_spans:
                 names |= {s.name for s in ss.spans}
     assert {"rsafe.moderate", "rsafe.batch", "rsafe.engine_call"} <= names
+
+
+def test_default_sampling_traces_a_share_of_new_traces_and_every_sampled_producer_trace(monkeypatch):
+    """Default: parent-based, 5 % of events without trace context; an event whose producer sampled
+    its trace is always traced, and every event (sampled or not) passes its context downstream."""
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from rsafe.stream.config import DEFAULT_SAMPLING_RATIO, Telemetry as TelemetrySettings
+    from rsafe.stream.records import SourceRef
+    from rsafe.stream.telemetry import Telemetry, inject_headers
+
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    spans = InMemorySpanExporter()
+    prov = providers(TelemetrySettings(), {}, span_exporter=spans)
+    assert prov.tracer_provider.sampler.get_description().startswith(
+        f"ParentBased{{root:TraceIdRatioBased{{{DEFAULT_SAMPLING_RATIO}}},remoteParentSampled:AlwaysOnSampler,"
+        "remoteParentNotSampled:AlwaysOffSampler")
+    tel = Telemetry("w", prov)
+
+    def outcome(i: int, headers: list | None) -> SimpleNamespace:
+        from rsafe.stream.moderate import Incoming
+
+        inc = Incoming(value=b"{}", key=None, source=SourceRef(topic="t", partition=0, offset=i), headers=headers)
+        return SimpleNamespace(incoming=inc, verdict_fields=None, audit_fields=None, dlq=None)
+
+    sampled = [("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN}-01".encode())]
+    fresh = [outcome(i, None) for i in range(2000)]
+    continued = [outcome(i, sampled) for i in range(20)]
+    made = tel.event_spans(fresh + continued, None)
+    headers = [inject_headers(s) for s in made]
+    for s in made:
+        s.end()
+    traced = spans.get_finished_spans()
+    from_producer = [s for s in traced if f"{s.context.trace_id:032x}" == TRACE_ID]
+    assert len(from_producer) == 20  # every event of a sampled producer trace
+    assert 30 <= len(traced) - 20 <= 200  # ~5 % of 2000 new traces (binomial: 100 ± 30)
+    assert all(h and h[0][0] == "traceparent" for h in headers)  # sampled or not, the context goes on
+    assert {int(h[0][1][-2:], 16) & 1 for h in headers} == {0, 1}  # the sampled flag, both ways
+    prov.shutdown()
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # the standard variable still wins over the default
+    assert "AlwaysOn" in providers(TelemetrySettings(), {}, span_exporter=spans).tracer_provider.sampler.get_description()
+    assert "0.5" in providers(TelemetrySettings(sampling_ratio=0.5), {}, span_exporter=spans).tracer_provider.sampler.get_description()
