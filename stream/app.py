@@ -84,6 +84,13 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
 
         intake, intake_topics, convert = self.intake, self.intake_topics, self.convert
         chunk = self.INTAKE_CHUNK
+        flow_resumed = self.app.flow_control.acquire  # what Faust's conductor awaits per message
+
+        async def put(bulk: list[Any]) -> None:
+            # After a rebalance Faust resumes the flow once the assignment is set up (exactly_once:
+            # the partitions' transactions begun); messages wait for that, as in Faust's own path.
+            await flow_resumed()
+            await intake.put_many(bulk)
 
         async def deliver(records: Any) -> None:
             nonlocal since_yield
@@ -109,13 +116,13 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
                     if message.topic in intake_topics:
                         bulk.append(convert(message, arrived, consumed_at))
                         if len(bulk) >= chunk:
-                            await intake.put_many(bulk)
+                            await put(bulk)
                             bulk = []
                     else:
                         await callback(message)
                     set_read_offset(tp, offset)
                 if bulk and not suspended():
-                    await intake.put_many(bulk)
+                    await put(bulk)
             finally:
                 bulk.clear()  # suspended (a rebalance): not delivered, so fetched again
 
@@ -174,6 +181,9 @@ def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
         topic_disable_leader=True,
     )
     app.transport = Transport(app.conf.broker_consumer, app)
+    # What faust.Worker sets. Before the consumer exists (``wire`` builds it): the consumer reads
+    # ``app.in_transaction`` (exactly_once needs in_worker) once, when it is built.
+    app.in_worker = True
     return app
 
 
@@ -209,6 +219,9 @@ async def moderate_agent(stream: Any, *, intake: Intake, pipeline: BatchPipeline
 class FaustSink:
     """Publishes outcomes with the app's producer and waits for the broker's acknowledgements.
 
+    at_least_once: the records of a batch go out as one record batch per output partition
+    (``AIOKafkaProducer.send_batch``; partitions chosen by the producer's own partitioner, as
+    ``send`` would) — a per-record ``send`` costs ~15 µs per record in the client (docs/BENCHMARKS.md).
     exactly_once: each record goes into the open transaction of its *input* partition (the one
     whose offsets Faust commits with it), so records and offsets commit atomically.
     """
@@ -231,6 +244,9 @@ class FaustSink:
         return tid
 
     async def write(self, outcomes: Sequence[Outcome]) -> None:
+        if not self.transactional:
+            await self._write_batches(outcomes)
+            return
         producer = self.app.producer
         futures = []
         for o in outcomes:
@@ -238,6 +254,32 @@ class FaustSink:
             for r in o.records:
                 futures.append(await producer.send(r.topic, r.key, r.value, None, None, r.headers,
                                                    transactional_id=tid))
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _write_batches(self, outcomes: Sequence[Outcome]) -> None:
+        producer = self.app.producer._ensure_producer()  # noqa: SLF001 - Faust's aiokafka producer
+        partition = producer._partition  # noqa: SLF001 - the configured partitioner, as send() uses it
+        builders: dict[tuple[str, int], Any] = {}
+        futures = []
+        ready: set[str] = set()
+        for o in outcomes:
+            for r in o.records:
+                if r.topic not in ready:  # the topic's partitions known (what send() waits for per record)
+                    await producer.client._wait_on_metadata(r.topic)  # noqa: SLF001
+                    ready.add(r.topic)
+                tp = (r.topic, partition(r.topic, None, r.key, r.value, r.key, r.value))
+                builder = builders.get(tp)
+                if builder is None:
+                    builder = builders[tp] = producer.create_batch()
+                if builder.append(timestamp=None, key=r.key, value=r.value, headers=r.headers or []) is None:
+                    futures.append(await producer.send_batch(builder, tp[0], partition=tp[1]))  # full: send it
+                    builder = builders[tp] = producer.create_batch()
+                    if builder.append(timestamp=None, key=r.key, value=r.value, headers=r.headers or []) is None:
+                        del builders[tp]  # larger than a whole batch: on its own
+                        futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers))
+        for (topic, p), builder in builders.items():
+            futures.append(await producer.send_batch(builder, topic, partition=p))
         if futures:
             await asyncio.gather(*futures)
 

@@ -105,8 +105,7 @@ class Batching(_Strict):
     behind the defaults."""
     buffer: Annotated[int | None, Field(ge=1)] = None
     """Events buffered between the consumer and the agent before delivery pauses (default
-    ``2 * size``; plus at most one fetched batch). The Kafka client then stops fetching once its
-    own prefetch buffer is full."""
+    ``2 * size``). The Kafka client then stops fetching once its own prefetch buffer is full."""
 
 
 class Retry(_Strict):

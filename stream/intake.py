@@ -8,7 +8,7 @@ worker's CPU with a fast engine (``bench/pipeline.py``, docs/BENCHMARKS.md); thi
 
 Backpressure: ``put_many`` waits while ``maxsize`` messages are buffered, so the consumer stops
 delivering and the Kafka client stops fetching once its own prefetch buffer is full. At most
-``maxsize`` + one fetched batch are buffered. ``clear`` (called by Faust's flow control when
+``maxsize`` messages are buffered. ``clear`` (called by Faust's flow control when
 partitions are revoked, like Faust's own stream buffers) drops what was not taken yet: nothing
 of it was acked, so it is fetched again from the committed offsets.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import AsyncIterator, Generic, Iterable, TypeVar
+from typing import AsyncIterator, Generic, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -36,15 +36,20 @@ class Intake(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put_many(self, items: Iterable[T]) -> None:
-        """Add a fetched batch, after waiting while the buffer is full."""
-        if len(self._items) >= self.maxsize:
-            self.full_waits += 1
-            while len(self._items) >= self.maxsize:
-                self._shrank.clear()
-                await self._shrank.wait()
-        self._items.extend(items)
-        self._grew.set()
+    async def put_many(self, items: Sequence[T]) -> None:
+        """Add a fetched batch, as room allows: waits while the buffer is full."""
+        i, n = 0, len(items)
+        while i < n:
+            room = self.maxsize - len(self._items)
+            if room <= 0:
+                self.full_waits += 1
+                while len(self._items) >= self.maxsize:
+                    self._shrank.clear()
+                    await self._shrank.wait()
+                continue
+            self._items.extend(items[i:i + room] if i or room < n else items)
+            i += room
+            self._grew.set()
 
     def clear(self) -> None:
         """Drop everything not taken yet (partitions revoked: it is fetched again)."""

@@ -50,7 +50,7 @@ class ChatEvent(BaseModel):
     response: str | None = None
     policy: str | None = None
     """Another policy for this event; only on topics with ``allow_policy_override``."""
-    metadata: dict[str, Any] = {}
+    metadata: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime | None = None
 
     @field_validator("id", "conversation_id", mode="before")

@@ -318,7 +318,6 @@ class GuardWorker:
                                   f"{instance!r} is running: {other}. Two workers of one group on one host "
                                   "need distinct ids: set group_instance_id (RSAFE_GROUP_INSTANCE_ID)")
             self.fencing = FencingWatch(cfg.group_id, instance).install()
-        app.in_worker = True  # what faust.Worker sets; exactly_once needs it
         await app.start()
         if self.feedback is not None:
             self._tasks.append(asyncio.create_task(self.feedback.tick_forever(), name="rsafe-feedback-ticks"))

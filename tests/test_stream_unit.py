@@ -479,6 +479,9 @@ def test_the_app_delivers_fetched_batches_with_the_worker_consumer(tmp_path):
     app = build_app(cfg_of(broker=["127.0.0.1:9"]), datadir=str(tmp_path))
     assert app.transport.Consumer is BatchDeliveryConsumer
     assert isinstance(app.consumer, BatchDeliveryConsumer)  # what the app builds (not started here)
+    # exactly_once: the consumer, built early (the intake is attached to it), runs transactions
+    eos = build_app(cfg_of(broker=["127.0.0.1:9"], processing_guarantee="exactly_once"), datadir=str(tmp_path))
+    assert eos.consumer.in_transaction and not app.consumer.in_transaction
 
 
 # --------------------------------------------------------------------------- intake
@@ -543,3 +546,24 @@ def test_gc_tuning_raises_the_young_threshold_and_freezes_the_startup_heap():
         gc.unfreeze()
         gc.set_threshold(*before)
     assert cfg_of().gc.gen0_threshold == 50_000 and cfg_of().gc.freeze
+
+
+def test_intake_never_holds_more_than_maxsize_of_a_large_fetched_batch():
+    from rsafe.stream.intake import Intake
+
+    async def scenario():
+        intake: Intake[int] = Intake(maxsize=4)
+        put = asyncio.ensure_future(intake.put_many(list(range(10))))
+        await asyncio.sleep(0.02)
+        held, taken = [len(intake)], []
+        async for batch in intake.take(3, within=0.01):
+            taken += batch
+            await asyncio.sleep(0.01)
+            held.append(len(intake))
+            if len(taken) == 10:
+                break
+        await put
+        return held, taken, intake.full_waits
+
+    held, taken, waits = run(scenario())
+    assert max(held) <= 4 and taken == list(range(10)) and waits >= 2
