@@ -23,7 +23,7 @@ from rsafe.models.config import EngineConfig, GenerationConfig, InputLimits
 from rsafe.models.engines import Backend, Completion, EngineError, make_backend
 from rsafe.models.prompt import prompt_hash, resolve_level
 from rsafe.models.tokens import Window, WindowError, plan_windows
-from rsafe.models.verdict import Label, Timings, Verdict, categories_in, decide, parse_output, unsafe_probability
+from rsafe.models.verdict import Label, Verdict, categories_in, decide, parse_output, unsafe_probability
 from rsafe.policies import DEFAULT_POLICY, Level, Policy, PolicyError, PolicyRegistry
 
 
@@ -204,6 +204,11 @@ class Guard:
         return max(range(len(judged)), key=p)
 
     def _verdict(self, p: Prepared, completions: Sequence[Completion], engine_ms: float, started: float) -> Verdict:
+        return Verdict(**self._verdict_fields(p, completions, engine_ms, started))
+
+    def _verdict_fields(self, p: Prepared, completions: Sequence[Completion], engine_ms: float,
+                        started: float) -> dict[str, Any]:
+        """The verdict of one message as the keyword arguments of ``Verdict`` (not validated)."""
         now = time.perf_counter()
         judged = [self._judge(p, c) for c in completions]
         k = self._deciding(judged)
@@ -217,13 +222,13 @@ class Guard:
             windows=len(p.windows), window=k, window_field=w.field if windowed else None,
             window_span=w.span if windowed else None,
             prompt_hash=prompt_hash(c.prompt) if c.prompt else None,
-            timings=Timings(queued_ms=(started - p.arrived) * 1e3, engine_ms=engine_ms,
-                            total_ms=(now - p.arrived) * 1e3),
+            timings={"queued_ms": (started - p.arrived) * 1e3, "engine_ms": engine_ms,
+                     "total_ms": (now - p.arrived) * 1e3},
             latency_ms=(now - p.arrived) * 1e3,
         )
         if d.label == Label.ERROR:
-            return Verdict(label=Label.ERROR, error_reason=c.error, **common)
-        return Verdict(
+            return dict(label=Label.ERROR, error_reason=c.error, **common)
+        return dict(
             label=d.label, unsafe_probability=max(probs) if probs and d.label != Label.UNKNOWN else d.probability,
             categories=categories_in(d.reasoning, p.policy) if d.label == Label.UNSAFE else [],
             reasoning=d.reasoning, raw_output=c.text, format_ok=d.format_ok,
@@ -256,13 +261,14 @@ class Guard:
         return turns, adapters
 
     def _assign(self, call: Sequence[Prepared], completions: list[Completion], engine_ms: float,
-                started: float) -> list[Verdict]:
+                started: float, as_dicts: bool = False) -> list[Any]:
         n = sum(len(p.windows) for p in call)
         if len(completions) != n:
             completions = [Completion(error=f"engine returned {len(completions)} results for {n} requests")] * n
+        make = self._verdict_fields if as_dicts else self._verdict
         out, i = [], 0
         for p in call:
-            out.append(self._verdict(p, completions[i: i + len(p.windows)], engine_ms, started))
+            out.append(make(p, completions[i: i + len(p.windows)], engine_ms, started))
             i += len(p.windows)
         return out
 
@@ -284,10 +290,13 @@ class Guard:
         return out
 
     async def aclassify_prepared(self, prepared: Sequence[Prepared], *, max_sequences: int | None = None,
-                                 raise_engine_errors: bool = False) -> list[Verdict]:
+                                 raise_engine_errors: bool = False, as_dicts: bool = False) -> list[Any]:
         """Async ``classify_prepared``. With ``raise_engine_errors`` a whole-call engine failure
-        raises ``EngineError`` instead of becoming ``error`` verdicts (the stream worker retries)."""
-        out: list[Verdict] = []
+        raises ``EngineError`` instead of becoming ``error`` verdicts (the stream worker retries).
+        ``as_dicts``: each verdict as the dict of its ``Verdict`` fields (keyword arguments, not
+        validated; absent fields take the model's defaults): the stream worker's hot path, where
+        the model costs ~7 µs per message for values the guard computed itself."""
+        out: list[Any] = []
         for call in self._calls(prepared, max_sequences):
             turns, adapters = self._flat(call)
             started = time.perf_counter()
@@ -297,7 +306,7 @@ class Guard:
                 if raise_engine_errors:
                     raise EngineError(str(err)) from err
                 completions = self._failed(len(turns), err)
-            out += self._assign(call, completions, (time.perf_counter() - started) * 1e3, started)
+            out += self._assign(call, completions, (time.perf_counter() - started) * 1e3, started, as_dicts)
         return out
 
     def classify(self, requests: Sequence[GuardRequest | dict], *,

@@ -46,6 +46,18 @@ class ParsedOutput:
     """Character offset in the text where the answer word starts (for logprob lookup)."""
 
 
+def format_matches(text: str) -> bool:
+    """``FORMAT_RE.match(text)``, as ordered substring searches (the regex backtracks through the
+    whole reasoning once per ``.*``; this is linear). ``tests/test_verdict.py`` checks they agree."""
+    if not text.startswith("<think>"):
+        return False
+    i = text.find("</think>", 7)
+    if i < 0:
+        return False
+    j = text.find("\\boxed{", i + 8)
+    return j >= 0 and text.find("}", j + 7) >= 0
+
+
 def _last_box(text: str) -> tuple[str, int] | None:
     """Content and start offset of the last ``\\boxed{…}`` (or ``boxed{…}``), with brace matching."""
     found = None
@@ -66,7 +78,7 @@ def parse_output(text: str) -> ParsedOutput:
     """Parse one generated answer. Never raises."""
     if not isinstance(text, str):
         return ParsedOutput(False, Label.UNKNOWN, None, None, None)
-    format_ok = bool(FORMAT_RE.match(text.strip()))
+    format_ok = format_matches(text.strip())
     before, sep, after = text.partition("</think>")
     if sep:
         reasoning = before.split("<think>", 1)[-1].strip()

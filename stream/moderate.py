@@ -19,6 +19,9 @@ from typing import Any, Literal, Sequence
 from rsafe.models.engines import EngineError
 from rsafe.models.guard import Guard, GuardRequest, Prepared
 from rsafe.models.verdict import Label, Verdict
+
+VerdictFields = dict[str, Any]
+"""A verdict as the dict of its ``Verdict`` fields (``Guard.aclassify_prepared(as_dicts=True)``)."""
 from rsafe.policies import Level
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.records import (
@@ -179,19 +182,21 @@ class Moderator:
 
     # ------------------------------------------------------------------ judge
 
-    async def _call(self, routed: Sequence[_Routed]) -> list[Verdict]:
-        """One engine call for ``routed``, bounded by ``health.batch_timeout_s``."""
+    async def _call(self, routed: Sequence[_Routed]) -> list[VerdictFields]:
+        """One engine call for ``routed``, bounded by ``health.batch_timeout_s``: each message's
+        verdict as the dict of its ``Verdict`` fields (``Guard.aclassify_prepared(as_dicts=True)``)."""
         prepared = [r.prepared for r in routed]
         try:
             return await asyncio.wait_for(
-                self.guard.aclassify_prepared(prepared, max_sequences=self.cfg.batch.size, raise_engine_errors=True),
+                self.guard.aclassify_prepared(prepared, max_sequences=self.cfg.batch.size, raise_engine_errors=True,
+                                              as_dicts=True),
                 timeout=self.cfg.health.batch_timeout_s)
         except asyncio.TimeoutError:
             raise EngineError(f"the engine did not answer within {self.cfg.health.batch_timeout_s:g} s "
                               "(health.batch_timeout_s)") from None
 
     async def judge(self, routed: Sequence[_Routed], attempts: int | None = None,
-                    ) -> tuple[list[Verdict] | None, int, str | None]:
+                    ) -> tuple[list[VerdictFields] | None, int, str | None]:
         """The engine call for the batch, retried with backoff. (verdicts or None, attempts, error)."""
         if not routed:
             return [], 0, None
@@ -227,7 +232,7 @@ class Moderator:
         return v.error_reason if v.label == Label.ERROR else None
 
     async def _isolate(self, routed: list[_Routed], poison: list[tuple[_Routed, str]]
-                       ) -> list[tuple[_Routed, Verdict]]:
+                       ) -> list[tuple[_Routed, VerdictFields]]:
         """Split a batch that crashes the engine until the events that do it are alone: those go to
         ``poison``; the others are judged. Raises ``EngineDead`` past ``health.max_poison_events``."""
         verdicts, _, error = await self.judge(routed, attempts=1)
@@ -257,38 +262,39 @@ class Moderator:
                 "response_chars": None if event.response is None else len(event.response),
                 "metadata": event.metadata if full else None}
 
-    def verdict_outcome(self, r: _Routed, v: Verdict | None, *, attempts: int, batch_size: int,
+    def verdict_outcome(self, r: _Routed, v: VerdictFields | None, *, attempts: int, batch_size: int,
                         engine_error: str | None, started: float, engine_ms: float) -> Outcome:
         """The verdict and audit records of one judged message, as wire dicts encoded once.
 
-        This is the hot path of the worker (one call per event): the records are plain dicts in the
-        shapes of ``VerdictRecord`` and ``AuditRecord`` (every field, in declaration order), encoded
-        with msgspec. Building the pydantic models and dumping them cost ~110 µs per event, most of
-        the worker's own CPU (bench/cpu_stages.py); ``tests/test_stream_unit.py`` validates the bytes
+        This is the hot path of the worker (one call per event): the guard's verdict comes as the
+        dict of its ``Verdict`` fields, and the records are plain dicts in the shapes of
+        ``VerdictRecord`` and ``AuditRecord`` (every field, in declaration order), encoded with
+        msgspec. Building the pydantic models and dumping them cost ~110 µs per event, most of the
+        worker's own CPU (bench/cpu_stages.py); ``tests/test_stream_unit.py`` validates the bytes
         against the models."""
         inc, event, topic = r.incoming, r.event, r.topic
         now = time.perf_counter()
         decided = utcnow()
         prepared = r.prepared
-        failed = v is None or v.label == Label.ERROR
+        f = v or {}
+        failed = v is None or f["label"] == Label.ERROR
         if failed:
-            reason = (v.error_reason if v is not None else None) or engine_error or "engine failure"
+            reason = f.get("error_reason") or engine_error or "engine failure"
             on_error = topic.on_error
             label = on_error.value
             fallback = True
-            policy_name = v.policy if v is not None and v.policy else prepared.policy.name
-            policy_version = v.policy_version if v is not None and v.policy_version else prepared.policy.version
+            policy_name = f.get("policy") or prepared.policy.name
+            policy_version = f.get("policy_version") or prepared.policy.version
             unsafe_p, categories = None, []
             if on_error != OnError.ERROR:
                 reason = f"{reason} (on_error: {on_error.value})"
         else:
-            reason, label, fallback = None, v.label.value, False
-            policy_name, policy_version = v.policy, v.policy_version
-            unsafe_p, categories = v.unsafe_probability, list(v.categories)
-        level = v.level if v is not None and v.level else prepared.level.value
+            reason, label, fallback = None, f["label"].value, False
+            policy_name, policy_version = f.get("policy"), f.get("policy_version")
+            unsafe_p, categories = f.get("unsafe_probability"), list(f.get("categories", ()))
+        level = f.get("level") or prepared.level.value
         adapter = r.request.adapter
-        adapter_version = ((v.adapter_version if v is not None and v.adapter_version
-                            else self.adapter_versions.get(adapter)) if adapter else None)
+        adapter_version = (f.get("adapter_version") or self.adapter_versions.get(adapter)) if adapter else None
         conversation_id = self.conversation_id(inc, event)
         src = inc.source
         source = {"topic": src.topic, "partition": src.partition, "offset": src.offset,
@@ -296,14 +302,14 @@ class Moderator:
         timings = {"queued_ms": (started - inc.arrived) * 1e3, "engine_ms": engine_ms,
                    "total_ms": (now - inc.arrived) * 1e3, "batch_size": batch_size, "attempts": attempts}
         windows = len(prepared.windows)
-        window = v.window if v is not None else 0
-        forced = bool(v and v.answer_forced)
+        window = f.get("window", 0)
+        forced = bool(f.get("answer_forced"))
         verdict = {
             "schema_version": SCHEMA_VERSION, "id": event.id, "conversation_id": conversation_id, "label": label,
             "unsafe_probability": unsafe_p, "categories": categories, "level": level, "policy": policy_name,
             "policy_version": policy_version, "model": self.guard.model_id, "model_version": self.model_version,
             "adapter": adapter, "adapter_version": adapter_version,
-            "reasoning_summary": summarize(v.reasoning if v is not None and not failed else None,
+            "reasoning_summary": summarize(f.get("reasoning") if not failed else None,
                                            self.cfg.outputs.reasoning_summary_chars),
             "error_reason": reason, "fallback": fallback, "truncated_input": prepared.truncated,
             "windows": windows, "window": window, "answer_forced": forced, "source": source,
@@ -311,19 +317,19 @@ class Moderator:
         }
         audit = {
             "schema_version": SCHEMA_VERSION, "event_id": event.id, "conversation_id": conversation_id,
-            "label": label, "model_label": None if failed or v is None else v.label.value,
+            "label": label, "model_label": None if failed else f["label"].value,
             "unsafe_probability": unsafe_p, "unsafe_threshold": prepared.policy.unsafe_threshold,
             "categories": categories, "fallback": fallback, "error_reason": reason,
-            "reasoning": v.reasoning if v is not None else None, "raw_output": v.raw_output if v is not None else None,
-            "format_ok": bool(v and v.format_ok), "finish_reason": v.finish_reason if v is not None else None,
+            "reasoning": f.get("reasoning"), "raw_output": f.get("raw_output"),
+            "format_ok": bool(f.get("format_ok")), "finish_reason": f.get("finish_reason"),
             "truncated_input": prepared.truncated, "windows": windows, "window": window,
-            "window_field": v.window_field if v is not None else None,
-            "window_span": list(v.window_span) if v is not None and v.window_span else None,
+            "window_field": f.get("window_field"),
+            "window_span": list(f["window_span"]) if f.get("window_span") else None,
             "answer_forced": forced, "content": self._content(event), "level": level,
             "policy": policy_name, "policy_version": policy_version,
-            "rendered_prompt_sha256": v.prompt_hash if v is not None else None,
-            "prompt_tokens": v.prompt_tokens if v is not None else 0,
-            "completion_tokens": v.completion_tokens if v is not None else 0,
+            "rendered_prompt_sha256": f.get("prompt_hash"),
+            "prompt_tokens": f.get("prompt_tokens", 0),
+            "completion_tokens": f.get("completion_tokens", 0),
             "model": self.guard.model_id, "model_version": self.model_version, "adapter": adapter,
             "adapter_version": adapter_version, "sampling": self.sampling, "source": source,
             "worker_id": self.worker_id, "processing_guarantee": self.cfg.processing_guarantee,
@@ -379,8 +385,9 @@ class Moderator:
                 span.add_event("retry", {"rsafe.attempts": attempts, "rsafe.error": (error or "")[:200]})
         if verdicts:
             self.telemetry.engine_call((time.perf_counter() - started) * 1e3,
-                                       sum(v.prompt_tokens for v in verdicts), sum(v.completion_tokens for v in verdicts))
-        judged: dict[int, Verdict | None] = {}
+                                       sum(v.get("prompt_tokens", 0) for v in verdicts),
+                                       sum(v.get("completion_tokens", 0) for v in verdicts))
+        judged: dict[int, VerdictFields | None] = {}
         if verdicts is not None:
             self.consecutive_failures = 0
             judged = {i: v for (i, _), v in zip(routed, verdicts)}
@@ -404,7 +411,7 @@ class Moderator:
         return done
 
     async def _after_failure(self, routed: list[tuple[int, _Routed]], outcomes: list[Outcome | None],
-                             error: str | None) -> dict[int, Verdict | None]:
+                             error: str | None) -> dict[int, VerdictFields | None]:
         """A batch failed every attempt: the engine is dead (raise ``EngineDead``), or the batch is
         poison (isolate the events that crash the engine → DLQ), or — without a probe — judge it
         by ``on_error`` until ``max_consecutive_failures`` batches failed in a row."""

@@ -101,3 +101,16 @@ def test_categories_named_in_reasoning():
     assert categories_in(text, p) == ["U2", "U9"]
     assert categories_in("U1, and u10.", p) == ["U1", "U10"]
     assert categories_in(None, p) == []
+
+
+_PIECES = st.sampled_from(["<think>", "</think>", "\\boxed{", "boxed{", "}", "{", "\\", "safe", "unsafe", " ", "\n",
+                           "x", "<think", "/think>", "\\boxed", "think>"])
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.lists(_PIECES, max_size=12).map("".join))
+def test_format_check_agrees_with_the_reference_regex(text):
+    from rsafe.models.verdict import FORMAT_RE, format_matches
+
+    assert format_matches(text) == bool(FORMAT_RE.match(text))
+    assert format_matches(text.strip()) == bool(FORMAT_RE.match(text.strip()))
