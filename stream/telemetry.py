@@ -9,7 +9,9 @@ Traces: a span per event (``rsafe.moderate``, kind CONSUMER) from *consumed* to 
 child of the producer's trace when the input record carries W3C trace context in its Kafka
 headers, linked to its batch span (``rsafe.batch`` → ``rsafe.engine_call``); its context is written
 into the headers of the verdict and audit records, so a downstream consumer continues the trace.
-Span events mark retries and dead letters. Attributes follow the ``messaging.*`` and ``gen_ai.*``
+Span events mark retries and dead letters. Sampling is parent-based, by default 5 % of the events
+that arrive without trace context (``DEFAULT_SAMPLING_RATIO``); attributes and events are built
+only for recording spans. Attributes follow the ``messaging.*`` and ``gen_ai.*``
 semantic conventions plus ``rsafe.*`` (policy, label, fallback, windows). Message content and
 reasoning never go into spans, attributes or metric labels, and unbounded values (ids) never
 become metric labels.
@@ -262,10 +264,6 @@ class Telemetry:
             self._tokens_in.add(tokens_in)
         if tokens_out:
             self._tokens_out.add(tokens_out)
-
-    def verdict(self, label: str, topic: str, fallback: bool, policy: str | None = None,
-                categories: Sequence[str] = ()) -> None:
-        self.verdicts([(label, topic, fallback, policy, tuple(categories))])
 
     def verdicts(self, decided: Iterable[tuple[str, str, bool, str | None, Sequence[str]]]) -> None:
         """Count a batch's verdicts: (label, topic, fallback, policy, categories) each. One

@@ -109,6 +109,7 @@ class GuardWorker:
         """Prometheus exposition for /metrics (``telemetry.prometheus``)."""
         self.moderator: Any = None
         self._datadir: str | None = None
+        self._gc_before: tuple[int, int, int] | None = None
         self.exit_code = EXIT_OK
 
     # ------------------------------------------------------------------ control
@@ -324,7 +325,7 @@ class GuardWorker:
         if self.models is not None:
             self._tasks.append(asyncio.create_task(self.models.follow(control_ends), name="rsafe-models-watch"))
         await app.producer.maybe_start()
-        tune_gc(cfg.gc)
+        self._gc_before = tune_gc(cfg.gc)
         log.info("worker %s consuming %s as group %s%s (%s, batch %d / %.0f ms, %d in flight)",
                  self.worker_id, ", ".join(t.topic for t in cfg.inputs), cfg.group_id,
                  f", static member {instance}" if instance else "", cfg.processing_guarantee, cfg.batch.size,
@@ -466,6 +467,9 @@ class GuardWorker:
         log.info("stopped in %.1f s; stats %s", time.perf_counter() - started, json.dumps(self.stats()))
 
     async def _close(self) -> None:
+        if self._gc_before is not None:
+            untune_gc(self._gc_before)
+            self._gc_before = None
         for task in self._tasks:
             task.cancel()
         if self.feedback is not None:
@@ -485,16 +489,25 @@ class GuardWorker:
         await asyncio.to_thread(self.providers.shutdown)
 
 
-def tune_gc(cfg: Any) -> None:
+def tune_gc(cfg: Any) -> tuple[int, int, int]:
     """Apply ``gc:`` (``StreamConfig.gc``) to this process: a higher young-generation threshold,
-    then the start-up heap collected once and frozen."""
+    then the start-up heap collected once and frozen. Returns the thresholds before (for
+    ``untune_gc``)."""
+    before = gc.get_threshold()
     if cfg.gen0_threshold:
-        _, gen1, gen2 = gc.get_threshold()
-        gc.set_threshold(cfg.gen0_threshold, gen1, gen2)
+        gc.set_threshold(cfg.gen0_threshold, before[1], before[2])
     if cfg.freeze:
         gc.collect()
         gc.freeze()
     log.debug("gc: thresholds %s, %d objects frozen", gc.get_threshold(), gc.get_freeze_count())
+    return before
+
+
+def untune_gc(before: tuple[int, int, int]) -> None:
+    """Undo ``tune_gc`` when the worker stops (a process that runs more — tests, benchmarks — gets
+    its collector back as it was, and objects frozen at start can be collected again)."""
+    gc.unfreeze()
+    gc.set_threshold(*before)
 
 
 def _providers(cfg: StreamConfig, worker_id: str, backend: Any) -> Any:

@@ -536,15 +536,15 @@ def test_gc_tuning_raises_the_young_threshold_and_freezes_the_startup_heap():
     import gc
 
     from rsafe.stream.config import Gc
-    from rsafe.stream.worker import tune_gc
+    from rsafe.stream.worker import tune_gc, untune_gc
 
     before = gc.get_threshold()
+    saved = tune_gc(Gc(gen0_threshold=12_345, freeze=True))
     try:
-        tune_gc(Gc(gen0_threshold=12_345, freeze=True))
-        assert gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
+        assert saved == before and gc.get_threshold()[0] == 12_345 and gc.get_freeze_count() > 0
     finally:
-        gc.unfreeze()
-        gc.set_threshold(*before)
+        untune_gc(saved)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
     assert cfg_of().gc.gen0_threshold == 50_000 and cfg_of().gc.freeze
 
 
