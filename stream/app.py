@@ -95,9 +95,12 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
         async def deliver(records: Any) -> None:
             nonlocal since_yield
             bulk: list[Any] = []
-            arrived, consumed_at = time.perf_counter(), utcnow()
+            arrived: float | None = None  # when the fetch returned (the first message), not when it began
+            consumed_at = None
             try:
                 async for tp, message in records:
+                    if arrived is None:
+                        arrived, consumed_at = time.perf_counter(), utcnow()
                     since_yield += 1
                     if since_yield > 100:
                         await asyncio.sleep(0)
