@@ -20,33 +20,26 @@ import uuid
 
 
 async def probe(bootstrap: str, topic: str, wait_ms: int, seconds: float) -> tuple[int, float]:
-    import aiokafka.consumer.fetcher as fetcher
     from aiokafka import AIOKafkaConsumer
 
-    count = [0]
-    original = fetcher.Fetcher._proc_fetch_request
+    from rsafe.stream.long_poll import counting_fetches
 
-    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        count[0] += 1
-        return await original(self, *args, **kwargs)
-
-    fetcher.Fetcher._proc_fetch_request = counted  # type: ignore[method-assign]
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=wait_ms,
-                                auto_offset_reset="earliest")
-    await consumer.start()
-    try:
-        before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-        count[0] = 0
+    with counting_fetches() as count:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=wait_ms,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
         try:
-            await asyncio.wait_for(consumer.getone(), timeout=seconds)
-        except asyncio.TimeoutError:
-            pass
-        after, dt = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - t0
-        cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / dt
-        return round(count[0] / dt), cpu
-    finally:
-        await consumer.stop()
-        fetcher.Fetcher._proc_fetch_request = original  # type: ignore[method-assign]
+            before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+            count[0] = 0
+            try:
+                await asyncio.wait_for(consumer.getone(), timeout=seconds)
+            except asyncio.TimeoutError:
+                pass
+            after, dt = resource.getrusage(resource.RUSAGE_SELF), time.monotonic() - t0
+            cpu = (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / dt
+            return round(count[0] / dt), cpu
+        finally:
+            await consumer.stop()
 
 
 def main() -> None:

@@ -23,9 +23,10 @@ and ``tests/test_long_poll.py`` checks it against the pinned aiokafka.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("rsafe.stream.long_poll")
 
@@ -84,3 +85,23 @@ def uninstall() -> None:
 
         Fetcher._proc_fetch_request = _state["original"]  # type: ignore[method-assign]
         _state["original"] = None
+
+
+@contextlib.contextmanager
+def counting_fetches() -> Iterator[list[int]]:
+    """Count the fetch requests aiokafka sends while inside (``counter[0]``; reset it to start a
+    window): how the benchmark and the tests see a consumer spin or not."""
+    from aiokafka.consumer.fetcher import Fetcher
+
+    counter = [0]
+    inner = Fetcher._proc_fetch_request
+
+    async def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return await inner(self, *args, **kwargs)
+
+    Fetcher._proc_fetch_request = counted  # type: ignore[method-assign]
+    try:
+        yield counter
+    finally:
+        Fetcher._proc_fetch_request = inner  # type: ignore[method-assign]

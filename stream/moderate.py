@@ -19,9 +19,6 @@ from typing import Any, Literal, Sequence
 from rsafe.models.engines import EngineError
 from rsafe.models.guard import Guard, GuardRequest, Prepared
 from rsafe.models.verdict import Label, Verdict
-
-VerdictFields = dict[str, Any]
-"""A verdict as the dict of its ``Verdict`` fields (``Guard.aclassify_prepared(as_dicts=True)``)."""
 from rsafe.policies import Level
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.records import (
@@ -44,6 +41,9 @@ from rsafe.stream.records import (
 from rsafe.stream.telemetry import Telemetry
 
 log = logging.getLogger("rsafe.stream.moderate")
+
+VerdictFields = dict[str, Any]
+"""A verdict as the dict of its ``Verdict`` fields (``Guard.aclassify_prepared(as_dicts=True)``)."""
 
 
 @dataclass

@@ -25,36 +25,27 @@ def shim():
 async def _idle_then_one_record(bootstrap: str, topic: str, idle_s: float) -> tuple[int, float]:
     """Fetch requests sent while idle for ``idle_s``, and seconds from producing one record to
     consuming it."""
-    import aiokafka.consumer.fetcher as fetcher
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-    calls = [0]
-    inner = fetcher.Fetcher._proc_fetch_request
-
-    async def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        return await inner(self, *args, **kwargs)
-
-    fetcher.Fetcher._proc_fetch_request = counted  # type: ignore[method-assign]
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
-    try:
-        await consumer.start()
-        await producer.start()
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(consumer.getone(), timeout=0.3)  # assigned and at the end of the log
-        calls[0] = 0
-        await asyncio.sleep(idle_s)
-        idle_fetches = calls[0]
-        sent = time.monotonic()
-        await producer.send_and_wait(topic, b"hello")
-        record = await asyncio.wait_for(consumer.getone(), timeout=10)
-        assert record.value == b"hello"
-        return idle_fetches, time.monotonic() - sent
-    finally:
-        fetcher.Fetcher._proc_fetch_request = inner  # type: ignore[method-assign]
-        await consumer.stop()
-        await producer.stop()
+    with long_poll.counting_fetches() as calls:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest")
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        try:
+            await consumer.start()
+            await producer.start()
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(consumer.getone(), timeout=0.3)  # assigned and at the end of the log
+            calls[0] = 0
+            await asyncio.sleep(idle_s)
+            idle_fetches = calls[0]
+            sent = time.monotonic()
+            await producer.send_and_wait(topic, b"hello")
+            record = await asyncio.wait_for(consumer.getone(), timeout=10)
+            assert record.value == b"hello"
+            return idle_fetches, time.monotonic() - sent
+        finally:
+            await consumer.stop()
+            await producer.stop()
 
 
 def test_idle_consumer_does_not_spin_and_still_gets_records_promptly(kafka, shim):
