@@ -47,7 +47,7 @@ class Intake(Generic[T]):
                     self._shrank.clear()
                     await self._shrank.wait()
                 continue
-            self._items.extend(items[i:i + room] if i or room < n else items)
+            self._items.extend(items[i:i + room])
             i += room
             self._grew.set()
 
