@@ -1,6 +1,6 @@
 """The engine side of the guard on a GPU, at production size: a Qwen2.5-7B-shaped model.
 
-    .venv/bin/python bench/gpu.py                       # on a GPU machine: 7B shape, bf16, ~6 min
+    .venv/bin/python bench/gpu.py --compare-prefix      # on a GPU machine: 7B shape, bf16, ~6 min
     .venv/bin/python bench/gpu.py --shape demo --n 32 --duration 5 --new-tokens 32   # CPU smoke run
 
 No model hub is reachable, so the weights are vLLM's ``load_format="dummy"`` (random values) on a
@@ -9,7 +9,9 @@ tokenizer is the demo model's (its ids fit the 7B vocabulary; it splits text int
 Qwen's, so the prompt lengths are reported as measured). Every prompt is the project's real RSafe
 prompt (``rsafe-default`` policy, the model's chat template) around a message of the synthetic
 corpus; the reasoning length is fixed with ``min_tokens = max_tokens = --new-tokens`` and
-``ignore_eos`` (~150 tokens, a realistic RSafe reasoning).
+``ignore_eos`` (~150 tokens, a realistic RSafe reasoning). Engine settings as the guard runs them
+on a GPU: ``max_num_seqs`` 512, 8,192 batched tokens per step, no incremental detokenization
+(``--detokenize`` turns it on, for comparison: it cost a third of the messages/s on an H200).
 
 Measured, in one run on one engine (``AsyncLLM``, the worker's engine class):
 
@@ -99,6 +101,11 @@ def prefix_report(model: Path, texts: list[str]) -> dict:
                                 for name, h in heads.items() if name != "rsafe-default"}}
 
 
+def log(msg: str) -> None:
+    """Progress on stderr (the run is unattended; stdout's last line is the JSON result)."""
+    print(f"[gpu bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -115,11 +122,14 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
         model=str(model), load_format="dummy" if args.shape != "demo" else "auto",
         dtype="bfloat16" if on_gpu else "float32", max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching, gpu_memory_utilization=0.9,
-        enforce_eager=not on_gpu, seed=0))
+        enforce_eager=not on_gpu, seed=0, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens))
     start_s = time.perf_counter() - t0
     block_size = engine.vllm_config.cache_config.block_size
+    log(f"engine up in {start_s:.0f} s (block {block_size}, max_num_seqs "
+        f"{engine.vllm_config.scheduler_config.max_num_seqs})")
     sp = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True, temperature=0.0,
-                        output_kind=RequestOutputKind.FINAL_ONLY)
+                        output_kind=RequestOutputKind.FINAL_ONLY, detokenize=args.detokenize)
     prefill: list[int] = []
 
     async def one(text: str) -> tuple[float, int, int]:
@@ -141,6 +151,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
         lat = [r[0] for r in res]
         out = {
             "engine_start_s": round(start_s, 1), "n": len(texts), "block_size": block_size,
+            "max_num_seqs": engine.vllm_config.scheduler_config.max_num_seqs, "detokenize": args.detokenize,
             "prompt_tokens_mean": round(statistics.mean(r[1] for r in res), 1),
             "new_tokens": args.new_tokens,
             "prefill_computed_per_msg": round(statistics.mean(prefill), 1),
@@ -148,6 +159,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
             "batched_tokens_per_s": round(sum(r[2] for r in res) / wall, 1),
             "batched_p50_s": round(pct(lat, 0.5), 3), "batched_p99_s": round(pct(lat, 0.99), 3),
         }
+        log(f"batched: {out['batched_msgs_per_s']} msgs/s, p99 {out['batched_p99_s']} s")
         if args.no_prefix_caching:
             return out
         seq = texts[: args.sequential]
@@ -156,6 +168,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
             await one(x)
         out["sequential_msgs_per_s"] = round(len(seq) / (time.perf_counter() - t), 2)
         out["batching_ratio"] = round(out["batched_msgs_per_s"] / out["sequential_msgs_per_s"], 1)
+        log(f"one at a time: {out['sequential_msgs_per_s']} msgs/s (batching {out['batching_ratio']}x)")
         for load in (0.5, 0.9):  # open loop: a fixed arrival rate, whatever the latency
             rate = load * out["batched_msgs_per_s"]
             tasks, i, t = [], 0, time.perf_counter()
@@ -166,6 +179,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
             lat = [r[0] for r in await asyncio.gather(*tasks)]
             out[f"open_loop_{int(load * 100)}"] = {"rate": round(rate, 1), "n": len(lat),
                                                    "p50_s": round(pct(lat, 0.5), 3), "p99_s": round(pct(lat, 0.99), 3)}
+            log(f"open loop {int(load * 100)} %: {out[f'open_loop_{int(load * 100)}']}")
         return out
     finally:
         engine.shutdown()
@@ -181,6 +195,10 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of each open-loop run")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--device", choices=["gpu", "cpu"], default=None, help="default: gpu when CUDA is available")
+    ap.add_argument("--max-num-seqs", type=int, default=512, help="vLLM's cap on sequences in a step")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192, help="vLLM's token budget per step")
+    ap.add_argument("--detokenize", action="store_true",
+                    help="let vLLM detokenize token by token (the guard does not: it decodes once at the end)")
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--compare-prefix", action="store_true", help="also run with prefix caching off (subprocess)")
     args = ap.parse_args()
@@ -195,12 +213,19 @@ def main() -> None:
                   **prefix_report(model, texts)}
         result["aligned_prefix_tokens"] = result["shared_prefix_tokens"] // result["block_size"] * result["block_size"]
     if args.compare_prefix and not args.no_prefix_caching:
+        log(f"prefix caching on: {json.dumps(result)}")  # kept even if the second engine fails
+        log("second engine: prefix caching off")
         cmd = [sys.executable, __file__, "--no-prefix-caching", *[a for a in sys.argv[1:] if a != "--compare-prefix"]]
-        off = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        result["prefix_off"] = {k: off[k] for k in ("batched_msgs_per_s", "prefill_computed_per_msg", "engine_start_s")}
-        result["prefix_speedup"] = round(result["batched_msgs_per_s"] / off["batched_msgs_per_s"], 2)
-        saved = off["prefill_computed_per_msg"] - result["prefill_computed_per_msg"]
-        result["prefix_reuse_of_aligned"] = round(saved / max(1, result["aligned_prefix_tokens"]), 3)  # target ≥ 0.8
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            result["prefix_off_error"] = proc.stderr[-2000:]
+            log(f"prefix caching off failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
+        else:
+            off = json.loads(proc.stdout.splitlines()[-1])
+            result["prefix_off"] = {k: off[k] for k in ("batched_msgs_per_s", "prefill_computed_per_msg", "engine_start_s")}
+            result["prefix_speedup"] = round(result["batched_msgs_per_s"] / off["batched_msgs_per_s"], 2)
+            saved = off["prefill_computed_per_msg"] - result["prefill_computed_per_msg"]
+            result["prefix_reuse_of_aligned"] = round(saved / max(1, result["aligned_prefix_tokens"]), 3)  # target ≥ 0.8
     if not args.no_prefix_caching:
         r = result
         print(f"| {r['shape']} | {r['device']} | {r['batched_msgs_per_s']} | {r['batched_tokens_per_s']} | "
@@ -215,4 +240,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     main()

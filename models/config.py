@@ -114,7 +114,16 @@ class EngineConfig(BaseModel):
     enforce_eager: bool = False
     """No CUDA graphs / compilation (CPU default: on)."""
     max_num_seqs: int | None = None
-    """vLLM's cap on sequences scheduled at once (None: vLLM's default)."""
+    """vLLM's cap on sequences scheduled at once (None: vLLM's default, 128 for ``AsyncLLM``; on
+    a GPU 512 moved 9 % more messages/s, docs/BENCHMARKS.md "GPU")."""
+    answer_logprobs: Literal["rescore", "inline"] = "rescore"
+    """vLLM backend: where the answer's candidates (``GenerationConfig.top_logprobs``, for the
+    unsafe probability) come from. ``rescore`` (GPU default): a one-token request on the generated
+    token ids up to the answer (prefix-cached), so the generation itself asks for no logprobs.
+    ``inline`` (CPU default): logprobs at every generated token, in one request, but a ``Logprob``
+    object per candidate per token in the worker's process. On a GPU the worker's one core is the
+    limit, and ``inline`` costs ~4× its CPU per token; on a CPU the engine is the limit, and the
+    extra request costs ~20 % of its messages/s (bench/frontend_cost.py, docs/BENCHMARKS.md)."""
     cpu_kvcache_space_gib: Annotated[float, Field(gt=0)] = 1.0
     """vLLM-CPU only: KV cache size in GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` when that
     variable is not set (vLLM-CPU refuses to start without it on small hosts)."""
@@ -193,11 +202,15 @@ class EngineConfig(BaseModel):
         return self.model_id or self.model
 
 
-LOCAL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager")
+LOCAL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "answer_logprobs")
 """Engine settings whose default depends on the machine (see ``local_defaults``)."""
 
 
 def cuda_available() -> bool:
+    """Whether a CUDA GPU is usable, asked through NVML: without that, torch's check initialises
+    CUDA in this process, and vLLM's engine process, forked from it later, fails with "Cannot
+    re-initialize CUDA in forked subprocess" (seen on the GPU machine; docs/BENCHMARKS.md "GPU")."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     try:
         import torch
 
@@ -209,10 +222,13 @@ def cuda_available() -> bool:
 @lru_cache(maxsize=1)
 def local_defaults() -> dict[str, Any]:
     """Machine-dependent engine defaults: GPU (``auto`` dtype, 4096-token context, 90 % of GPU
-    memory, CUDA graphs) or CPU-safe (float32, 1024 tokens, half the host memory, eager)."""
+    memory, CUDA graphs, answer candidates rescored) or CPU-safe (float32, 1024 tokens, half the
+    host memory, eager, answer candidates inline)."""
     if cuda_available():
-        return {"dtype": "auto", "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False}
-    return {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True}
+        return {"dtype": "auto", "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False,
+                "answer_logprobs": "rescore"}
+    return {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True,
+            "answer_logprobs": "inline"}
 
 
 def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any) -> EngineConfig:
@@ -222,6 +238,12 @@ def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any)
 
 
 def apply_engine_environment(cfg: EngineConfig) -> None:
-    """Process environment an engine needs before it starts (vLLM-CPU: the KV cache size)."""
-    if cfg.backend == "vllm" and not cuda_available():
+    """Process environment an engine needs before it starts: on a GPU, vLLM's engine process is
+    spawned, not forked (a library may have initialised CUDA in this process already, and a fork
+    cannot use it); on vLLM-CPU, the KV cache size."""
+    if cfg.backend != "vllm":
+        return
+    if cuda_available():
+        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    else:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.cpu_kvcache_space_gib:g}")

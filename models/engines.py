@@ -72,6 +72,52 @@ def forced_head(text: str) -> str:
     return reasoning + "\n</think>\n"
 
 
+def decode_text(tokenizer, token_ids: Sequence[int]) -> str:
+    """A completion's text, decoded once, as vLLM's detokenizer would (special tokens skipped, no
+    clean-up of spaces). The vLLM backend generates with ``detokenize=False``: vLLM's incremental
+    detokenization runs token by token in the worker's own process, and on a GPU that one core,
+    not the GPU, set the throughput (docs/BENCHMARKS.md, "GPU")."""
+    return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def answer_position(tokenizer, token_ids: Sequence[int]) -> tuple[list[str], int | None]:
+    """The texts of the single generated tokens (one batched decode) and the index of the token in
+    which the answer word starts (``parse_output(...).answer_start``), or None."""
+    from rsafe.models.verdict import parse_output
+
+    pieces = tokenizer.batch_decode([[i] for i in token_ids], skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False)
+    start = parse_output("".join(pieces)).answer_start
+    pos = 0
+    for i, piece in enumerate(pieces):
+        if start is not None and pos <= start < pos + len(piece):
+            return pieces, i
+        pos += len(piece)
+    return pieces, None
+
+
+def candidate_texts(tokenizer, position: dict) -> list[tuple[str, float]]:
+    """One position's top candidates (vLLM ``{token_id: Logprob}``) as (decoded text, logprob)."""
+    ids = list(position)
+    texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return [(t, position[i].logprob) for t, i in zip(texts, ids)]
+
+
+def decode_completion(tokenizer, token_ids: Sequence[int], logprobs: Sequence[dict] | None = None,
+                      ) -> tuple[str, list[str], list[list[tuple[str, float]]] | None]:
+    """Text, per-token texts and candidates of a completion generated with ``detokenize=False``
+    and ``logprobs`` at every position: the candidates are decoded where the answer starts only
+    (an empty list elsewhere; ``unsafe_probability`` reads that one). Without logprobs: ``[]``, None."""
+    text = decode_text(tokenizer, token_ids)
+    if not logprobs:
+        return text, [], None
+    pieces, at = answer_position(tokenizer, token_ids)
+    candidates: list[list[tuple[str, float]]] = [[] for _ in pieces]
+    if at is not None and at < len(logprobs):
+        candidates[at] = candidate_texts(tokenizer, logprobs[at])
+    return text, pieces, candidates
+
+
 class Backend(Protocol):
     model_id: str
     token_counter: Any
@@ -178,16 +224,18 @@ class VLLMBackend:
 
         if forced:  # the answer right after a cut reasoning: greedy, a few tokens, constrained
             return SamplingParams(max_tokens=8, temperature=0.0, logprobs=gen.top_logprobs or None,
-                                  output_kind=RequestOutputKind.FINAL_ONLY,
+                                  output_kind=RequestOutputKind.FINAL_ONLY, detokenize=False,
                                   structured_outputs=StructuredOutputsParams(regex=FORCED_ANSWER_REGEX))
-        return SamplingParams(
+        inline = self.cfg.answer_logprobs == "inline"
+        return SamplingParams(  # "rescore": no logprobs, the answer's candidates come from _answer_candidates
             max_tokens=gen.max_tokens,
             temperature=gen.temperature,
             top_p=gen.top_p,
             repetition_penalty=gen.repetition_penalty,
-            logprobs=gen.top_logprobs or None,
+            logprobs=(gen.top_logprobs or None) if inline else None,
             seed=gen.seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=False,  # decoded once at the end (decode_completion), not token by token
             structured_outputs=StructuredOutputsParams(regex=gen.structured_regex) if gen.structured else None,
         )
 
@@ -223,22 +271,30 @@ class VLLMBackend:
             raise EngineError(f"cannot load adapter {name}@{version} from {path}: {err}") from err
         self._adapters[name] = (request, version)
 
-    async def _final(self, prompt: str, params, lora):
+    async def _answer_candidates(self, context: list[int], gen: GenerationConfig, lora):
+        """The top ``gen.top_logprobs`` candidates for the token after ``context`` (token ids: the
+        prompt and the completion up to the answer), from a one-token request.
+
+        Asking vLLM for logprobs during the generation itself costs the worker's process a
+        ``Logprob`` object per candidate per generated token (~70 µs of CPU per token on this
+        machine, bench/frontend_cost.py) for the one position the guard reads. This request reads
+        it alone: the context's KV blocks are in the prefix cache from the generation, so the
+        engine computes only the last partial block and one token."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=gen.top_logprobs, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        out = await self._final({"prompt_token_ids": context}, params, lora)
+        if out is None or not out.outputs or not out.outputs[0].logprobs:
+            return []
+        return candidate_texts(self.tokenizer, out.outputs[0].logprobs[0])
+
+    async def _final(self, prompt: str | dict, params, lora):
         final = None
         async for out in self._engine.generate(prompt, params, f"rsafe-{next(self._ids)}", lora_request=lora):
             final = out
         return final
-
-    @staticmethod
-    def _tokens(o) -> tuple[list[str], list[list[tuple[str, float]]] | None]:
-        token_texts, candidates = [], None
-        if o.logprobs is not None:
-            candidates = []
-            for tok_id, pos in zip(o.token_ids, o.logprobs):
-                chosen = pos.get(tok_id)
-                token_texts.append((chosen.decoded_token if chosen else "") or "")
-                candidates.append([(lp.decoded_token or "", lp.logprob) for lp in pos.values()])
-        return token_texts, candidates
 
     async def _one(self, prompt: str, params, adapter: str | None, gen: GenerationConfig) -> Completion:
         try:
@@ -249,19 +305,28 @@ class VLLMBackend:
         if final is None or not final.outputs:
             return Completion(prompt=prompt, error="engine returned no output")
         o = final.outputs[0]
-        token_texts, candidates = self._tokens(o)
+        if o.logprobs:  # answer_logprobs "inline": candidates at every generated token
+            text, token_texts, candidates = decode_completion(self.tokenizer, o.token_ids, o.logprobs)
+        else:
+            text, token_texts, candidates = decode_text(self.tokenizer, o.token_ids), [], None
+            if gen.top_logprobs:  # "rescore": the answer's candidates alone
+                token_texts, at = answer_position(self.tokenizer, o.token_ids)
+                candidates = [[] for _ in token_texts]
+                if at is not None:
+                    context = list(final.prompt_token_ids or []) + list(o.token_ids[:at])
+                    candidates[at] = await self._answer_candidates(context, gen, lora)
         c = Completion(
-            text=o.text, token_texts=token_texts, candidates=candidates, prompt=prompt,
+            text=text, token_texts=token_texts, candidates=candidates, prompt=prompt,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(o.token_ids),
             finish_reason=o.finish_reason, adapter_version=adapter_version,
         )
-        if needs_forced_answer(gen, o.text, o.finish_reason):
-            head = forced_head(o.text)
+        if needs_forced_answer(gen, text, o.finish_reason):
+            head = forced_head(text)
             forced = await self._final(prompt + head, self._sampling_params(gen, forced=True), lora)
             if forced is not None and forced.outputs:
                 f = forced.outputs[0]
-                c.text = head + f.text
-                c.token_texts, c.candidates = self._tokens(f)
+                f_text, c.token_texts, c.candidates = decode_completion(self.tokenizer, f.token_ids, f.logprobs)
+                c.text = head + f_text
                 c.completion_tokens += len(f.token_ids)
                 c.answer_forced = True
         return c

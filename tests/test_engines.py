@@ -124,6 +124,28 @@ def test_transformers_backend_matches_vllm_greedy(vllm_guard, hf_guard):
         assert h.prompt_hash == v.prompt_hash
 
 
+def test_answer_candidates_rescored_match_inline_logprobs(vllm_guard):
+    """``answer_logprobs: rescore`` (the GPU default: generation without logprobs, then a one-token
+    request on the same token ids) reads the same candidates as ``inline`` (CPU default: logprobs
+    during the generation)."""
+    reqs = [{"prompt": BENIGN}, {"prompt": HARMFUL}, *({"prompt": r["prompt"]} for r in _examples(8))]
+    backend = vllm_guard.backend
+    cfg = backend.cfg
+    results = {}
+    try:
+        for mode in ("rescore", "inline"):
+            backend.cfg = cfg.model_copy(update={"answer_logprobs": mode})
+            results[mode] = vllm_guard.classify(reqs)
+    finally:
+        backend.cfg = cfg
+    rescored, inline = results["rescore"], results["inline"]
+    assert [r.raw_output for r in rescored] == [i.raw_output for i in inline]
+    assert [r.label for r in rescored] == [i.label for i in inline]
+    assert all(r.unsafe_probability is not None for r in rescored if r.label in (Label.SAFE, Label.UNSAFE))
+    for r, i in zip(rescored, inline):
+        assert r.unsafe_probability == pytest.approx(i.unsafe_probability, abs=1e-3)
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
         make_backend(EngineConfig(backend="transformers", model=str(tmp_path / "nope")))
