@@ -42,7 +42,10 @@ class EngineError(RuntimeError):
 class Completion:
     text: str = ""
     token_texts: list[str] = field(default_factory=list)
+    """The generated tokens' texts (with candidates only; ``[]`` otherwise)."""
     candidates: list[list[tuple[str, float]]] | None = None
+    """Top (text, logprob) per generated token; what ``unsafe_probability`` reads is the position
+    where the answer starts (the vLLM backend fills that one alone, other positions are ``[]``)."""
     prompt: str = ""
     """The exact prompt the engine received (rendered chat template, or the user turn for chat APIs)."""
     prompt_tokens: int = 0
