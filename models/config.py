@@ -117,13 +117,15 @@ class EngineConfig(BaseModel):
     """vLLM's cap on sequences scheduled at once (None: vLLM's default, 128 for ``AsyncLLM``; on
     a GPU 512 moved 9 % more messages/s, docs/BENCHMARKS.md "GPU")."""
     answer_logprobs: Literal["rescore", "inline"] = "rescore"
-    """vLLM backend: where the answer's candidates (``GenerationConfig.top_logprobs``, for the
-    unsafe probability) come from. ``rescore`` (GPU default): a one-token request on the generated
-    token ids up to the answer (prefix-cached), so the generation itself asks for no logprobs.
-    ``inline`` (CPU default): logprobs at every generated token, in one request, but a ``Logprob``
-    object per candidate per token in the worker's process. On a GPU the worker's one core is the
-    limit, and ``inline`` costs ~4× its CPU per token; on a CPU the engine is the limit, and the
-    extra request costs ~20 % of its messages/s (bench/frontend_cost.py, docs/BENCHMARKS.md)."""
+    """Where the answer's candidates (``GenerationConfig.top_logprobs``, for the unsafe
+    probability) come from. ``rescore``: a one-token request on the generation up to the answer
+    (prefix-cached), so the generation itself asks for no logprobs. ``inline``: logprobs at every
+    generated token, in one request, but a ``Logprob`` object (a JSON object from a server) per
+    candidate per token in the process that holds the engine client. vLLM backend: ``rescore`` on
+    a GPU, where that one core is the limit and ``inline`` costs ~4× its CPU per token; ``inline``
+    on a CPU, where the engine is the limit and the extra request costs ~20 % of its messages/s
+    (bench/frontend_cost.py, docs/BENCHMARKS.md). ``openai`` backend: ``rescore`` (the server's
+    API process pays the per-token cost; it continues the text up to the answer)."""
     cpu_kvcache_space_gib: Annotated[float, Field(gt=0)] = 1.0
     """vLLM-CPU only: KV cache size in GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` when that
     variable is not set (vLLM-CPU refuses to start without it on small hosts)."""

@@ -768,8 +768,10 @@ class OpenAIBackend:
             "temperature": gen.temperature,
             "top_p": gen.top_p,
         }
-        if gen.top_logprobs:
+        if gen.top_logprobs and (self.cfg.answer_logprobs == "inline" or head is not None):
             body.update(logprobs=True, top_logprobs=gen.top_logprobs)
+        elif gen.top_logprobs:  # "rescore": the generated tokens' texts alone, to cut at a token boundary
+            body.update(logprobs=True, top_logprobs=0)
         if gen.seed is not None:
             body["seed"] = gen.seed
         if gen.repetition_penalty != 1.0:
@@ -780,6 +782,17 @@ class OpenAIBackend:
             messages.append({"role": "assistant", "content": head})
             body.update(max_tokens=8, temperature=0.0, continue_final_message=True, add_generation_prompt=False,
                         structured_outputs={"regex": FORCED_ANSWER_REGEX})
+        return body
+
+    def _rescore_body(self, user_turn: str, gen: GenerationConfig, adapter: str | None, head: str) -> dict:
+        """One token after ``head`` (the generated text up to the token where the answer word
+        starts), with its top candidates: ``answer_logprobs: rescore``. The generation then asks
+        for no candidates (only each token's text), where they cost the server's front-end process
+        a JSON object per candidate per token for the one position the guard reads
+        (docs/BENCHMARKS.md "Front-end CPU")."""
+        body = self._body(user_turn, gen, adapter, head)
+        body.pop("structured_outputs", None)
+        body.update(max_tokens=1, logprobs=True, top_logprobs=gen.top_logprobs)
         return body
 
     @staticmethod
@@ -832,21 +845,44 @@ class OpenAIBackend:
         client = self._client()
         sem = asyncio.Semaphore(self._sem_limit)
 
-        async def post(turn: str, adapter: str | None, head: str | None = None) -> Completion:
+        async def post(turn: str, body: dict) -> Completion:
             async with sem:
-                return await self._post(client, turn, self._body(turn, gen, adapter, head))
+                return await self._post(client, turn, body)
+
+        async def rescore(turn: str, adapter: str | None, c: Completion) -> None:
+            """The answer's candidates from a one-token request (``answer_logprobs: rescore``)."""
+            from rsafe.models.verdict import parse_output
+
+            start = parse_output(c.text).answer_start
+            if start is None or not "".join(c.token_texts).startswith(c.text):  # (+ an end token's text)
+                c.token_texts, c.candidates = [], None  # no candidates to read the answer from
+                return
+            at, cut = 0, 0  # the token in which the answer starts, and where it starts in the text
+            while cut + len(c.token_texts[at]) <= start:
+                cut += len(c.token_texts[at])
+                at += 1
+            # cut where the model's own token begins: a text cut inside it (e.g. "{" of "{safe")
+            # would be a tokenization the model never produced
+            r = await post(turn, self._rescore_body(turn, gen, adapter, c.text[:cut]))
+            c.candidates = [[] for _ in c.token_texts]
+            if r.error is None and r.candidates:
+                c.candidates[at] = r.candidates[0]
+            else:  # the verdict stands; its unsafe probability is unknown
+                _openai_log.warning("answer rescoring got no candidates: %s", r.error or f"response {r.text!r}")
 
         async def one(turn: str, adapter: str | None) -> Completion:
-            c = await post(turn, adapter)
+            c = await post(turn, self._body(turn, gen, adapter))
             c.adapter_version = self._adapters.get(adapter, (None, None))[1] if adapter else None
             if c.error is None and needs_forced_answer(gen, c.text, c.finish_reason):
                 head = forced_head(c.text)
-                f = await post(turn, adapter, head)
+                f = await post(turn, self._body(turn, gen, adapter, head))
                 if f.error is None:
                     c.text = head + (f.text[len(head):] if f.text.startswith(head) else f.text)
                     c.token_texts, c.candidates = f.token_texts, f.candidates
                     c.completion_tokens += f.completion_tokens
                     c.answer_forced = True
+            elif c.error is None and gen.top_logprobs and self.cfg.answer_logprobs == "rescore":
+                await rescore(turn, adapter, c)
             return c
 
         return list(await asyncio.gather(*(one(t, a) for t, a in zip(user_turns, adapters))))

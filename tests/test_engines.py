@@ -214,6 +214,15 @@ def test_openai_backend_against_a_real_vllm_server(vllm_server, vllm_guard):
     assert [r.label for r in remote] == [v.label for v in local]
     assert remote[0].unsafe_probability == pytest.approx(local[0].unsafe_probability, abs=0.02)
     assert remote[0].prompt_tokens > 100 and remote[2].label == Label.ERROR
+    # the default answer_logprobs for a server is "rescore"; "inline" reads the same candidates
+    assert guard.backend.cfg.answer_logprobs == "rescore"
+    inline = Guard.from_config(EngineConfig(backend="openai", model="rsafe-demo", base_url=vllm_server,
+                                            answer_logprobs="inline", generation=GenerationConfig(max_tokens=128)))
+    both = inline.classify(reqs[:2])
+    assert [b.raw_output for b in both] == [r.raw_output for r in remote[:2]]
+    for b, r in zip(both, remote[:2]):
+        assert r.unsafe_probability is not None
+        assert b.unsafe_probability == pytest.approx(r.unsafe_probability, abs=0.02)
 
 
 def test_cli_classify_jsonl(tmp_path, demo_model_dir):
