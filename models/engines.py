@@ -854,8 +854,11 @@ class OpenAIBackend:
             from rsafe.models.verdict import parse_output
 
             start = parse_output(c.text).answer_start
-            if start is None or not "".join(c.token_texts).startswith(c.text):  # (+ an end token's text)
-                c.token_texts, c.candidates = [], None  # no candidates to read the answer from
+            if start is None:  # no answer to read a probability for
+                return
+            if not "".join(c.token_texts).startswith(c.text):  # (the tokens may add an end token's text)
+                _openai_log.warning("answer rescoring skipped: the server's token texts do not spell its text")
+                c.token_texts, c.candidates = [], None
                 return
             at, cut = 0, 0  # the token in which the answer starts, and where it starts in the text
             while cut + len(c.token_texts[at]) <= start:
