@@ -33,21 +33,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def user_turns(n: int) -> list[str]:
+    """``n`` prompt-level messages of the synthetic corpus, as ``rsafe-default`` user turns."""
+    from rsafe.models.prompt import build_user_turn
+    from rsafe.policies import PolicyRegistry
+    from rsafe.training.corpus import synthetic_examples
+
+    policy = PolicyRegistry.from_dirs().get("rsafe-default")
+    rows = [e for e in synthetic_examples(4 * n, seed=7100) if e.response is None][:n]
+    return [build_user_turn(policy, e.prompt) for e in rows]
+
+
 async def run(args: argparse.Namespace) -> dict:
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from rsafe.models.engines import _load_tokenizer
     from rsafe.models.config import EngineConfig
-    from rsafe.models.prompt import build_user_turn, render_prompt
-    from rsafe.policies import PolicyRegistry
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.models.engines import _load_tokenizer
+    from rsafe.models.prompt import render_prompt
 
     tok = _load_tokenizer(EngineConfig(model=args.model))
-    policy = PolicyRegistry.from_dirs().get("rsafe-default")
-    rows = [e for e in synthetic_examples(4 * args.n, seed=7100) if e.response is None][: args.n]
-    texts = [render_prompt(tok, build_user_turn(policy, e.prompt)) for e in rows]
+    texts = [render_prompt(tok, turn) for turn in user_turns(args.n)]
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=args.model, dtype="float32", max_model_len=1024,
                                                        enforce_eager=True, seed=0))
     results: dict = {"n": args.n, "new_tokens": args.new_tokens}
@@ -83,13 +90,8 @@ def guard_path(args: argparse.Namespace, answer_logprobs: str) -> dict:
     """The same messages through the guard's vLLM backend, product defaults otherwise."""
     from rsafe.models.config import EngineConfig, GenerationConfig
     from rsafe.models.engines import VLLMBackend
-    from rsafe.models.prompt import build_user_turn
-    from rsafe.policies import PolicyRegistry
-    from rsafe.training.corpus import synthetic_examples
 
-    policy = PolicyRegistry.from_dirs().get("rsafe-default")
-    rows = [e for e in synthetic_examples(4 * args.n, seed=7100) if e.response is None][: args.n]
-    turns = [build_user_turn(policy, e.prompt) for e in rows]
+    turns = user_turns(args.n)
     backend = VLLMBackend(EngineConfig(model=args.model, dtype="float32", max_model_len=1024, enforce_eager=True,
                                        answer_logprobs=answer_logprobs))
     try:

@@ -83,20 +83,16 @@ def decode_text(tokenizer, token_ids: Sequence[int]) -> str:
     return tokenizer.decode(list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def answer_position(tokenizer, token_ids: Sequence[int]) -> tuple[list[str], int | None]:
+def answer_token(tokenizer, token_ids: Sequence[int]) -> tuple[list[str], int | None]:
     """The texts of the single generated tokens (one batched decode) and the index of the token in
     which the answer word starts (``parse_output(...).answer_start``), or None."""
-    from rsafe.models.verdict import parse_output
+    from rsafe.models.verdict import parse_output, token_at
 
     pieces = tokenizer.batch_decode([[i] for i in token_ids], skip_special_tokens=True,
                                     clean_up_tokenization_spaces=False)
     start = parse_output("".join(pieces)).answer_start
-    pos = 0
-    for i, piece in enumerate(pieces):
-        if start is not None and pos <= start < pos + len(piece):
-            return pieces, i
-        pos += len(piece)
-    return pieces, None
+    found = None if start is None else token_at(pieces, start)
+    return pieces, None if found is None else found[0]
 
 
 def candidate_texts(tokenizer, position: dict) -> list[tuple[str, float]]:
@@ -104,21 +100,6 @@ def candidate_texts(tokenizer, position: dict) -> list[tuple[str, float]]:
     ids = list(position)
     texts = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
     return [(t, position[i].logprob) for t, i in zip(texts, ids)]
-
-
-def decode_completion(tokenizer, token_ids: Sequence[int], logprobs: Sequence[dict] | None = None,
-                      ) -> tuple[str, list[str], list[list[tuple[str, float]]] | None]:
-    """Text, per-token texts and candidates of a completion generated with ``detokenize=False``
-    and ``logprobs`` at every position: the candidates are decoded where the answer starts only
-    (an empty list elsewhere; ``unsafe_probability`` reads that one). Without logprobs: ``[]``, None."""
-    text = decode_text(tokenizer, token_ids)
-    if not logprobs:
-        return text, [], None
-    pieces, at = answer_position(tokenizer, token_ids)
-    candidates: list[list[tuple[str, float]]] = [[] for _ in pieces]
-    if at is not None and at < len(logprobs):
-        candidates[at] = candidate_texts(tokenizer, logprobs[at])
-    return text, pieces, candidates
 
 
 class Backend(Protocol):
@@ -238,7 +219,7 @@ class VLLMBackend:
             logprobs=(gen.top_logprobs or None) if inline else None,
             seed=gen.seed,
             output_kind=RequestOutputKind.FINAL_ONLY,
-            detokenize=False,  # decoded once at the end (decode_completion), not token by token
+            detokenize=False,  # decoded once at the end (_decoded), not token by token
             structured_outputs=StructuredOutputsParams(regex=gen.structured_regex) if gen.structured else None,
         )
 
@@ -293,6 +274,25 @@ class VLLMBackend:
             return []
         return candidate_texts(self.tokenizer, out.outputs[0].logprobs[0])
 
+    async def _decoded(self, final, gen: GenerationConfig, lora) -> tuple[str, list[str], list | None]:
+        """Text, token texts and the answer's candidates of a vLLM ``RequestOutput`` generated with
+        ``detokenize=False``. The candidates are decoded at the answer's token only (``[]``
+        elsewhere): from the output's own logprobs when it has them (``answer_logprobs: inline``,
+        the forced answer), else from ``_answer_candidates``. Without ``top_logprobs``: ``[]``, None."""
+        o = final.outputs[0]
+        text = decode_text(self.tokenizer, o.token_ids)
+        if not gen.top_logprobs:
+            return text, [], None
+        pieces, at = answer_token(self.tokenizer, o.token_ids)
+        candidates: list[list[tuple[str, float]]] = [[] for _ in pieces]
+        if at is not None:
+            if o.logprobs:
+                candidates[at] = candidate_texts(self.tokenizer, o.logprobs[at])
+            else:
+                context = list(final.prompt_token_ids or []) + list(o.token_ids[:at])
+                candidates[at] = await self._answer_candidates(context, gen, lora)
+        return text, pieces, candidates
+
     async def _final(self, prompt: str | dict, params, lora):
         final = None
         async for out in self._engine.generate(prompt, params, f"rsafe-{next(self._ids)}", lora_request=lora):
@@ -308,16 +308,7 @@ class VLLMBackend:
         if final is None or not final.outputs:
             return Completion(prompt=prompt, error="engine returned no output")
         o = final.outputs[0]
-        if o.logprobs:  # answer_logprobs "inline": candidates at every generated token
-            text, token_texts, candidates = decode_completion(self.tokenizer, o.token_ids, o.logprobs)
-        else:
-            text, token_texts, candidates = decode_text(self.tokenizer, o.token_ids), [], None
-            if gen.top_logprobs:  # "rescore": the answer's candidates alone
-                token_texts, at = answer_position(self.tokenizer, o.token_ids)
-                candidates = [[] for _ in token_texts]
-                if at is not None:
-                    context = list(final.prompt_token_ids or []) + list(o.token_ids[:at])
-                    candidates[at] = await self._answer_candidates(context, gen, lora)
+        text, token_texts, candidates = await self._decoded(final, gen, lora)
         c = Completion(
             text=text, token_texts=token_texts, candidates=candidates, prompt=prompt,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(o.token_ids),
@@ -327,10 +318,9 @@ class VLLMBackend:
             head = forced_head(text)
             forced = await self._final(prompt + head, self._sampling_params(gen, forced=True), lora)
             if forced is not None and forced.outputs:
-                f = forced.outputs[0]
-                f_text, c.token_texts, c.candidates = decode_completion(self.tokenizer, f.token_ids, f.logprobs)
+                f_text, c.token_texts, c.candidates = await self._decoded(forced, gen, lora)
                 c.text = head + f_text
-                c.completion_tokens += len(f.token_ids)
+                c.completion_tokens += len(forced.outputs[0].token_ids)
                 c.answer_forced = True
         return c
 
@@ -851,7 +841,7 @@ class OpenAIBackend:
 
         async def rescore(turn: str, adapter: str | None, c: Completion) -> None:
             """The answer's candidates from a one-token request (``answer_logprobs: rescore``)."""
-            from rsafe.models.verdict import parse_output
+            from rsafe.models.verdict import parse_output, token_at
 
             start = parse_output(c.text).answer_start
             if start is None:  # no answer to read a probability for
@@ -860,10 +850,7 @@ class OpenAIBackend:
                 _openai_log.warning("answer rescoring skipped: the server's token texts do not spell its text")
                 c.token_texts, c.candidates = [], None
                 return
-            at, cut = 0, 0  # the token in which the answer starts, and where it starts in the text
-            while cut + len(c.token_texts[at]) <= start:
-                cut += len(c.token_texts[at])
-                at += 1
+            at, cut = token_at(c.token_texts, start)  # the answer's token, and where it begins in the text
             # cut where the model's own token begins: a text cut inside it (e.g. "{" of "{safe")
             # would be a tokenization the model never produced
             r = await post(turn, self._rescore_body(turn, gen, adapter, c.text[:cut]))

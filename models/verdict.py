@@ -109,6 +109,17 @@ TokenCandidates = Sequence[tuple[str, float]]
 """Top candidates at one generated position: (decoded token text, logprob)."""
 
 
+def token_at(token_texts: Sequence[str], offset: int) -> tuple[int, int] | None:
+    """The token of ``token_texts`` (generated in order) whose text holds character ``offset`` of
+    their concatenation, and where that token starts: ``(index, start)``; None past the end."""
+    pos = 0
+    for i, tok in enumerate(token_texts):
+        if pos <= offset < pos + len(tok):
+            return i, pos
+        pos += len(tok)
+    return None
+
+
 def unsafe_probability(
     token_texts: Sequence[str],
     candidates: Sequence[TokenCandidates] | None,
@@ -128,25 +139,24 @@ def unsafe_probability(
     answer_start = (parsed or parse_output("".join(token_texts))).answer_start
     if answer_start is None:
         return None
-    pos = 0
-    for i, tok in enumerate(token_texts):
-        if pos <= answer_start < pos + len(tok):
-            prefix = tok[: answer_start - pos]
-            p_safe = p_unsafe = 0.0
-            for text, logprob in candidates[i]:
-                if not text.startswith(prefix) or logprob is None or math.isnan(logprob):
-                    continue
-                rest = text[len(prefix):].lower()
-                if not rest:
-                    continue
-                if "unsafe".startswith(rest) or rest.startswith("unsafe"):
-                    p_unsafe += math.exp(logprob)
-                elif "safe".startswith(rest) or rest.startswith("safe"):
-                    p_safe += math.exp(logprob)
-            total = p_safe + p_unsafe
-            return None if total <= 0 else p_unsafe / total
-        pos += len(tok)
-    return None
+    found = token_at(token_texts, answer_start)
+    if found is None:
+        return None
+    i, pos = found
+    prefix = token_texts[i][: answer_start - pos]
+    p_safe = p_unsafe = 0.0
+    for text, logprob in candidates[i]:
+        if not text.startswith(prefix) or logprob is None or math.isnan(logprob):
+            continue
+        rest = text[len(prefix):].lower()
+        if not rest:
+            continue
+        if "unsafe".startswith(rest) or rest.startswith("unsafe"):
+            p_unsafe += math.exp(logprob)
+        elif "safe".startswith(rest) or rest.startswith("safe"):
+            p_safe += math.exp(logprob)
+    total = p_safe + p_unsafe
+    return None if total <= 0 else p_unsafe / total
 
 
 # --------------------------------------------------------------------------- verdict
