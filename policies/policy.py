@@ -14,7 +14,8 @@ import re
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -134,6 +135,17 @@ class Policy(BaseModel):
 
     def category(self, code: str) -> Category | None:
         return next((c for c in self.categories if c.code.lower() == code.lower()), None)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Policy:
+        """A copy with ``update`` applied, validated again.
+
+        pydantic's ``model_copy`` copies the instance dict as it is: the cached rendering and
+        ``version`` of the original would describe the copy (a policy without U13 rendering U13),
+        and the update would skip validation. Here the copy is built from its fields.
+        """
+        data = self.model_dump()
+        data.update(update or {})
+        return type(self).model_validate(data)
 
 
 class PolicyError(ValueError):

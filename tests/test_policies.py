@@ -52,6 +52,17 @@ def test_version_is_a_stable_content_hash():
     assert described.version == p.version  # the description does not shape verdicts
 
 
+def test_model_copy_renders_and_versions_the_copy_not_the_original():
+    p = default_policy()
+    rendered, version = p.render_categories(), p.version  # cached on the original first
+    without = p.model_copy(update={"name": "no-u13", "categories": [c for c in p.categories if c.code != "U13"]})
+    assert "U13" in rendered and "U13" not in without.render_categories()
+    assert without.version != version and len(without.render_categories().split("\n")) == 17
+    assert p.model_copy(update={"description": "other words"}).version == version
+    with pytest.raises(ValueError, match="duplicate code"):  # an update is validated like a file
+        p.model_copy(update={"categories": [*p.categories, p.categories[0]]})
+
+
 def _write(tmp_path: Path, text: str, name: str = "p.yaml") -> Path:
     f = tmp_path / name
     f.write_text(text, encoding="utf-8")
