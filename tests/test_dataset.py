@@ -369,6 +369,8 @@ def test_targets() -> None:
     assert all(t["ok"] for t in ok.values()) and set(ok) == {"drift_gain", "contrast_kept", "general_kept", "format"}
     bad = drift.targets(scores(0.0, 1.0, 0.9), scores(0.1, 0.9, 0.85, fmt=0.98))
     assert not any(t["ok"] for t in bad.values())
+    edge = drift.targets(scores(0.0, 1.0, 1.0), scores(1.0, 1.0, 0.98))  # 0.98 - 1.0 is -0.020000000000000018
+    assert edge["general_kept"] == {"value": -0.02, "ok": True}  # "within 2 points"
 
 
 def test_pair_by_message_keeps_a_message_and_its_contrast_in_one_step() -> None:
