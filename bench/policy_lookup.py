@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from rsafe.models.prompt import build_user_turn, render_prompt
@@ -184,26 +184,20 @@ def main() -> None:
         return out
 
     history = [evaluate(0)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warmup = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else
-                                              0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
-    model.train()
-    t0, running = time.monotonic(), 0.0
-    for step in range(1, args.steps + 1):
-        rows = [e for _ in range(args.pairs) for e in pair(rng, ablations, args.format, args.fewest, args.most)]
-        loss = sft.loss_on_answers(model, *lookup.batch(rows + rng.sample(ordinary, args.ordinary)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running = loss.item() if step == 1 else 0.9 * running + 0.1 * loss.item()
-        if step % 50 == 0:
-            log(f"[lookup] step {step}/{args.steps} loss {running:.4f} ({time.monotonic() - t0:.0f} s)")
+
+    def steps() -> Iterator[tuple[Any, Any, Any]]:
+        while True:
+            rows = [e for _ in range(args.pairs) for e in pair(rng, ablations, args.format, args.fewest, args.most)]
+            yield lookup.batch(rows + rng.sample(ordinary, args.ordinary))
+
+    def on_step(step: int) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             history.append(evaluate(step))
+
+    t0 = time.monotonic()
+    cfg = sft.SFTConfig(steps=args.steps, batch_size=2 * args.pairs + args.ordinary, learning_rate=args.lr,
+                        warmup_steps=20, seed=args.seed)
+    sft.fit(model, steps(), cfg, log=log, tag="lookup", on_step=on_step)
     if args.out:
         model.save_pretrained(args.out)
         tok.save_pretrained(args.out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +121,14 @@ def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
 
 def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
           log: Callable[[str], None], tag: str, on_step: Callable[[int], None] | None = None) -> None:
-    """Plain SFT: AdamW, linear warm-up then cosine decay, loss on answer tokens only."""
+    """Plain SFT on ``groups``: AdamW, linear warm-up then cosine decay, loss on answer tokens only."""
+    fit(model, batches(groups, pad_id, cfg.steps, cfg.batch_size, random.Random(cfg.seed)), cfg,
+        log=log, tag=tag, on_step=on_step)
+
+
+def fit(model: Any, steps_batches: Iterable[tuple[Any, Any, Any]], cfg: SFTConfig, *,
+        log: Callable[[str], None], tag: str, on_step: Callable[[int], None] | None = None) -> None:
+    """``cfg.steps`` optimiser steps, one per (prefix, ids, labels) batch of ``steps_batches``."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,8 +144,7 @@ def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
     start, running = time.monotonic(), 0.0
-    rng = random.Random(cfg.seed)
-    for step, (prefix, ids, labels) in enumerate(batches(groups, pad_id, steps, cfg.batch_size, rng), 1):
+    for step, (prefix, ids, labels) in enumerate(steps_batches, 1):
         loss = loss_on_answers(model, prefix, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -150,6 +156,8 @@ def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
             log(f"[{tag}] step {step}/{steps} loss {running:.3f} ({time.monotonic() - start:.0f} s)")
         if on_step is not None:
             on_step(step)
+        if step == steps:
+            break
     model.eval()
 
 
