@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from enum import Enum
 from functools import cached_property
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Annotated, Any
 
 import yaml

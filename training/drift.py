@@ -360,7 +360,7 @@ def targets(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str
     def acc(d: dict[str, Any], name: str) -> float:
         return d[name]["accuracy"]
 
-    def diff(name: str) -> float:  # in whole hundredths of a point: 0.98 - 1.0 is -0.02, within 2 points
+    def diff(name: str) -> float:  # rounded: in floats 0.98 - 1.0 is -0.020000000000000018, not "within 2 points"
         return round(acc(after, name) - acc(before, name), 6)
 
     gain, contrast, general = diff("drift_heldout"), diff("contrast_heldout"), diff("general")
