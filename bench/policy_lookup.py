@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from rsafe.models.prompt import build_user_turn, render_prompt
+from rsafe.models.prompt import build_user_turn
 from rsafe.policies import Policy, PolicyRegistry
 from rsafe.training import sft
 from rsafe.training.corpus import DemoExample, _harmful, corpus, family_examples, parse_answer, synthetic_examples
@@ -93,19 +93,14 @@ class Lookup:
     def __init__(self, model: Any, tokenizer: Any, ablations: Ablations) -> None:
         self.model, self.tok, self.ablations = model, tokenizer, ablations
 
-    def prompt(self, e: DemoExample) -> str:
-        return render_prompt(self.tok, build_user_turn(self.ablations.get(e.policy), e.prompt, e.response))
-
-    def encode(self, e: DemoExample) -> sft.Encoded:
-        prompt = self.tok.encode(self.prompt(e), add_special_tokens=False)
-        answer = self.tok.encode(e.answer(), add_special_tokens=False) + [self.tok.eos_token_id]
-        return prompt + answer, [-100] * len(prompt) + answer
+    def turn(self, e: DemoExample) -> str:
+        return build_user_turn(self.ablations.get(e.policy), e.prompt, e.response)
 
     def batch(self, rows: list[DemoExample]) -> tuple[Any, Any, Any]:
         """(shared prefix, right-padded suffixes, labels) for ``sft.loss_on_answers``."""
         import torch
 
-        enc = [self.encode(e) for e in rows]
+        enc = [sft.encode_turn(self.tok, self.turn(e), e.answer()) for e in rows]
         first = enc[0][0]
         n = min(min(len(x) for x, _ in enc), min(y.index(next(v for v in y if v != -100)) for _, y in enc) - 1)
         n = next((i for i in range(n) if any(x[i] != first[i] for x, _ in enc)), n)
@@ -118,17 +113,7 @@ class Lookup:
         return torch.tensor([first[:n]]), ids, labels
 
     def verdicts(self, rows: list[DemoExample]) -> list[str | None]:
-        import torch
-
-        side, self.tok.padding_side = self.tok.padding_side, "left"
-        try:
-            enc = self.tok([self.prompt(e) for e in rows], return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tok.padding_side = side
-        with torch.no_grad():
-            out = self.model.generate(**enc, do_sample=False, max_new_tokens=48, eos_token_id=self.tok.eos_token_id,
-                                      pad_token_id=self.tok.pad_token_id)
-        texts = self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = sft.generate_turns(self.model, self.tok, [self.turn(e) for e in rows], max_new_tokens=48)
         return [parse_answer(t)[1] for t in texts]
 
 

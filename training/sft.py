@@ -38,15 +38,20 @@ class SFTConfig:
 
 
 def encode_example(tokenizer: PreTrainedTokenizerBase, example: DemoExample) -> Encoded:
-    """(input ids, labels) for SFT: the rendered prompt, then the answer and ``<|im_end|>``.
+    """(input ids, labels) for SFT of ``example`` under its (bundled) policy: see ``encode_turn``."""
+    return encode_turn(tokenizer, user_turn(example), example.answer())
+
+
+def encode_turn(tokenizer: PreTrainedTokenizerBase, turn: str, answer: str) -> Encoded:
+    """(input ids, labels) for SFT: the rendered user ``turn``, then ``answer`` and ``<|im_end|>``.
 
     Labels are -100 on the prompt, so the loss covers the answer only. Prompt and answer are
     tokenized apart, as at inference (the engine tokenizes the prompt, the model writes the rest).
     """
     from rsafe.models.prompt import render_prompt
 
-    prompt_ids = tokenizer.encode(render_prompt(tokenizer, user_turn(example)), add_special_tokens=False)
-    answer_ids = tokenizer.encode(example.answer(), add_special_tokens=False) + [tokenizer.eos_token_id]
+    prompt_ids = tokenizer.encode(render_prompt(tokenizer, turn), add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
@@ -163,11 +168,17 @@ def fit(model: Any, steps_batches: Iterable[tuple[Any, Any, Any]], cfg: SFTConfi
 
 def generate(model: Any, tokenizer: PreTrainedTokenizerBase, examples: Sequence[DemoExample],
              max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers for ``examples`` (batched, left padded)."""
+    """Greedy answers for ``examples`` under their (bundled) policies: see ``generate_turns``."""
+    return generate_turns(model, tokenizer, [user_turn(ex) for ex in examples], max_new_tokens)
+
+
+def generate_turns(model: Any, tokenizer: PreTrainedTokenizerBase, turns: Sequence[str],
+                   max_new_tokens: int = 64) -> list[str]:
+    """Greedy answers for rendered user ``turns`` (batched, left padded)."""
     import torch
     from rsafe.models.prompt import render_prompt
 
-    prompts = [render_prompt(tokenizer, user_turn(ex)) for ex in examples]
+    prompts = [render_prompt(tokenizer, turn) for turn in turns]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
