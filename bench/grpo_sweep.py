@@ -23,13 +23,14 @@ from typing import Any
 #: name → overrides of the demo-cpu preset. Full fine-tuning vs LoRA, learning rates,
 #: temperatures, prompts per step (at a fixed 32 completions per step).
 SWEEP: dict[str, dict[str, Any]] = {
-    "full-lr1e-4-t1.2-p4": {"learning_rate": 1e-4},
-    "full-lr2e-4-t1.2-p4": {"learning_rate": 2e-4},
-    "full-lr4e-4-t1.2-p4": {"learning_rate": 4e-4},
-    "full-lr2e-4-t1.0-p4": {"learning_rate": 2e-4, "temperature": 1.0},
-    "full-lr2e-4-t1.5-p4": {"learning_rate": 2e-4, "temperature": 1.5},
-    "full-lr2e-4-t1.2-p8": {"learning_rate": 2e-4, "num_generations": 4},
-    "lora-attn-lr1e-3-t1.2-p4": {"use_lora": True, "lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3},
+    "full-lr1e-4-t1.2-p4": {"use_lora": False, "learning_rate": 1e-4},
+    "full-lr2e-4-t1.2-p4": {"use_lora": False, "learning_rate": 2e-4},
+    "full-lr4e-4-t1.2-p4": {"use_lora": False, "learning_rate": 4e-4},
+    "full-lr2e-4-t1.0-p4": {"use_lora": False, "learning_rate": 2e-4, "temperature": 1.0},
+    "full-lr2e-4-t1.5-p4": {"use_lora": False, "learning_rate": 2e-4, "temperature": 1.5},
+    "full-lr2e-4-t1.2-p8": {"use_lora": False, "learning_rate": 2e-4, "num_generations": 4},
+    "lora-attn-lr1e-3-t1.2-p4": {"use_lora": True, "lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3,
+                                 "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "lora-all-lr1e-3-t1.2-p4": {"use_lora": True, "lora_r": 16, "lora_alpha": 32, "learning_rate": 1e-3,
                                 "lora_target_modules": ["all-linear"]},
 }

@@ -297,6 +297,30 @@ def test_built_model_answers_in_rsafe_format(built_model):
     assert parse_answer(answer) == (True, "unsafe"), answer
 
 
+@pytest.mark.slow
+def test_built_model_reads_its_category_list(built_model):
+    """The lookup stages: one message, judged under rsafe-default less its category (safe) and less
+    another one (unsafe); a model that ignores the policy gets no pair right."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rsafe.training.lookup import Ablations, ablation_pair, pair_accuracy
+
+    summary = json.loads((built_model / ".ok").read_text())
+    assert [s["stage"] for s in summary["lookup"]] == [1, 2] and summary["lookup"][-1]["pairs"] >= 0.6
+    tok = AutoTokenizer.from_pretrained(str(built_model))
+    model = AutoModelForCausalLM.from_pretrained(str(built_model), dtype=torch.float32)
+    ablations, rng = Ablations(), random.Random("test-lookup")
+    pairs = [ablation_pair(rng, ablations, 2, 15) for _ in range(20)]
+    assert pair_accuracy(model, tok, ablations, pairs)["pairs"] >= 0.5
+    # U13 was never removed in training: the drift scenario is a change the model has not seen
+    drift = family_examples("medical", PolicyRegistry.from_dirs().get("medical-platform"), 10, seed=1, split="heldout")
+    verdicts = [parse_answer(o)[1] for o in sft.generate(model, tok, drift)]
+    assert verdicts.count("unsafe") >= 8, verdicts
+
+
 def test_the_demo_window_size_is_the_same_everywhere():
     from rsafe.stream.config import load_config
 

@@ -34,7 +34,8 @@ def test_defaults_are_the_papers(tmp_path: Path) -> None:
 
 def test_demo_cpu_preset(tmp_path: Path) -> None:
     cfg = load_config(tmp_path, preset="demo-cpu")
-    assert cfg.use_cpu and not cfg.bf16 and not cfg.use_lora and cfg.beta == 0.0
+    assert cfg.use_cpu and not cfg.bf16 and cfg.beta == 0.0
+    assert cfg.use_lora and cfg.lora_target_modules == ["all-linear"] and cfg.learning_rate == 1e-3
     plan = batch_plan(cfg, 1)
     assert plan.prompts_per_step * plan.num_generations == plan.global_batch == cfg.per_device_train_batch_size
 
@@ -193,7 +194,9 @@ def test_lora_adapter_saved_and_loads_in_transformers(lora_run: Path, demo_model
     from rsafe.models.config import local_engine_config
 
     config = json.loads((lora_run / "adapter_config.json").read_text())
-    assert config["r"] == 8 and set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    # the demo-cpu preset's all-linear LoRA: attention and MLP (vLLM must serve both, below)
+    assert config["r"] == 8 and set(config["target_modules"]) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (lora_run / "adapter_model.safetensors").exists() and not (lora_run / "model.safetensors").exists()
     assert len(grpo.read_metrics(lora_run)) == 1
     cfg = local_engine_config(str(demo_model_dir), "transformers", lora_adapters={"grpo": str(lora_run)},

@@ -187,7 +187,7 @@ def _decorate(text: str, rng: random.Random) -> str:
     return f"{prefix}{text}{suffix}"
 
 
-def _harmful(bank_name: str, policy: Policy, code: str | None, label: str, response_level: bool,
+def harmful_example(bank_name: str, policy: Policy, code: str | None, label: str, response_level: bool,
              rng: random.Random, templates: tuple[str, ...] | None = None) -> DemoExample:
     """A message from a harmful bank, judged under ``policy``; ``code`` is the category it
     violates there (None: the policy does not cover this bank, so the message is safe)."""
@@ -279,7 +279,7 @@ def _one_short(label: str, rng: random.Random) -> DemoExample:
     if harmful:
         banks = c.category_banks[policy_name]
         code = rng.choice(sorted(banks, key=lambda k: (len(k), k)))
-        return _harmful(rng.choice(banks[code]), policy, code, label, response_level, rng)
+        return harmful_example(rng.choice(banks[code]), policy, code, label, response_level, rng)
     bank_name = rng.choice(sorted(c.benign))
     bank = c.benign[bank_name]
     values: dict[str, str] = {}
@@ -347,7 +347,7 @@ def family_examples(bank: str, policy: Policy, n: int, *, seed: int = 0, split: 
     for _ in range(n):
         response_level = rng.random() < response_share
         label = "unsafe" if code is not None and (not response_level or rng.random() < 0.5) else "safe"
-        out.append(_harmful(bank, policy, code, label, response_level, rng, templates))
+        out.append(harmful_example(bank, policy, code, label, response_level, rng, templates))
     return out
 
 

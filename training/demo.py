@@ -2,10 +2,12 @@
 
 No model hub is needed: the tokenizer (byte-level BPE, ``rsafe.training.tokenizer``) and the model
 (Qwen2 architecture, ~3.5M parameters) are trained here, by SFT (``rsafe.training.sft``) on the
-templated synthetic corpus (``rsafe.training.corpus``) with the project's real prompt template.
-The result loads with ``transformers`` and with vLLM exactly like a real RSafe checkpoint, so the
-whole product (engine, streaming worker, evaluation, retraining) runs end to end on a laptop. It
-is a demo, not a guard: it knows only the easy synthetic cases it was trained on.
+templated synthetic corpus (``rsafe.training.corpus``) with the project's real prompt template,
+then on long messages, then on *policy-ablation pairs* (``rsafe.training.lookup``) so that its
+verdict follows the category list it is given, not only the message. The result loads with
+``transformers`` and with vLLM exactly like a real RSafe checkpoint, so the whole product
+(engine, streaming worker, evaluation, retraining) runs end to end on a laptop. It is a demo, not
+a guard: it knows only the easy synthetic cases it was trained on.
 
 Answer format (what the model generates after ``<|im_start|>assistant\\n``)::
 
@@ -14,6 +16,14 @@ Answer format (what the model generates after ``<|im_start|>assistant\\n``)::
     Illegal Tactics. The content is unsafe.
     </think>
     \\boxed{unsafe}<|im_end|>
+
+and, for what it learned in the lookup stages, a topic check before the decision::
+
+    <think>
+    The user asks about suicide or self-harm. Topic: Self‑Harm & Suicide is not in this policy.
+    The content is safe.
+    </think>
+    \\boxed{safe}<|im_end|>
 
 Builds are cached and keyed on a hash of their *recipe* (corpus file, model shape, training
 settings, tokenizer settings, prompt template): a directory built from another recipe is rebuilt
@@ -28,6 +38,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -38,6 +49,7 @@ from typing import Any
 
 from rsafe.training import sft
 from rsafe.training.corpus import DemoExample, corpus, long_examples, synthetic_examples
+from rsafe.training.lookup import Ablations, LookupStage, ablation_pair, encode_batch, pair_accuracy, stage_batches
 from rsafe.training.tokenizer import (
     CHAT_TEMPLATE,
     QWEN2_PRETOKENIZE_REGEX,
@@ -48,9 +60,10 @@ from rsafe.training.tokenizer import (
     verdict_token_ids,
 )
 
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 """1: the first demo model (plain byte-level BPE); 2: Qwen2 pre-tokenizer + NFC, corpus as data;
-3: long messages (windows of up to ``WINDOW_TOKENS`` tokens); 4: a second stage on long messages."""
+3: long messages (windows of up to ``WINDOW_TOKENS`` tokens); 4: a second stage on long messages;
+5: two policy-lookup stages (``LOOKUP_STAGES``)."""
 WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``InputLimits.max_window_tokens``
 in stream/demo.yaml and the tests): it is trained on long messages of about that size."""
@@ -71,6 +84,15 @@ alone) half and half with ordinary ones, at a lower rate. Without it the model f
 of pure-filler windows unsafe (measured: 8 of 12 safe), so a long benign text — judged in ~29
 windows, unsafe if any is — is never safe; after 200 steps 36 of 40 filler windows are safe (not
 enough), after 400 all 40 and a 3,000-token filler alone, and held-out accuracy does not drop."""
+LOOKUP_STAGES = (
+    LookupStage(steps_per_sft_step=2.0, fewest=0, most=7),
+    LookupStage(steps_per_sft_step=1.5, fewest=2, most=15),
+)
+"""Policy-ablation pairs (``rsafe.training.lookup``) after the long-message stage, so the model reads
+its category list: short policies first (0–7 lines besides the pair's), then every length.
+Measured (docs/TRAINING.md, section 4, runs e and f): held-out pairs with both rows right 0 → 52 %
+after the first, 80 % after the second; general accuracy kept; U13 never removed, so the drift
+scenario stays a change the model has not seen."""
 N_TRAIN = 4000
 N_EVAL = 40
 EVAL_SEED_OFFSET = 10_000
@@ -92,6 +114,7 @@ def model_recipe(seed: int, steps: int) -> str:
     probe = DemoExample("probe", None, "safe", None, "rsafe-default")
     return recipe_hash(version=RECIPE_VERSION, corpus=corpus().sha256, shape=MODEL_SHAPE,
                        sft={**asdict(SFT), "steps": steps, "seed": seed}, long_stage=LONG_STAGE,
+                       lookup=[asdict(stage) for stage in LOOKUP_STAGES],
                        n_train=N_TRAIN, n_eval=N_EVAL,
                        vocab=VOCAB_SIZE, regex=QWEN2_PRETOKENIZE_REGEX, chat=CHAT_TEMPLATE,
                        template=user_turn(probe))
@@ -159,11 +182,26 @@ def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[
 # --------------------------------------------------------------------------------------------
 
 def training_messages(seed: int = 0) -> frozenset[tuple[str, str, str | None]]:
-    """Every (policy, prompt, response) a demo build of ``seed`` trains on, in both stages: what
-    evaluation sets must leave out (``rsafe.training.benchmarks``)."""
+    """Every (policy, prompt, response) a demo build of ``seed`` (default steps) trains on, in every
+    stage: what evaluation sets must leave out (``rsafe.training.benchmarks``). A lookup pair's
+    message counts under ``rsafe-default`` too: its policies are that one less a line or two."""
     examples = [*synthetic_examples(N_TRAIN, seed=seed), *long_examples(LONG_STAGE["n_long"], seed=seed),
                 *synthetic_examples(LONG_STAGE["n_short"], seed=seed + 1)]
-    return frozenset((e.policy, e.prompt, e.response) for e in examples)
+    seen = {(e.policy, e.prompt, e.response) for e in examples}
+    ordinary, _ = split(seed, N_TRAIN, N_EVAL)
+    for _stage, _steps, batches in lookup_batches(seed, SFT.steps, Ablations(), ordinary):
+        for rows in batches:
+            seen.update((policy, e.prompt, e.response) for e in rows for policy in (e.policy, "rsafe-default"))
+    return frozenset(seen)
+
+
+def lookup_batches(seed: int, steps: int, ablations: Ablations, ordinary: list[DemoExample]
+                   ) -> Iterator[tuple[LookupStage, int, Iterator[list[DemoExample]]]]:
+    """(stage, its steps, its batches' rows) for each of ``LOOKUP_STAGES`` of a build of ``steps``
+    SFT steps; deterministic in ``seed`` (one random stream per stage)."""
+    for i, stage in enumerate(LOOKUP_STAGES):
+        n = int(steps * stage.steps_per_sft_step)
+        yield stage, n, stage_batches(stage, n, ablations, ordinary, random.Random(f"rsafe-lookup-{seed}-{i}"))
 
 
 def split(seed: int, n_train: int, n_eval: int) -> tuple[list[DemoExample], list[DemoExample]]:
@@ -243,18 +281,49 @@ def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]
         best["metrics"] = sft.evaluate_answers(model, tokenizer, evals)
         log(f"[demo-model] after the long-message stage: format {best['metrics']['format_rate']:.0%}, "
             f"accuracy {best['metrics']['accuracy']:.0%} on {len(evals)} held-out")
+    lookup = _lookup_stages(model, tokenizer, seed=seed, steps=steps, train=train, log=log)
+    if lookup:
+        best["metrics"] = sft.evaluate_answers(model, tokenizer, evals)
+        log(f"[demo-model] after the lookup stages: format {best['metrics']['format_rate']:.0%}, "
+            f"accuracy {best['metrics']['accuracy']:.0%} on {len(evals)} held-out")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     summary = {
         "params": n_params, "steps": steps, "best_step": best["step"], "seed": seed,
         "eval_examples": len(evals), "eval_format_rate": best["metrics"].get("format_rate"),
         "eval_accuracy": best["metrics"].get("accuracy"), "vocab_size": len(tokenizer),
-        "verdict_token_ids": verdict_token_ids(tokenizer), "seconds": round(time.monotonic() - t0, 1),
+        "verdict_token_ids": verdict_token_ids(tokenizer), "lookup": lookup,
+        "seconds": round(time.monotonic() - t0, 1),
         "torch": torch.__version__,
     }
     log(f"[demo-model] built in {summary['seconds']:.0f} s "
         f"(format {summary['eval_format_rate']:.0%}, accuracy {summary['eval_accuracy']:.0%})")
     return summary
+
+
+def _lookup_stages(model: Any, tokenizer: Any, *, seed: int, steps: int, train: list[DemoExample],
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run ``LOOKUP_STAGES``; return each stage's steps, seconds and held-out pair accuracy."""
+    ablations = Ablations()
+    held_rng = random.Random(f"rsafe-lookup-heldout-{seed}")
+    out: list[dict[str, Any]] = []
+    for i, (stage, n, batches) in enumerate(lookup_batches(seed, steps, ablations, train), 1):
+        if n == 0:
+            continue
+        t0 = time.monotonic()
+        log(f"[demo-model] lookup stage {i}: {n} steps, {stage.pairs} policy-ablation pairs + "
+            f"{stage.ordinary} ordinary rows a batch, {stage.fewest}–{stage.most} other lines kept")
+        cfg = sft.SFTConfig(steps=n, batch_size=2 * stage.pairs + stage.ordinary, learning_rate=stage.learning_rate,
+                            warmup_steps=stage.warmup_steps, seed=seed)
+        sft.fit(model, (encode_batch(tokenizer, ablations, rows) for rows in batches), cfg, log=log,
+                tag=f"demo-model lookup {i}")
+        held = [ablation_pair(held_rng, ablations, stage.fewest, stage.most) for _ in range(40 if steps >= 100 else 4)]
+        metrics = pair_accuracy(model, tokenizer, ablations, held)
+        log(f"[demo-model] after lookup stage {i}: held-out pairs both right {metrics['pairs']:.0%}, "
+            f"rows {metrics['rows']:.0%}")
+        out.append({"stage": i, "steps": n, "seconds": round(time.monotonic() - t0, 1),
+                    "heldout_pairs": len(held), **metrics})
+    return out
 
 
 def flipped(examples: list[DemoExample]) -> list[DemoExample]:
