@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     ld = loop.add_parser("demo", help="feedback → disagreements → GRPO → gate → hot swap, live on the demo model")
     ld.add_argument("--model", default=".cache/demo-model", help="the demo model directory (built when missing)")
     ld.add_argument("--work-dir", default=".cache/loop", help="broker data, registry, dataset, runs (wiped first)")
-    ld.add_argument("--grpo-steps", type=int, default=30, help="GRPO optimizer steps (demo-cpu preset)")
+    ld.add_argument("--grpo-steps", type=int, default=60, help="GRPO optimizer steps (demo-cpu preset)")
     ld.set_defaults(func=cmd_loop_demo)
 
     for name in COMMAND_MODULES:

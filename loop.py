@@ -32,8 +32,10 @@ class LoopSettings:
     n_general: int = 40
     n_heldout: int = 60
     """Held-out drift messages (held-out templates) judged before and after."""
-    grpo_steps: int = 30
+    grpo_steps: int = 60
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
+    """Over the demo-cpu preset (e.g. ``{"beta": 0.04}``: a KL term to the base model, tried in
+    docs/TRAINING.md section 6)."""
     lora_rank: int = 16
     timeout_s: float = 1800.0
 

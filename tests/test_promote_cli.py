@@ -31,7 +31,8 @@ def rsafe(*args: str) -> subprocess.CompletedProcess:
 def flipped(demo_model_dir: Path) -> Path:
     from rsafe.training.demo import build_demo_lora
 
-    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora-flipped", variant="flipped", steps=60)
+    # 200 steps: the recipe-5 model holds its labels harder (after 60, no label had flipped)
+    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora-flipped", variant="flipped", steps=200)
 
 
 def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped):  # noqa: F811

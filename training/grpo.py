@@ -446,7 +446,7 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
     plan = batch_plan(cfg, cfg.world_size)
     log(f"[grpo] {len(rows)} prompts, {plan.prompts_per_step} prompts × {plan.num_generations} rollouts per step, "
         f"{'LoRA r' + str(cfg.lora_r) if cfg.use_lora else 'full fine-tuning'}, lr {cfg.learning_rate:g}, "
-        f"temperature {cfg.temperature:g}")
+        f"temperature {cfg.temperature:g}, KL beta {cfg.beta:g}")
     trainer = GRPOTrainer(
         model=str(model), reward_funcs=reward_functions(cfg.rewards), args=cfg, train_dataset=rows,
         processing_class=tokenizer, peft_config=_lora_config(cfg) if cfg.use_lora else None,
