@@ -36,8 +36,16 @@ from collections.abc import Iterator
 from typing import Any
 
 from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, family_examples, parse_answer, synthetic_examples
-from rsafe.training.lookup import Ablations, LookupStage, ablation_pair, encode_batch, pair_accuracy, stage_batches
+from rsafe.training.corpus import DemoExample, family_examples, synthetic_examples
+from rsafe.training.lookup import (
+    Ablations,
+    LookupStage,
+    ablation_pair,
+    encode_batch,
+    pair_accuracy,
+    stage_batches,
+    verdicts,
+)
 from rsafe.training.tokenizer import load_tokenizer
 
 
@@ -81,17 +89,16 @@ def main() -> None:
     contrast = family_examples("medical", registry.get("rsafe-default"), 20, seed=1, split="heldout")
     general = synthetic_examples(40, seed=777)
 
-    def verdicts(rows: list[DemoExample]) -> list[str | None]:
-        texts = sft.generate_turns(model, tok, [ablations.turn(e) for e in rows], max_new_tokens=48)
-        return [parse_answer(t)[1] for t in texts]
+    def judged(rows: list[DemoExample]) -> list[str | None]:
+        return verdicts(model, tok, ablations, rows)
 
     def evaluate(step: int) -> dict[str, float]:
         model.eval()
         out: dict[str, float] = {
             "step": step, **pair_accuracy(model, tok, ablations, held_pairs),
-            "drift": sum(x == "safe" for x in verdicts(drift)) / len(drift),
-            "contrast": sum(x == "unsafe" for x in verdicts(contrast)) / len(contrast),
-            "general": sum(x == e.label for x, e in zip(verdicts(general), general)) / len(general),
+            "drift": sum(x == "safe" for x in judged(drift)) / len(drift),
+            "contrast": sum(x == "unsafe" for x in judged(contrast)) / len(contrast),
+            "general": sum(x == e.label for x, e in zip(judged(general), general)) / len(general),
         }
         log(f"[lookup] step {step}: pairs both right {out['pairs']:.0%}, rows {out['rows']:.0%} | drift "
             f"{out['drift']:.0%}, contrast {out['contrast']:.0%}, general {out['general']:.0%}")

@@ -188,7 +188,7 @@ def _decorate(text: str, rng: random.Random) -> str:
 
 
 def harmful_example(bank_name: str, policy: Policy, code: str | None, label: str, response_level: bool,
-             rng: random.Random, templates: tuple[str, ...] | None = None) -> DemoExample:
+                    rng: random.Random, templates: tuple[str, ...] | None = None) -> DemoExample:
     """A message from a harmful bank, judged under ``policy``; ``code`` is the category it
     violates there (None: the policy does not cover this bank, so the message is safe)."""
     c = corpus()

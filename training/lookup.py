@@ -32,7 +32,7 @@ from typing import Any, Literal
 from rsafe.models.prompt import build_user_turn
 from rsafe.policies import Policy, PolicyRegistry
 from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, harmful_example, corpus, parse_answer
+from rsafe.training.corpus import DemoExample, corpus, harmful_example, parse_answer
 
 KEPT = "U13"
 """Never removed from a pair's policies: the drift scenario's category stays unseen."""
@@ -112,25 +112,19 @@ def stage_batches(stage: LookupStage, steps: int, ablations: Ablations, ordinary
     """The rows of each of ``steps`` batches: ``stage.pairs`` pairs, then ``stage.ordinary`` rows."""
     for _ in range(steps):
         rows = [e for _ in range(stage.pairs) for e in ablation_pair(rng, ablations, stage.fewest, stage.most, fmt)]
-        yield rows + rng.sample(list(ordinary), min(stage.ordinary, len(ordinary)))
+        yield rows + rng.sample(ordinary, min(stage.ordinary, len(ordinary)))
 
 
 def encode_batch(tokenizer: Any, ablations: Ablations, rows: Sequence[DemoExample]) -> tuple[Any, Any, Any]:
-    """(shared prefix, right-padded suffixes, labels) for ``sft.loss_on_answers``: the rows' common
-    leading tokens (before any answer token) are run once."""
-    import torch
+    """(shared prefix, right-padded suffixes, labels) for ``sft.loss_on_answers``."""
+    return sft.collate([sft.encode_turn(tokenizer, ablations.turn(e), e.answer()) for e in rows],
+                       tokenizer.pad_token_id)
 
-    enc = [sft.encode_turn(tokenizer, ablations.turn(e), e.answer()) for e in rows]
-    first = enc[0][0]
-    n = min(min(len(x) for x, _ in enc), min(y.index(next(v for v in y if v != -100)) for _, y in enc) - 1)
-    n = next((i for i in range(n) if any(x[i] != first[i] for x, _ in enc)), n)
-    width = max(len(x) - n for x, _ in enc)
-    ids = torch.full((len(enc), width), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(enc), width), -100, dtype=torch.long)
-    for i, (x, y) in enumerate(enc):
-        ids[i, : len(x) - n] = torch.tensor(x[n:])
-        labels[i, : len(y) - n] = torch.tensor(y[n:])
-    return torch.tensor([first[:n]]), ids, labels
+
+def verdicts(model: Any, tokenizer: Any, ablations: Ablations, rows: Sequence[DemoExample]) -> list[str | None]:
+    """Greedy verdicts (``safe``/``unsafe``/None) for ``rows`` under their (possibly ablated) policies."""
+    texts = sft.generate_turns(model, tokenizer, [ablations.turn(e) for e in rows], max_new_tokens=48)
+    return [parse_answer(t)[1] for t in texts]
 
 
 def pair_accuracy(model: Any, tokenizer: Any, ablations: Ablations,
@@ -138,8 +132,7 @@ def pair_accuracy(model: Any, tokenizer: Any, ablations: Ablations,
     """Greedy verdicts on held-out pairs: ``pairs`` (both rows right; a model that ignores the
     policy scores 0) and ``rows`` (single rows right; such a model scores 50 %)."""
     rows = [e for p in pairs for e in p]
-    texts = sft.generate_turns(model, tokenizer, [ablations.turn(e) for e in rows], max_new_tokens=48)
-    verdicts = [parse_answer(t)[1] for t in texts]
-    both = sum(verdicts[2 * i] == "safe" and verdicts[2 * i + 1] == "unsafe" for i in range(len(pairs)))
+    got = verdicts(model, tokenizer, ablations, rows)
+    both = sum(got[2 * i] == "safe" and got[2 * i + 1] == "unsafe" for i in range(len(pairs)))
     return {"pairs": both / max(1, len(pairs)),
-            "rows": sum(v == e.label for v, e in zip(verdicts, rows)) / max(1, len(rows))}
+            "rows": sum(v == e.label for v, e in zip(got, rows)) / max(1, len(rows))}

@@ -67,12 +67,39 @@ def group_by_prefix(tokenizer: PreTrainedTokenizerBase, examples: Sequence[DemoE
         groups.setdefault((ex.policy, ex.level), []).append(encode_example(tokenizer, ex))
     out = []
     for _, items in sorted(groups.items()):
-        first = items[0][0]
-        n = min(labels.index(next(y for y in labels if y != -100)) for _, labels in items) - 1
-        for ids, _ in items[1:]:
-            n = next((i for i in range(n) if ids[i] != first[i]), n)
-        out.append((first[:n], [(ids[n:], labels[n:]) for ids, labels in items]))
+        n = common_prefix(items)
+        out.append((items[0][0][:n], [(ids[n:], labels[n:]) for ids, labels in items]))
     return out
+
+
+def common_prefix(items: Sequence[Encoded]) -> int:
+    """The length of the longest common prefix of the items' ids, cut before the last prompt token
+    (each row keeps the token its first answer token is predicted from)."""
+    first = items[0][0]
+    n = min(labels.index(next(y for y in labels if y != -100)) for _, labels in items) - 1
+    for ids, _ in items[1:]:
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    return n
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> tuple[Any, Any, Any]:
+    """One batch (prefix, right-padded suffixes, labels) of any encoded rows: their common prefix
+    runs once (``loss_on_answers``)."""
+    n = common_prefix(items)
+    return pad_rows(items[0][0][:n], [(ids[n:], labels[n:]) for ids, labels in items], pad_id)
+
+
+def pad_rows(prefix: list[int], rows: Sequence[Encoded], pad_id: int) -> tuple[Any, Any, Any]:
+    """(prefix tensor, suffix ids right-padded with ``pad_id``, labels padded with -100)."""
+    import torch
+
+    width = max(len(x) for x, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for row, (x, y) in enumerate(rows):
+        ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+    return torch.tensor([prefix]), ids, labels
 
 
 def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
@@ -81,8 +108,6 @@ def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
 
     A batch holds examples of one group, so their common prefix is computed once.
     """
-    import torch
-
     queue: list[tuple[int, list[int]]] = []
     for _ in range(steps):
         if not queue:
@@ -93,14 +118,7 @@ def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
             rng.shuffle(queue)
         g, picked = queue.pop()
         prefix, items = groups[g]
-        width = max(len(items[i][0]) for i in picked)
-        ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(picked), width), -100, dtype=torch.long)
-        for row, i in enumerate(picked):
-            x, y = items[i]
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, : len(y)] = torch.tensor(y)
-        yield torch.tensor([prefix]), ids, labels
+        yield pad_rows(prefix, [items[i] for i in picked], pad_id)
 
 
 def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
