@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Iterator
 
 from rsafe.models.options import add_engine_args, die, make_guard, policy_registry
@@ -173,9 +174,17 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
 
 
 def cmd_loop_demo(args: argparse.Namespace) -> int:
-    from rsafe.loop import main as loop_main
+    import yaml
 
-    return loop_main(args.model, args.work_dir, args.grpo_steps)
+    from rsafe.loop import LoopSettings, main as loop_main
+
+    overrides = {}
+    if args.grpo_config:
+        overrides = yaml.safe_load(Path(args.grpo_config).read_text(encoding="utf-8")) or {}
+        if not isinstance(overrides, dict):
+            raise SystemExit(f"{args.grpo_config}: not a mapping of GRPO settings")
+    return loop_main(LoopSettings(model=args.model, work_dir=args.work_dir, grpo_steps=args.grpo_steps,
+                                  grpo_overrides=overrides, n_kept=args.kept, pair_by_message=not args.no_pair))
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -230,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--model", default=".cache/demo-model", help="the demo model directory (built when missing)")
     ld.add_argument("--work-dir", default=".cache/loop", help="broker data, registry, dataset, runs (wiped first)")
     ld.add_argument("--grpo-steps", type=int, default=60, help="GRPO optimizer steps (demo-cpu preset)")
+    ld.add_argument("--grpo-config", help="YAML of GRPO settings over the demo-cpu preset (e.g. beta: 0.04)")
+    ld.add_argument("--kept", type=int, default=2,
+                    help="replay: messages of every other harmful family under both policies (0: none)")
+    ld.add_argument("--no-pair", action="store_true",
+                    help="shuffle the training rows freely (default: a message's rows share a GRPO step)")
     ld.set_defaults(func=cmd_loop_demo)
 
     for name in COMMAND_MODULES:

@@ -33,6 +33,10 @@ class LoopSettings:
     n_heldout: int = 60
     """Held-out drift messages (held-out templates) judged before and after."""
     grpo_steps: int = 60
+    n_kept: int = 2
+    """Replay: messages of every other harmful family under both policies (``DriftScenario.n_kept``)."""
+    pair_by_message: bool = True
+    """A reviewed message and its contrast row (and each kept message's two rows) in one GRPO step."""
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
     """Over the demo-cpu preset (e.g. ``{"beta": 0.04}``: a KL term to the base model, tried in
     docs/TRAINING.md section 6)."""
@@ -161,8 +165,8 @@ async def run_loop(s: LoopSettings) -> int:
         source = await asyncio.to_thread(ds.read_topic, cfg.bootstrap, topic, group_id=f"loop-train-{run_id}")
         dropped = ds.Dropped()
         records = list(ds.parse_records(source.lines, dropped))
-        scenario = drift.DriftScenario(n_feedback=len(records))
-        settings = ds.BuildSettings(replay_ratio=3.0)
+        scenario = drift.DriftScenario(n_feedback=len(records), n_kept=s.n_kept)
+        settings = ds.BuildSettings(replay_ratio=3.0, pair_by_message=s.pair_by_message)
         built = ds.build(records, replay=drift.replay_examples(scenario), settings=settings, dropped=dropped,
                          exclude_hashes=sorted(demo_promotion_set(n_slice=s.n_heldout).hashes()))
         dataset_dir = work / "dataset"
@@ -231,7 +235,16 @@ async def run_loop(s: LoopSettings) -> int:
     print(f"  {time.monotonic() - steps.t0:6.0f} s  total")
     print(f"  held-out drift accuracy: {before:.0%} (guard@{v0.version}) → {after:.0%} (guard@{card.version}); "
           f"gate: {'accepted' if card.gate and card.gate.accepted else 'rejected'}")
-    return 0 if card.status == "promoted" and after > before else 1
+    closed = card.status == "promoted" and after > before
+    (work / "summary.json").write_text(json.dumps({
+        "closed": closed, "settings": {k: v for k, v in vars(s).items()},
+        "steps_s": {name: round(dt, 1) for name, dt in steps.times}, "total_s": round(time.monotonic() - steps.t0, 1),
+        "heldout_drift_accuracy": {"before": before, "after": after}, "versions": {"before": v0.version,
+                                                                                   "candidate": card.version},
+        "adapter_versions_after": sorted(versions), "gate": card.gate.model_dump(mode="json") if card.gate else None,
+        "dataset": built.counts,
+    }, indent=1, default=str) + "\n")
+    return 0 if closed else 1
 
 
 async def _cli(args: list[str], *, ok: tuple[int, ...] = (0,), capture: bool = False) -> str:
@@ -281,12 +294,11 @@ def _accuracy(verdicts: dict[str, dict], prefix: str, label: str) -> float:
     return sum(v["label"] == label for v in mine) / max(1, len(mine))
 
 
-def main(model: str, work_dir: str, grpo_steps: int) -> int:
+def main(s: LoopSettings) -> int:
     import logging
 
     from rsafe.stream.worker import configure_logging
 
     configure_logging("WARNING")
     logging.getLogger("rsafe.stream.models").setLevel(logging.INFO)
-    s = LoopSettings(model=model, work_dir=work_dir, grpo_steps=grpo_steps)
     return asyncio.run(run_loop(s))

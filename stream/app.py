@@ -22,6 +22,8 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
+from faust.types import TP
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AiokafkaTransport
 
@@ -40,6 +42,24 @@ def client_id() -> str:
     """The Kafka client id of this process: ``rsafe-<host>-<pid>`` (how a worker recognises another
     live worker of its own host in the group's member list)."""
     return f"rsafe-{socket.gethostname()}-{os.getpid()}"
+
+
+class ConsumerThread(AIOKafkaConsumerThread):
+    """Faust's consumer thread, without its false alarm on table changelogs.
+
+    Faust's liveness check (``verify_event_path``, every ``stream_processing_timeout``) logs "Stream
+    has not started processing TP(...-changelog)" for an active table's own changelog partitions:
+    the worker *writes* them (each table update), and after recovery nobody reads them on purpose
+    — so their high-water mark always runs ahead of the (unread) position, and a long-running
+    worker with the feedback join logged that error every few seconds. The check still runs on
+    every other partition; fetch liveness (``_verify_aiokafka_event_path``) runs on all.
+    """
+
+    def verify_event_path(self, now: float, tp: TP) -> None:
+        if tp.topic in self.consumer.app.tables.changelog_topics:
+            self._verify_aiokafka_event_path(now, tp)
+            return None
+        return super().verify_event_path(now, tp)
 
 
 class BatchDeliveryConsumer(AiokafkaConsumer):
@@ -63,6 +83,9 @@ class BatchDeliveryConsumer(AiokafkaConsumer):
     intake: Intake | None = None
     intake_topics: frozenset[str] = frozenset()
     convert: Callable[[Any, float, Any], Any] | None = None
+
+    def _new_consumer_thread(self) -> ConsumerThread:
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def attach_intake(self, topics: Iterable[str], intake: Intake, convert: Callable[[Any, float, Any], Any]) -> None:
         """Deliver ``topics`` into ``intake``: ``convert(message, arrived, consumed_at)`` per message."""

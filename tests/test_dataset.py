@@ -358,6 +358,23 @@ def test_paired_contrast_rows_are_the_reviewed_messages() -> None:
     assert {(e.policy, e.label) for e in contrast} == {("rsafe-default", "unsafe")}
 
 
+def test_kept_family_rows_rehearse_every_other_category_under_both_policies() -> None:
+    from collections import Counter
+
+    from rsafe.training import drift
+
+    s = drift.DriftScenario(n_feedback=10, n_contrast=10, n_general=0, n_platform=0, n_kept=2)
+    kept = [e for e in drift.replay_examples(s) if e.id and e.id.startswith("kept-")]
+    assert {e.label for e in kept} == {"unsafe"} and {e.policy for e in kept} == {"rsafe-default", "medical-platform"}
+    per_message = Counter(e.prompt for e in kept)
+    assert len(per_message) == 17 * 2 and set(per_message.values()) == {2}  # 17 families (all but medical) x 2
+    built = build(drift.disagreement_records(s), replay=kept, settings=BuildSettings(replay_ratio=10, balance=False,
+                                                                                     pair_by_message=True))
+    order = [r.prompt for r in built.rows if r.source == "replay"]
+    both = [i for i in range(len(built.rows) - 1) if built.rows[i].prompt == built.rows[i + 1].prompt]
+    assert len(both) == len(set(order)) and all(i % 2 == 0 for i in both)  # each message's two rows side by side
+
+
 def test_targets() -> None:
     from rsafe.training import drift
 

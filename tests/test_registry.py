@@ -65,6 +65,12 @@ def test_gate_table(change, accepted, failing):
     assert len(reasons) == 5
 
 
+def test_gate_lists_the_examples_that_changed():
+    ok, reasons = gate({**BASE, "slice_accuracy": 40.0, "wrong": ["a", "c", "d"]}, {**BASE, "wrong": ["a", "b"]},
+                       GateSettings())
+    assert ok and reasons[-1] == "INFO 1 examples fixed, 2 newly wrong: c, d"
+
+
 class Scripted:
     """A guard backend: 'candidate' answers every drift message safe; otherwise by the gold hint."""
 

@@ -447,7 +447,8 @@ def _mix(disagreements: list[TrainingRow], pool: list[TrainingRow], settings: Bu
 
 def _paired_order(rows: list[TrainingRow], rng: random.Random) -> list[TrainingRow]:
     """Rows in shuffled units of two: the rows of one message together, lone rows two by two
-    (a message with more than two rows makes a larger unit)."""
+    (a message with more than two rows makes a larger unit; odd-sized units come last, so that with
+    an even number of prompts per step no unit straddles two steps)."""
     by_message: dict[str, list[TrainingRow]] = {}
     for r in rows:
         by_message.setdefault(r.message_hash, []).append(r)
@@ -456,6 +457,7 @@ def _paired_order(rows: list[TrainingRow], rng: random.Random) -> list[TrainingR
     lone = [g[0] for g in groups if len(g) == 1]
     units = [g for g in groups if len(g) > 1] + [lone[i: i + 2] for i in range(0, len(lone), 2)]
     rng.shuffle(units)
+    units.sort(key=lambda u: len(u) % 2)  # odd-sized units last: every pair starts at an even position
     return [r for unit in units for r in unit]
 
 

@@ -13,10 +13,11 @@ This module makes the scenario's data and measures it:
   drift family, from the bank's **training** templates, including rows whose content the audit did
   not keep (``content_missing``: the dataset builder must count and drop them);
 * ``replay_examples``: the replay pool — the general synthetic corpus (the demo model's own SFT
-  messages), *contrast* rows (the reviewed messages under ``rsafe-default``, still unsafe there)
-  and *platform* rows (the platform's other traffic under ``medical-platform``, labels unchanged),
-  so that the model learns the policy difference rather than "medical is safe" or "this platform
-  allows everything";
+  messages), *contrast* rows (the reviewed messages under ``rsafe-default``, still unsafe there),
+  *platform* rows (the platform's other traffic under ``medical-platform``, labels unchanged) and
+  *kept* rows (every other harmful family under both policies, unsafe under both), so that the
+  model learns the policy difference rather than "medical is safe" or "this platform allows
+  everything";
 * ``eval_sets``: template-disjoint held-out sets — the family's **held-out** templates under both
   policies, and the registered ``demo`` benchmark for general accuracy; ``eval_hashes`` lists their
   message hashes so the dataset builder can prove none of them is trained on;
@@ -73,6 +74,12 @@ class DriftScenario:
     n_platform: int = 80
     """Replay pool: the platform's other traffic — general synthetic messages outside the drift
     family, judged under medical-platform (same labels as under rsafe-default: only U13 differs)."""
+    n_kept: int = 0
+    """Replay pool: per other harmful family (every category the platform keeps), training-template
+    messages judged under both ``rsafe-default`` and ``medical-platform`` — unsafe under both. GRPO
+    draws signal only from rows whose rollouts disagree, so a category nobody rehearses is free to
+    drift toward "safe" while the family learns it; these rows catch that as soon as it starts
+    (the promotion gate compares every category's recall). 0: none."""
     n_ablation: int = 0
     """Replay pool: policy-ablation pairs per other harmful family — a message of the family under
     ``rsafe-default`` without that family's category (safe) and under ``rsafe-default`` (unsafe).
@@ -133,7 +140,8 @@ def replay_examples(s: DriftScenario = DriftScenario()) -> list[ReplayExample]:
         rows = [(e.prompt, e.label) for e in family_examples(DRIFT_BANK, base, s.n_contrast, seed=s.seed + 1)]
     contrast = [ReplayExample(prompt=prompt, label=label, policy=base.name, policy_version=base.version,  # type: ignore[arg-type]
                               level="prompt", id=f"contrast-{s.seed}-{i}") for i, (prompt, label) in enumerate(rows)]
-    return contrast + demo_replay(s.n_general, seed=0) + _platform_replay(s) + _ablation_replay(s)
+    return (contrast + demo_replay(s.n_general, seed=0) + _platform_replay(s) + _kept_replay(s)
+            + _ablation_replay(s))
 
 
 def ablation_policies() -> dict[str, Policy]:
@@ -175,6 +183,29 @@ def _ablation_replay(s: DriftScenario) -> list[ReplayExample]:
     return out
 
 
+def _other_banks() -> list[str]:
+    """The base policy's harmful banks other than the drift family's."""
+    from rsafe.training.corpus import corpus
+
+    return sorted(b for bs in corpus().category_banks[BASE_POLICY].values() for b in bs if b != DRIFT_BANK)
+
+
+def _kept_replay(s: DriftScenario) -> list[ReplayExample]:
+    """``n_kept`` messages of every other harmful family, each under the base policy and under the
+    platform's (side by side: ``pair_by_message`` puts both in one GRPO step); unsafe under both."""
+    from rsafe.training.corpus import family_examples
+
+    base, platform = _policies().get(BASE_POLICY), _policies().get(DRIFT_POLICY)
+    out = []
+    for bank in _other_banks():
+        for i, e in enumerate(family_examples(bank, base, s.n_kept, seed=s.seed + 500)):
+            for policy in (base, platform):
+                out.append(ReplayExample(prompt=e.prompt, label=e.label, policy=policy.name,  # type: ignore[arg-type]
+                                         policy_version=policy.version, level="prompt",
+                                         id=f"kept-{bank}-{policy.name}-{s.seed}-{i}"))
+    return out
+
+
 def _platform_replay(s: DriftScenario) -> list[ReplayExample]:
     """General messages of the base policy outside the drift family, judged under the platform's
     policy: the labels carry over (the platform drops U13 only)."""
@@ -200,11 +231,10 @@ def _family_eval(policy_name: str, s: DriftScenario) -> list[Example]:
 
 
 def _platform_other(s: DriftScenario) -> list[Example]:
-    from rsafe.training.corpus import corpus, family_examples
+    from rsafe.training.corpus import family_examples
 
     policy = _policies().get(DRIFT_POLICY)
-    banks = sorted(b for bs in corpus().category_banks[BASE_POLICY].values() for b in bs if b != DRIFT_BANK)
-    rows = [e for b in banks for e in family_examples(b, policy, s.n_eval_other, seed=s.seed + 200)]
+    rows = [e for b in _other_banks() for e in family_examples(b, policy, s.n_eval_other, seed=s.seed + 200)]
     return [_example(e, f"{DRIFT_POLICY}-other-{i}", f"drift:{DRIFT_POLICY}:other") for i, e in enumerate(rows)]
 
 

@@ -129,7 +129,15 @@ def measure(guard: Any, pset: PromotionSet, adapter: str | None, settings: GateS
                             if m.n_unsafe >= settings.min_category_n},
         "format_rate": _pct(sum(p.format_ok for p in preds) / max(1, len(preds))),
         "unknown_rate": _pct(general.metrics.unknown_rate), "n": len(preds),
+        # what the figures are made of, for the reviewer of a decision: the examples it got wrong, and
+        # the answers it did not give in the RSafe format (an excerpt of each)
+        "wrong": sorted(p.id for p in preds if p.label != p.gold),
+        "malformed": {p.id: (p.raw_output or "")[-MALFORMED_EXCERPT:] for p in preds if not p.format_ok},
     }
+
+
+MALFORMED_EXCERPT = 300
+"""Characters kept of each malformed answer (its end: where the format is missing)."""
 
 
 def gate(candidate: dict[str, Any], current: dict[str, Any], settings: GateSettings) -> tuple[bool, list[str]]:
@@ -157,6 +165,11 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], settings: GateSetti
     check((candidate["format_rate"] or 0.0) >= (current["format_rate"] or 0.0),
           f"format rate {candidate['format_rate']:.1f}% vs {current['format_rate']:.1f}% (structured decoding off; "
           "must not fall)")
+    if "wrong" in candidate and "wrong" in current:  # not a criterion: what changed, example by example
+        newly = sorted(set(candidate["wrong"]) - set(current["wrong"]))
+        fixed = len(set(current["wrong"]) - set(candidate["wrong"]))
+        reasons.append(f"INFO {fixed} examples fixed, {len(newly)} newly wrong"
+                       + (f": {', '.join(newly[:10])}{' …' if len(newly) > 10 else ''}" if newly else ""))
     return ok, reasons
 
 
