@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -237,7 +237,7 @@ async def run_loop(s: LoopSettings) -> int:
           f"gate: {'accepted' if card.gate and card.gate.accepted else 'rejected'}")
     closed = card.status == "promoted" and after > before
     (work / "summary.json").write_text(json.dumps({
-        "closed": closed, "settings": {k: v for k, v in vars(s).items()},
+        "closed": closed, "settings": asdict(s),
         "steps_s": {name: round(dt, 1) for name, dt in steps.times}, "total_s": round(time.monotonic() - steps.t0, 1),
         "heldout_drift_accuracy": {"before": before, "after": after}, "versions": {"before": v0.version,
                                                                                    "candidate": card.version},

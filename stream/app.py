@@ -22,10 +22,10 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
-from faust.types import TP
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
 from faust.transport.drivers.aiokafka import Transport as AiokafkaTransport
+from faust.types import TP
 
 from rsafe.stream.config import StreamConfig
 from rsafe.stream.intake import Intake

@@ -121,7 +121,8 @@ def cmd_drift_data(args: argparse.Namespace) -> int:
     from rsafe.training import drift
 
     scenario = drift.DriftScenario(n_feedback=args.n_feedback, n_contrast=args.n_contrast,
-                                   n_general=args.n_general, seed=args.seed)
+                                   n_general=args.n_general, n_platform=args.n_platform, n_kept=args.n_kept,
+                                   seed=args.seed)
     for path in drift.write_data(args.out, scenario).values():
         print(path)
     return 0
@@ -384,6 +385,9 @@ def _add_drift(train: argparse._SubParsersAction) -> None:
     p.add_argument("--n-feedback", type=int, default=d.n_feedback)
     p.add_argument("--n-contrast", type=int, default=d.n_contrast)
     p.add_argument("--n-general", type=int, default=d.n_general)
+    p.add_argument("--n-platform", type=int, default=d.n_platform)
+    p.add_argument("--n-kept", type=int, default=d.n_kept,
+                   help="messages of every other harmful family under both policies (the loop demo uses 2)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.set_defaults(func=cmd_drift_data)
 
