@@ -195,7 +195,8 @@ def _kept_replay(s: DriftScenario) -> list[ReplayExample]:
     platform's (side by side: ``pair_by_message`` puts both in one GRPO step); unsafe under both."""
     from rsafe.training.corpus import family_examples
 
-    base, platform = _policies().get(BASE_POLICY), _policies().get(DRIFT_POLICY)
+    registry = _policies()
+    base, platform = registry.get(BASE_POLICY), registry.get(DRIFT_POLICY)
     out = []
     for bank in _other_banks():
         for i, e in enumerate(family_examples(bank, base, s.n_kept, seed=s.seed + 500)):

@@ -114,6 +114,10 @@ def _pct(x: float | None) -> float | None:
     return None if x is None else round(100 * x, 2)
 
 
+MALFORMED_EXCERPT = 300
+"""Characters kept of each malformed answer (its end: where the format is missing)."""
+
+
 def measure(guard: Any, pset: PromotionSet, adapter: str | None, settings: GateSettings) -> dict[str, Any]:
     """The gate's figures for one model/adapter: general F1 and per-category recall, slice accuracy,
     format rate (structured decoding off)."""
@@ -135,9 +139,6 @@ def measure(guard: Any, pset: PromotionSet, adapter: str | None, settings: GateS
         "malformed": {p.id: (p.raw_output or "")[-MALFORMED_EXCERPT:] for p in preds if not p.format_ok},
     }
 
-
-MALFORMED_EXCERPT = 300
-"""Characters kept of each malformed answer (its end: where the format is missing)."""
 
 
 def gate(candidate: dict[str, Any], current: dict[str, Any], settings: GateSettings) -> tuple[bool, list[str]]:
