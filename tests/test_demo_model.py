@@ -186,6 +186,16 @@ def test_encode_example_masks_prompt(tokenizer):
     assert tokenizer.decode(answer[:-1]) == e.answer()
 
 
+def test_length_chunks_partition_the_rows_by_length():
+    lengths = [300, 40, 310, 45, 120, 42]
+    one = sft.length_chunks(lengths, overhead=10_000)  # a chunk costs more than any padding
+    assert one == [[1, 5, 3, 4, 0, 2]]
+    chunks = sft.length_chunks(lengths, overhead=20)
+    assert chunks == [[1, 5, 3], [4], [0, 2]]  # short rows, the middle one, long rows
+    assert sorted(i for c in sft.length_chunks(lengths, overhead=0) for i in c) == list(range(6))
+    assert sft.length_chunks([]) == []
+
+
 def test_shared_prefix_loss_equals_full_sequence_loss(tokenizer):
     import random
 

@@ -2,7 +2,8 @@
 
 Loss on the answer tokens only; examples that share a prompt head (same policy and level) are
 batched together and their common prefix runs once (its KV cache is repeated over the batch),
-which makes the demo build several times faster on a CPU than padding whole prompts.
+and the rows run in chunks of similar length, which makes the demo build several times faster on
+a CPU than padding whole prompts.
 """
 
 from __future__ import annotations
@@ -121,25 +122,62 @@ def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
         yield pad_rows(prefix, [items[i] for i in picked], pad_id)
 
 
+CHUNK_OVERHEAD_TOKENS = 200
+"""What one more forward chunk costs, in padded tokens (``length_chunks``): measured on 2 CPU cores
+with the demo model, a lookup step is fastest between 100 and 400 (docs/TRAINING.md, section 1)."""
+
+
+def length_chunks(lengths: Sequence[int], overhead: int = CHUNK_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Row indices in chunks of similar length: the partition of the rows, sorted by length, that
+    minimises padded tokens (each chunk is cut to its own longest row) + ``overhead`` a chunk."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    cost = [0.0] + [math.inf] * len(sizes)
+    cut = [0] * (len(sizes) + 1)
+    for j in range(1, len(sizes) + 1):
+        for i in range(j):
+            c = cost[i] + (j - i) * sizes[j - 1] + overhead
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    chunks, j = [], len(sizes)
+    while j:
+        chunks.append(order[cut[j]: j])
+        j = cut[j]
+    return chunks[::-1]
+
+
 def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
     """Mean next-token loss on the labelled (answer) tokens of prefix + suffix rows.
 
-    The shared prefix runs once and its key/value cache is repeated over the batch (gradients
-    flow back through it); logits are computed for answer positions only. Right padding needs no
-    attention mask: causal attention never looks at later (pad) tokens.
+    The shared prefix runs once and its key/value cache is repeated over the rows (gradients flow
+    back through it); the rows run in chunks of similar length (``length_chunks``), each cut to
+    its own longest row, so little compute goes to padding (a third of a padded batch in the demo
+    corpus); logits are computed for answer positions only. The result is the same loss as one
+    padded batch (up to float rounding). Right padding needs no attention mask: causal attention
+    never looks at later (pad) tokens.
     """
+    import torch
     import torch.nn.functional as F
     from transformers import DynamicCache
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper
-    cache = DynamicCache()
+    shared: list[tuple[Any, Any]] = []
     if prefix.shape[1]:
+        cache = DynamicCache()
         base.model(input_ids=prefix, past_key_values=cache, use_cache=True)
-        cache.batch_repeat_interleave(ids.shape[0])
-    hidden = base.model(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return F.cross_entropy(base.lm_head(hidden[:, :-1][keep]), targets[keep])
+        shared = [(layer.keys, layer.values) for layer in cache.layers]
+    answer = labels != -100
+    lengths = [int(row.nonzero().max()) + 1 if row.any() else 1 for row in answer]
+    total = torch.zeros(())
+    for rows in length_chunks(lengths):
+        width, index = max(lengths[r] for r in rows), torch.tensor(rows)
+        cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                              for k, v in shared]) if shared else DynamicCache()
+        hidden = base.model(input_ids=ids[index, :width], past_key_values=cache, use_cache=True).last_hidden_state
+        targets = labels[index, 1:width]
+        keep = targets != -100
+        total = total + F.cross_entropy(base.lm_head(hidden[:, :-1][keep]), targets[keep], reduction="sum")
+    return total / answer[:, 1:].sum()
 
 
 def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
