@@ -56,6 +56,7 @@ bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios me
 	$(PY) bench/latency_load.py --model $(DEMO_MODEL) --plot docs/img/latency_load.png
 	$(PY) bench/gpu.py --shape demo --n 64 --sequential 8 --duration 10 --new-tokens 32 --max-model-len 1024 --compare-prefix
 	$(PY) bench/frontend_cost.py --model $(DEMO_MODEL)
+	$(PY) bench/sft_chunks.py --model $(DEMO_MODEL)
 
 clean:
 	rm -rf .venv .venv-tools .cache

@@ -3,9 +3,10 @@ structured decoding off, the real gate): an adapter trained on flipped labels is
 the demo corpus adapter, measured against it on an operator's promotion set, is accepted and
 published; rollback publishes an earlier promoted version again.
 
-(The demo model cannot learn the drift scenario's policy change even by SFT — docs/TRAINING.md —
-so acceptance is shown against a worse current version, on a promotion set given with
-``--promotion-set``.)"""
+(Acceptance is shown against a worse current version, on a promotion set given with
+``--promotion-set``: 180 rows instead of the demo set's 460, so both gates take half the time; the
+demo set itself is checked in ``test_the_demo_promotion_set``, and gated end to end by
+``make loop-demo``.)"""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir,
     pset = save_promotion_set(PromotionSet(demo_examples("rsafe-default", n=120), "rsafe-default",
                                            demo_examples("kids-platform", n=60), "kids-platform"), tmp_path / "pset")
 
-    # 1. flipped labels vs the base model, the demo promotion set: rejected, kept, marked, nothing published
-    bad = rsafe("train", "promote", str(flipped), *common)
+    # 1. flipped labels vs the base model: rejected, kept, marked, nothing published
+    bad = rsafe("train", "promote", str(flipped), "--promotion-set", str(pset), *common)
     assert bad.returncode == 3, bad.stderr[-3000:]
     rejected = json.loads(bad.stdout)
     assert rejected["status"] == "rejected" and not rejected["accepted"]
@@ -84,3 +85,16 @@ def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir,
     records = [json.loads(r.value) for r in read_all([kafka], [topic])]
     assert [(r["version"], r["rollback"]) for r in records] == [(version, False), (version, True)]
     assert Registry(reg).current_version("guard") == version
+
+
+def test_the_demo_promotion_set():
+    """The gate's default set: the registered ``demo`` general set under rsafe-default and ≥ 50 held-out
+    drift messages under medical-platform (safe there), sharing no row."""
+    from rsafe.training.benchmarks import demo_examples
+    from rsafe.training.promote import demo_promotion_set
+
+    pset = demo_promotion_set()
+    assert (pset.general_policy, pset.slice_policy) == ("rsafe-default", "medical-platform")
+    assert [e.content_hash for e in pset.general] == [e.content_hash for e in demo_examples("rsafe-default")]
+    assert len(pset.slice) >= 50 and {e.label for e in pset.slice} == {"safe"}
+    assert not {e.content_hash for e in pset.general} & {e.content_hash for e in pset.slice}

@@ -124,7 +124,8 @@ def batches(groups: Sequence[Group], pad_id: int, steps: int, batch_size: int,
 
 CHUNK_OVERHEAD_TOKENS = 200
 """What one more forward chunk costs, in padded tokens (``length_chunks``): measured on 2 CPU cores
-with the demo model, a lookup step is fastest between 100 and 400 (docs/TRAINING.md, section 1)."""
+with the demo model, a lookup step is fastest between 100 and 400 (bench/sft_chunks.py times the
+build's stages with it, docs/BENCHMARKS.md)."""
 
 
 def length_chunks(lengths: Sequence[int], overhead: int = CHUNK_OVERHEAD_TOKENS) -> list[list[int]]:
@@ -146,15 +147,17 @@ def length_chunks(lengths: Sequence[int], overhead: int = CHUNK_OVERHEAD_TOKENS)
     return chunks[::-1]
 
 
-def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
+def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any, *,
+                    chunk_overhead: int = CHUNK_OVERHEAD_TOKENS) -> Any:
     """Mean next-token loss on the labelled (answer) tokens of prefix + suffix rows.
 
     The shared prefix runs once and its key/value cache is repeated over the rows (gradients flow
     back through it); the rows run in chunks of similar length (``length_chunks``), each cut to
-    its own longest row, so little compute goes to padding (a third of a padded batch in the demo
-    corpus); logits are computed for answer positions only. The result is the same loss as one
-    padded batch (up to float rounding). Right padding needs no attention mask: causal attention
-    never looks at later (pad) tokens.
+    its own longest row, so little compute goes to padding (a quarter to a third of a padded batch
+    in the demo corpus; ``chunk_overhead`` 10**9: one padded batch, bench/sft_chunks.py); logits
+    are computed for answer positions only. The result is the same loss as one padded batch (up to
+    float rounding). Right padding needs no attention mask: causal attention never looks at later
+    (pad) tokens.
     """
     import torch
     import torch.nn.functional as F
@@ -169,7 +172,7 @@ def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any) -> Any:
     answer = labels != -100
     lengths = [int(row.nonzero().max()) + 1 if row.any() else 1 for row in answer]
     total = torch.zeros(())
-    for rows in length_chunks(lengths):
+    for rows in length_chunks(lengths, chunk_overhead):
         width, index = max(lengths[r] for r in rows), torch.tensor(rows)
         cache = DynamicCache([(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
                               for k, v in shared]) if shared else DynamicCache()
