@@ -8,7 +8,7 @@ ways, alternating (padded, chunked, padded, chunked) so that a slow minute of a 
 hits both: ``sft.loss_on_answers`` with ``chunk_overhead=10**9`` (one padded batch, recipe 5) and
 with the default (``sft.CHUNK_OVERHEAD_TOKENS``). It prints seconds per step, the share of padding
 in a padded batch, and the ratio. Also checks that the two losses agree. Figures:
-docs/BENCHMARKS.md ("Engine start-up and the demo build").
+docs/BENCHMARKS.md ("Cold start", the demo build).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
             a = sft.loss_on_answers(model, prefix, ids, labels, chunk_overhead=ONE_BATCH)
             b = sft.loss_on_answers(model, prefix, ids, labels)
         assert torch.allclose(a, b, atol=1e-5), (name, a.item(), b.item())
-        real = sum(int(m.nonzero().max()) + 1 for batch in batches for m in (batch[2] != -100))
+        real = sum(sum(sft.row_lengths(batch[2])) for batch in batches)
         padded = sum(batch[1].numel() for batch in batches)
         padded_s = chunked_s = 0.0
         for batch in batches:

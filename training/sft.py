@@ -147,6 +147,11 @@ def length_chunks(lengths: Sequence[int], overhead: int = CHUNK_OVERHEAD_TOKENS)
     return chunks[::-1]
 
 
+def row_lengths(labels: Any) -> list[int]:
+    """Each right-padded row's length: up to its last labelled (answer) token; 1 for a row without."""
+    return [int(row.nonzero().max()) + 1 if row.any() else 1 for row in labels != -100]
+
+
 def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any, *,
                     chunk_overhead: int = CHUNK_OVERHEAD_TOKENS) -> Any:
     """Mean next-token loss on the labelled (answer) tokens of prefix + suffix rows.
@@ -169,8 +174,7 @@ def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any, *,
         cache = DynamicCache()
         base.model(input_ids=prefix, past_key_values=cache, use_cache=True)
         shared = [(layer.keys, layer.values) for layer in cache.layers]
-    answer = labels != -100
-    lengths = [int(row.nonzero().max()) + 1 if row.any() else 1 for row in answer]
+    lengths = row_lengths(labels)
     total = torch.zeros(())
     for rows in length_chunks(lengths, chunk_overhead):
         width, index = max(lengths[r] for r in rows), torch.tensor(rows)
@@ -180,7 +184,7 @@ def loss_on_answers(model: Any, prefix: Any, ids: Any, labels: Any, *,
         targets = labels[index, 1:width]
         keep = targets != -100
         total = total + F.cross_entropy(base.lm_head(hidden[:, :-1][keep]), targets[keep], reduction="sum")
-    return total / answer[:, 1:].sum()
+    return total / (labels[:, 1:] != -100).sum()
 
 
 def train(model: Any, groups: Sequence[Group], pad_id: int, cfg: SFTConfig, *,
