@@ -114,6 +114,98 @@ def test_crc32c_known_value() -> None:
     assert grpo._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
 
 
+def _rollout_batch():
+    """3 prompts (left-padded, different lengths) × 4 rollouts (right-padded), rows interleaved."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 60, (n,), generator=g) for n in (9, 6, 12)]
+    width, rows, masks = 12, [], []
+    for r in range(12):
+        p, c = prompts[r % 3], torch.randint(3, 60, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
+        ids = torch.full((width + 6,), 0)
+        mask = torch.zeros(width + 6, dtype=torch.long)
+        ids[width - len(p):width], mask[width - len(p):width] = p, 1
+        ids[width:width + len(c)], mask[width:width + len(c)] = c, 1
+        rows.append(ids)
+        masks.append(mask)
+    return torch.stack(rows), torch.stack(masks), 6
+
+
+def test_shared_prompt_prefix_scores_as_trls_single_pass() -> None:
+    """The rollouts of a prompt scored on one pass of it: TRL's log-probs, entropies and gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    base = Qwen2ForCausalLM(cfg)
+    add_fused_lm_head(base, temperature=1.2, outputs=("log_probs", "entropy"))  # as GRPOTrainer does
+    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids, mask, keep = _rollout_batch()
+    prompts, _, inverse = grpo.prompt_groups(ids[:, :-keep], mask[:, :-keep])
+    assert prompts.size(0) == 3 and inverse.tolist() == [inverse[r % 3].item() for r in range(12)]
+
+    labels = ids.masked_fill(mask == 0, -100)  # TRL's _get_per_token_logps_and_entropies
+    labels[:, :-keep] = -100
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    ref_logps, ref_entropy = out.log_probs[:, -keep:], out.entropy[:, -keep:]
+    weights = torch.randn(ref_logps.shape)
+    (ref_logps * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    shared = grpo.shared_prefix_logps(model, ids, mask, keep, compute_entropy=True)
+    assert shared is not None
+    logps, entropy = shared
+    on = mask[:, -keep:] == 1
+    assert torch.allclose(logps[on], ref_logps[on], atol=1e-5) and (logps[~on] == 0).all()
+    assert torch.allclose(entropy[on], ref_entropy[on], atol=1e-5)
+    (logps * weights).sum().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, ref_grads[name], atol=1e-5, rtol=1e-4), name
+    # nothing to share (every prompt once): TRL's own pass runs instead
+    assert grpo.shared_prefix_logps(model, ids[:3], mask[:3], keep, compute_entropy=False) is None
+
+
+def test_shared_prompt_prefix_generates_as_plain_generate() -> None:
+    """Rollouts generated on one prefill per distinct prompt: the tokens plain ``generate`` gives."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = get_peft_model(Qwen2ForCausalLM(cfg), LoraConfig(r=4, target_modules="all-linear",
+                                                              init_lora_weights=False))
+    ids, mask, keep = _rollout_batch()
+    ids, mask = ids[:, :-keep], mask[:, :-keep]  # the prompts, each three times
+    calls = []
+
+    def plain(**kw):
+        cache = kw.get("past_key_values")
+        calls.append(None if cache is None else cache.get_seq_length())
+        return model.generate(**kw)
+
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=1, output_scores=True,
+                           return_dict_in_generate=True)
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        got = grpo.shared_prefix_generate(plain, model, ids, mask, generation_config=gen)
+    assert calls == [ids.size(1) - 1]  # generate started from the shared cache: the prompts but their last token
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.scores, want.scores):
+        assert torch.allclose(a, b, atol=1e-4)
+    grpo.shared_prefix_generate(plain, model, ids[:3], mask[:3], generation_config=gen)
+    assert calls[-1] is None  # nothing repeats: plain generate
+
+
 # --------------------------------------------------------------------------- real GRPO steps (slow)
 
 TINY = ["--preset", "demo-cpu", "--batch-size", "8", "--num-generations", "4", "--max-completion-length", "48",

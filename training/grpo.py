@@ -97,6 +97,10 @@ class RSafeGRPOConfig(GRPOConfig):
     lora_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         metadata={"help": "Modules that get adapters (attention only by default; ['all-linear'] for all)."})
+    share_prompt_prefix: bool = field(
+        default=True, metadata={"help": "Score the rollouts of one prompt on one forward pass of the prompt "
+                                        "(its key/value cache repeated over them) instead of one per rollout: "
+                                        "same log-probs, a fraction of the compute (one process only)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -203,6 +207,142 @@ def batch_plan(cfg: GRPOConfig, num_processes: int) -> BatchPlan:
                 f"processes × accumulation) is not divisible by num_generations {g}: a group of rollouts of "
                 "one prompt must stay in one batch")
     return BatchPlan(num_processes, global_batch, global_batch // g, generation_batch, g)
+
+
+# --------------------------------------------------------------------------- shared prompt prefix
+
+def prompt_groups(prompt_ids: Any, prompt_mask: Any) -> tuple[Any, Any, Any]:
+    """The distinct (left-padded) prompts of a batch, their attention masks and, for each row, the
+    index of its prompt. GRPO scores ``num_generations`` completions of every prompt; their prompt
+    rows are identical."""
+    import torch
+
+    width = prompt_ids.size(1)
+    distinct, inverse = torch.unique(torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1), dim=0,
+                                     return_inverse=True)
+    return distinct[:, :width], distinct[:, width:].to(prompt_mask.dtype), inverse
+
+
+def shared_prefix_logps(model: Any, input_ids: Any, attention_mask: Any, logits_to_keep: int, *,
+                        compute_entropy: bool) -> tuple[Any, Any] | None:
+    """Per-token log-probs (and entropies) of the last ``logits_to_keep`` tokens, as TRL's
+    ``GRPOTrainer._get_per_token_logps_and_entropies`` computes them, with each distinct prompt
+    run once.
+
+    Pass 1 runs the distinct prompts but their last token (``logits_to_keep=1``: no vocabulary
+    projection to speak of) and keeps the key/value cache; its rows are repeated over the rollouts
+    (gradients flow back through the repeat). Pass 2 runs each row's last prompt token and its
+    completion on that cache through TRL's fused LM head, which scores exactly the completion
+    tokens. Positions are the column indices, as in TRL's single pass over the left-padded batch,
+    and the attention mask covers the whole row, so every log-prob is the one TRL computes (up to
+    float rounding; ``tests/test_grpo.py``). ``None`` when sharing saves nothing or the model cannot
+    keep a cache here (e.g. gradient checkpointing): the caller then runs TRL's single pass.
+    """
+    from transformers import DynamicCache
+
+    prompt_len = input_ids.size(1) - logits_to_keep
+    if prompt_len < 2:
+        return None
+    prompts, prompt_masks, inverse = prompt_groups(input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+    if prompts.size(0) == input_ids.size(0):
+        return None
+    cache = DynamicCache()
+    model(input_ids=prompts[:, :-1], attention_mask=prompt_masks[:, :-1], past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    if cache.get_seq_length() != prompt_len - 1:
+        return None
+    shared = DynamicCache([(layer.keys[inverse], layer.values[inverse]) for layer in cache.layers])
+    tail = input_ids[:, prompt_len - 1:]
+    labels = tail.masked_fill(attention_mask[:, prompt_len - 1:] == 0, -100)
+    labels[:, 0] = -100  # the last prompt token: context only
+    outputs = model(input_ids=tail, attention_mask=attention_mask, past_key_values=shared, labels=labels,
+                    fused_lm_head=True)
+    logps = outputs.log_probs[:, -logits_to_keep:]
+    entropies = outputs.entropy[:, -logits_to_keep:] if compute_entropy else None
+    return logps, entropies
+
+
+def shared_prefix_generate(generate: Callable[..., Any], model: Any, input_ids: Any, attention_mask: Any,
+                           **kwargs: Any) -> Any:
+    """``model.generate`` (passed as ``generate``) on left-padded prompt rows of which many are the
+    same (GRPO's rollouts), with each distinct prompt prefilled once: its key/value cache, but for
+    its last token, is computed on the distinct prompts, repeated over the rows, and handed to
+    ``generate``, which then runs only the last prompt token and the new ones. Positions follow
+    ``generate``'s own rule (the attention mask's running count), so the rows are generated as
+    without the cache (same tokens under greedy decoding, ``tests/test_grpo.py``). Falls back to a
+    plain ``generate`` when nothing repeats or a cache is already configured."""
+    import torch
+    from transformers import DynamicCache
+
+    config = kwargs.get("generation_config")
+    if (input_ids.size(1) < 2 or "past_key_values" in kwargs
+            or getattr(config, "cache_implementation", None) is not None):
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    prompts, masks, inverse = prompt_groups(input_ids, attention_mask)
+    if prompts.size(0) == input_ids.size(0):
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    positions = (masks.long().cumsum(-1) - 1).masked_fill(masks == 0, 0)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompts[:, :-1], attention_mask=masks[:, :-1], position_ids=positions[:, :-1],
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if cache.get_seq_length() != input_ids.size(1) - 1:
+        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    shared = DynamicCache([(layer.keys[inverse], layer.values[inverse]) for layer in cache.layers])
+    return generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=shared, **kwargs)
+
+
+def _trainer_class() -> type:
+    """TRL's ``GRPOTrainer`` scoring each prompt's rollouts on one pass of the prompt (``share_prompt_prefix``)."""
+    import functools
+
+    import torch
+    from trl import GRPOTrainer
+
+    class RSafeGRPOTrainer(GRPOTrainer):  # type: ignore[misc]
+        def _sharing(self) -> bool:
+            return bool(getattr(self.args, "share_prompt_prefix", False)) and self.accelerator.num_processes == 1
+
+        def _generate_single_turn(self, prompt_ids: Any, images: Any, multimodal_fields: Any,
+                                  num_generations: int, has_tool_images: bool = False) -> Any:
+            args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            if (not self._sharing() or self.use_vllm or self.use_transformers_continuous_batching
+                    or images is not None or multimodal_fields):
+                return super()._generate_single_turn(*args)
+            # TRL's transformers path calls the unwrapped model's ``generate`` on the repeated prompts
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            plain = unwrapped.generate
+            unwrapped.generate = functools.partial(shared_prefix_generate, plain, unwrapped)
+            try:
+                return super()._generate_single_turn(*args)
+            finally:
+                del unwrapped.generate
+
+        def _get_per_token_logps_and_entropies(self, model: Any, input_ids: Any, attention_mask: Any,
+                                               logits_to_keep: int, batch_size: int | None = None,
+                                               compute_entropy: bool = False, compute_aux_loss: bool = False,
+                                               **kwargs: Any) -> tuple[Any, Any, Any]:
+            plain = not self._sharing() or compute_aux_loss or any(v is not None for v in kwargs.values())
+            if not plain:
+                batch_size = batch_size or input_ids.size(0)
+                parts = []
+                for start in range(0, input_ids.size(0), batch_size):
+                    with self.accelerator.autocast():
+                        part = shared_prefix_logps(model, input_ids[start:start + batch_size],
+                                                   attention_mask[start:start + batch_size], logits_to_keep,
+                                                   compute_entropy=compute_entropy)
+                    if part is None:
+                        break
+                    parts.append(part)
+                else:
+                    logps = torch.cat([p[0] for p in parts], dim=0)
+                    entropies = torch.cat([p[1] for p in parts], dim=0) if compute_entropy else None
+                    return logps, entropies, None
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **kwargs)
+
+    return RSafeGRPOTrainer
 
 
 # --------------------------------------------------------------------------- logging
@@ -432,7 +572,6 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
     Returns the training summary (also ``training_summary.json``).
     """
     from transformers import AutoTokenizer
-    from trl import GRPOTrainer
 
     output_dir = Path(cfg.output_dir)
     _check_output(output_dir, resume)
@@ -447,7 +586,7 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
     log(f"[grpo] {len(rows)} prompts, {plan.prompts_per_step} prompts × {plan.num_generations} rollouts per step, "
         f"{'LoRA r' + str(cfg.lora_r) if cfg.use_lora else 'full fine-tuning'}, lr {cfg.learning_rate:g}, "
         f"temperature {cfg.temperature:g}, KL beta {cfg.beta:g}")
-    trainer = GRPOTrainer(
+    trainer = _trainer_class()(
         model=str(model), reward_funcs=reward_functions(cfg.rewards), args=cfg, train_dataset=rows,
         processing_class=tokenizer, peft_config=_lora_config(cfg) if cfg.use_lora else None,
         callbacks=[StepLog(output_dir), *callbacks],

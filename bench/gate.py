@@ -1,0 +1,114 @@
+"""The promotion gate's measurement: two versions, one after the other or both at once.
+
+    .venv/bin/python bench/gate.py --model .cache/demo-model [--general 200] [--slice 60] [--rounds 1]
+
+The gate (``rsafe train promote``) measures the candidate and the current version on the promotion
+set, on one vLLM engine with both LoRA adapters loaded. This times that measurement on the engine
+the loop's gate uses (``--max-tokens 96``, windows of 128 tokens, structured decoding off), on the
+demo model with its demo adapter loaded under two names, for:
+
+* ``sequential, 64``: one version, then the other, 64 requests per engine call (the gate until 2026-12-01);
+* ``sequential, all``: the same, the whole set in one call (vLLM schedules it);
+* ``both at once, 64``: the two versions measured concurrently (``training.promote.measure_versions``);
+* ``both at once, all``: the same, each version's whole set in one call.
+
+Every variant gets promotion sets of its own seeds, so that no variant finds another's prompts in
+vLLM's prefix cache. Prints seconds and messages/s per variant and the ratios to the first.
+Figures: docs/BENCHMARKS.md ("The promotion gate").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def promotion_set(seed: int, n_general: int, n_slice: int) -> Any:
+    from rsafe.evaluation.benchmarks import Example
+    from rsafe.policies import PolicyRegistry
+    from rsafe.training.benchmarks import demo_examples
+    from rsafe.training.corpus import family_examples
+    from rsafe.training.promote import PromotionSet
+
+    policy = PolicyRegistry.from_dirs().get("medical-platform")
+    sl = [Example(id=f"slice-{seed}-{i}", prompt=e.prompt, response=e.response, label=e.label,  # type: ignore[arg-type]
+                  level=e.level, categories=[e.category] if e.category else [], source="drift")  # type: ignore[arg-type]
+          for i, e in enumerate(family_examples("medical", policy, n_slice, seed=seed, split="heldout"))]
+    return PromotionSet(demo_examples("rsafe-default", n=n_general, seed=seed), "rsafe-default", sl,
+                        "medical-platform")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=".cache/demo-model")
+    ap.add_argument("--general", type=int, default=200)
+    ap.add_argument("--slice", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="these variants (and the reference, 'sequential, 64') only")
+    args = ap.parse_args()
+
+    from dataclasses import replace
+
+    from rsafe.models import Guard
+    from rsafe.models.config import GenerationConfig, InputLimits, local_engine_config
+    from rsafe.training.demo import build_demo_lora
+    from rsafe.training.promote import GateSettings, measure, measure_versions
+
+    adapter = str(build_demo_lora(args.model, ".cache/demo-lora"))
+    cfg = local_engine_config(args.model, "vllm", model_id="rsafe-demo", enable_lora=True, max_lora_rank=16,
+                              lora_adapters={"candidate": adapter, "current": adapter},
+                              limits=InputLimits(max_window_tokens=128),
+                              generation=GenerationConfig(max_tokens=96, structured=False))
+    t0 = time.perf_counter()
+    guard = Guard.from_config(cfg)
+    log(f"[bench] engine started in {time.perf_counter() - t0:.0f} s")
+
+    def sequential(batch: int) -> Any:
+        def run(pset: Any) -> None:
+            settings = replace(GateSettings(), batch_size=batch)
+            for name in ("candidate", "current"):
+                measure(guard, pset, name, settings)
+        return run
+
+    def at_once(batch: int) -> Any:
+        def run(pset: Any) -> None:
+            measure_versions(guard, pset, ["candidate", "current"], replace(GateSettings(), batch_size=batch))
+        return run
+
+    variants = {"sequential, 64": sequential(64), "sequential, all": sequential(10**6),
+                "both at once, 64": at_once(64), "both at once, all": at_once(10**6)}
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only or k == "sequential, 64"}
+    seconds: dict[str, list[float]] = {v: [] for v in variants}
+    seed = 20000
+    try:
+        for r in range(args.rounds):
+            for name, run in variants.items():
+                seed += 1
+                pset = promotion_set(seed, args.general, args.slice)
+                t = time.perf_counter()
+                run(pset)
+                seconds[name].append(time.perf_counter() - t)
+                log(f"[bench] round {r + 1}: {name}: {seconds[name][-1]:.1f} s")
+    finally:
+        guard.close()
+    n = 2 * (args.general + args.slice)
+    first = sum(seconds["sequential, 64"])
+    print(f"Promotion gate: 2 versions × ({args.general} general + {args.slice} slice) = {n} requests, "
+          f"{args.rounds} round(s), demo model on vLLM with LoRA")
+    print("| variant | seconds | messages/s | vs sequential, 64 |")
+    print("|---|---|---|---|")
+    for name, s in seconds.items():
+        mean = sum(s) / len(s)
+        print(f"| {name} | {mean:.1f} | {n / mean:.1f} | {first / sum(s):.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
