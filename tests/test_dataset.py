@@ -402,3 +402,17 @@ def test_pair_by_message_keeps_a_message_and_its_contrast_in_one_step() -> None:
         a, b = rows[i], rows[i + 1]
         if a.prompt.startswith("medical") or b.prompt.startswith("medical"):
             assert a.prompt == b.prompt and {a.label, b.label} == {"safe", "unsafe"}
+
+
+def test_the_same_records_in_any_order_make_the_same_set() -> None:
+    """Records reach the builder in whatever order the topic's partitions delivered them: the rows
+    and their order (hence the GRPO run) depend on the records only."""
+    import random
+
+    records = [record(i, f"medical question {i}") for i in range(12)]
+    shuffled = records[:]
+    random.Random(5).shuffle(shuffled)
+    pool = replay(12, "unsafe") + replay(6, "safe")
+    settings = BuildSettings(replay_ratio=1.0, pair_by_message=True)
+    a, b = build(records, replay=pool, settings=settings), build(shuffled, replay=pool, settings=settings)
+    assert [(r.id, r.label) for r in a.rows] == [(r.id, r.label) for r in b.rows]

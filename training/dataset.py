@@ -348,7 +348,8 @@ class Built:
 
 def _disagreement_rows(records: Iterable[DisagreementRecord], lookup: PolicyLookup, exclude: frozenset[str],
                        dropped: Dropped) -> list[TrainingRow]:
-    """Usable, deduplicated disagreement rows (the latest feedback of duplicates is kept)."""
+    """Usable, deduplicated disagreement rows (the latest feedback of duplicates is kept), ordered
+    by content hash."""
     by_hash: dict[str, list[tuple[DisagreementRecord, TrainingRow]]] = {}
     for rec in records:
         if rec.prompt is None:
@@ -382,6 +383,9 @@ def _disagreement_rows(records: Iterable[DisagreementRecord], lookup: PolicyLook
         for rec, _ in group[:-1]:
             dropped.add("duplicate", rec.key, f"same content and policy version as {group[-1][0].key}")
         rows.append(group[-1][1])
+    # in content order: the same records make the same training set (rows, order, manifest hash)
+    # whatever order the topic's partitions delivered them in
+    rows.sort(key=lambda r: r.content_hash)
     return rows
 
 
