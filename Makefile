@@ -57,6 +57,8 @@ bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios me
 	$(PY) bench/gpu.py --shape demo --n 64 --sequential 8 --duration 10 --new-tokens 32 --max-model-len 1024 --compare-prefix
 	$(PY) bench/frontend_cost.py --model $(DEMO_MODEL)
 	$(PY) bench/sft_chunks.py --model $(DEMO_MODEL)
+	$(PY) bench/grpo_prefix.py --model $(DEMO_MODEL) --steps 6 --rounds 2
+	$(PY) bench/gate.py --model $(DEMO_MODEL) --ops reference grouped --variants "sequential, 64" "both at once, 64"
 
 clean:
 	rm -rf .venv .venv-tools .cache

@@ -140,7 +140,6 @@ def measure(guard: Any, pset: PromotionSet, adapter: str | None, settings: GateS
     }
 
 
-
 def measure_versions(guard: Any, pset: PromotionSet, adapters: Sequence[str | None],
                      settings: GateSettings) -> list[dict[str, Any]]:
     """``measure`` for several adapters of one engine, all at once: their requests share the
