@@ -36,6 +36,7 @@ def test_demo_cpu_preset(tmp_path: Path) -> None:
     cfg = load_config(tmp_path, preset="demo-cpu")
     assert cfg.use_cpu and not cfg.bf16 and cfg.beta == 0.0
     assert cfg.use_lora and cfg.lora_target_modules == ["all-linear"] and cfg.learning_rate == 1e-3
+    assert cfg.lr_scheduler_type == "cosine"  # decays to 0 over the run (docs/TRAINING.md, section 6)
     plan = batch_plan(cfg, 1)
     assert plan.prompts_per_step * plan.num_generations == plan.global_batch == cfg.per_device_train_batch_size
 

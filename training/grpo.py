@@ -122,6 +122,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # it is what workers hot-swap (docs/TRAINING.md, section 4).
         "use_lora": True, "lora_r": 16, "lora_alpha": 32, "lora_target_modules": ["all-linear"],
         "learning_rate": 1e-3,
+        # decaying to 0 over the run: at a constant 1e-3 the last steps undo what the first learnt
+        # (the loop's gate rejected 3 of 3 seeds, promoted 3 of 3 with cosine; docs/TRAINING.md, section 6)
+        "lr_scheduler_type": "cosine",
         "temperature": 1.2,           # the tiny SFT model samples with near-zero entropy below ~1.2
         "top_p": 1.0, "repetition_penalty": 1.0,
         "num_generations": 8,
