@@ -28,15 +28,39 @@ def filler(vllm_guard):
     return text
 
 
-@pytest.mark.parametrize("where", ["start", "middle", "end"])
-def test_a_harmful_request_in_3000_tokens_of_filler_is_unsafe(vllm_guard, filler, where):
-    at = {"start": 0, "middle": filler.index(" ", len(filler) // 2), "end": len(filler)}[where]
-    text = filler[:at] + HARM + filler[at:]
-    [v] = vllm_guard.classify([{"prompt": text, "policy": "rsafe-default"}])
-    assert v.label == Label.UNSAFE and v.windows > 1, (v.windows, v.reasoning)
-    start, end = v.window_span
-    assert "pipe bomb" in text[start:end]
-    assert v.prompt_tokens + 128 + ANSWER_RESERVE <= 1024
+#: where the request goes: the start, the end and 7 places in between
+POSITIONS = 9
+#: of which the demo model must find it in at least this many (see below)
+FOUND_AT_LEAST = 7
+
+
+def test_a_harmful_request_anywhere_in_3000_tokens_of_filler_is_found(vllm_guard, filler):
+    """The windowing never loses the request, and the demo model finds it nearly everywhere.
+
+    What the product guarantees is asserted at every position: some window shows the whole
+    request, no request exceeds the context, and the message's verdict is unsafe exactly when a
+    window is — a miss must be the model's (the request's window, judged alone, is safe too), never
+    the windowing's or the aggregation's. What the model finds is a floor: the 3.9M demo model
+    finds a request buried in a 128-token window of filler ~95 % of the time, and builds differ
+    from machine to machine (CPU kernels), so one fixed position would pass or fail with the build.
+    """
+    ats = [0, *(filler.index(" ", len(filler) * k // (POSITIONS - 1)) for k in range(1, POSITIONS - 1)), len(filler)]
+    texts = [filler[:at] + HARM + filler[at:] for at in ats]
+    verdicts = vllm_guard.classify([{"prompt": t, "policy": "rsafe-default"} for t in texts])
+    found = []
+    for at, text, v in zip(ats, texts, verdicts):
+        assert v.windows > 1 and v.prompt_tokens + 128 + ANSWER_RESERVE <= 1024
+        spans = [w.span for w in vllm_guard.prepare({"prompt": text, "policy": "rsafe-default"}).windows]
+        assert any(HARM.strip() in text[a:b] for a, b in spans), f"no window shows the whole request at {at}"
+        if v.label == Label.UNSAFE:
+            start, end = v.window_span
+            assert "pipe bomb" in text[start:end]
+            found.append(at)
+            continue
+        alone = vllm_guard.classify([{"prompt": text[a:b], "policy": "rsafe-default"}
+                                     for a, b in spans if "pipe bomb" in text[a:b]])
+        assert all(a.label == Label.SAFE for a in alone), f"a window was unsafe, the message safe (at {at})"
+    assert len(found) >= FOUND_AT_LEAST, (found, ats)
 
 
 def test_the_filler_alone_is_safe(vllm_guard, filler):
