@@ -42,7 +42,7 @@ def test_a_harmful_request_anywhere_in_3000_tokens_of_filler_is_found(vllm_guard
     window is — a miss must be the model's (the request's window, judged alone, is safe too), never
     the windowing's or the aggregation's. What the model finds is a floor: the 3.9M demo model
     finds a request buried in a 128-token window of filler ~95 % of the time, and builds differ
-    from machine to machine (CPU kernels), so one fixed position would pass or fail with the build.
+    from machine to machine, so one fixed position would pass or fail with the build.
     """
     ats = [0, *(filler.index(" ", len(filler) * k // (POSITIONS - 1)) for k in range(1, POSITIONS - 1)), len(filler)]
     texts = [filler[:at] + HARM + filler[at:] for at in ats]
