@@ -58,7 +58,7 @@ bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios me
 	$(PY) bench/frontend_cost.py --model $(DEMO_MODEL)
 	$(PY) bench/sft_chunks.py --model $(DEMO_MODEL)
 	$(PY) bench/grpo_prefix.py --model $(DEMO_MODEL) --steps 6 --rounds 2
-	$(PY) bench/gate.py --model $(DEMO_MODEL) --ops reference grouped --variants "sequential, 64" "both at once, 64"
+	$(PY) bench/gate.py --model $(DEMO_MODEL) --general 200 --slice 60 --ops reference grouped --variants "sequential, 64" "both at once, 64" "both at once, all"
 
 clean:
 	rm -rf .venv .venv-tools .cache
