@@ -57,18 +57,7 @@ TOPICS_SCRIPT = K8S / "base" / "config" / "create-topics.sh"
 COMPOSE = INFRA / "compose.yaml"
 DOCKERFILES = {"worker": "infra/requirements.lock", "gpu": "infra/requirements-gpu.lock",
                "train": "infra/requirements-train.lock"}
-PENDING: tuple[str, ...] = ()
-"""Config sections the deployment sets before ``load_config`` knows them (none now: telemetry and
-models exist)."""
-PENDING_REASON = "pending issue 15/13: load_config does not know the telemetry/models sections yet"
-PENDING_TOPICS: set[str] = set()
-"""Topics of pending config sections."""
 POD_NAME = "rsafe-worker-0"
-
-
-def missing_sections() -> list[str]:
-    """The pending sections ``load_config`` does not know yet (dropped for the strict loads)."""
-    return [key for key in PENDING if key not in StreamConfig.model_fields]
 
 
 # --------------------------------------------------------------------------- tools
@@ -207,21 +196,14 @@ class Target:
     """mountPath → {"kind": configMap|secret|pvc|emptyDir|bind, "name": ..., "readOnly": bool, "files": {}}"""
     command: list[str]
 
-    def config_data(self, *, pending: bool = True) -> dict:
-        data = yaml.safe_load(self.config_text)
-        if not pending:
-            for key in missing_sections():
-                data.pop(key, None)
-        return data
+    def config_data(self) -> dict:
+        return yaml.safe_load(self.config_text)
 
-    def env_without_pending(self) -> dict[str, str]:
-        return {k: v for k, v in self.env.items()
-                if not any(k.startswith(f"RSAFE_{p.upper()}__") for p in missing_sections())}
-
-    def load(self, tmp_path: Path, *, pending: bool = True) -> StreamConfig:
+    def load(self, tmp_path: Path) -> StreamConfig:
+        """The worker config as the deployed worker loads it: its file and its environment."""
         path = tmp_path / f"{self.name}-worker.yaml"
-        path.write_text(yaml.safe_dump(self.config_data(pending=pending)))
-        return load_config(path, env=self.env if pending else self.env_without_pending())
+        path.write_text(yaml.safe_dump(self.config_data()))
+        return load_config(path, env=self.env)
 
     def mount_of(self, path: str) -> tuple[str, dict] | None:
         """The mount holding ``path`` (the deepest)."""
@@ -449,39 +431,51 @@ ALLOWED_ENV = ("OTEL_", "POD_", "HOME", "HF_HUB_OFFLINE")
 def test_every_rsafe_variable_names_a_config_field(name):
     _needs_tools(name)
     t = target(name)
-    pending = []
     for var in t.env:
         if not var.startswith("RSAFE_"):
             assert var.startswith(ALLOWED_ENV), f"{name}: {var} is neither an RSAFE_ config variable nor a known one"
             continue
         path = [p.lower() for p in var[len("RSAFE_"):].split("__")]
-        if path[0] in missing_sections():
-            pending.append(var)
-            continue
         assert _walk_field(StreamConfig, path), f"{name}: {var} names no field of the worker config"
-    if pending:
-        pytest.xfail(f"{PENDING_REASON} ({', '.join(pending)})")
 
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_worker_config_loads_with_the_deployment_env(name, tmp_path):
-    """Without the pending sections: must load today."""
     _needs_tools(name)
-    cfg = target(name).load(tmp_path, pending=False)
+    cfg = target(name).load(tmp_path)
     assert cfg.engine is not None and cfg.engine.backend == "openai"
 
 
+def _as_env_value(value: Any) -> str:
+    """A loaded config value written back as the environment variable that set it."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(_as_env_value(v) for v in value)
+    if hasattr(value, "get_secret_value"):
+        return value.get_secret_value()
+    return str(value)
+
+
 @pytest.mark.parametrize("name", TARGETS)
-def test_worker_config_loads_with_the_pending_sections(name, tmp_path):
+def test_every_rsafe_variable_of_the_deployment_reaches_the_worker_config(name, tmp_path):
+    """The value each ``RSAFE_`` variable carries is the value the worker runs with (not shadowed by
+    the file, not dropped)."""
     _needs_tools(name)
-    target(name).load(tmp_path, pending=True)
+    t = target(name)
+    cfg = t.load(tmp_path)
+    variables = {k: v for k, v in t.env.items() if k.startswith("RSAFE_")}
+    assert "RSAFE_BROKER" in variables, f"{name}: a deployment names its broker"
+    for var, value in variables.items():
+        got: Any = cfg
+        for part in var[len("RSAFE_"):].lower().split("__"):
+            got = got[part] if isinstance(got, dict) else getattr(got, part)
+        assert _as_env_value(got) == value, f"{name}: {var}={value!r}, the worker runs with {got!r}"
 
 
 @pytest.mark.parametrize("name", TARGETS)
 def test_worker_settings_fit_the_deployment(name, tmp_path):
     _needs_tools(name)
     t = target(name)
-    cfg = t.load(tmp_path, pending=False)
+    cfg = t.load(tmp_path)
     assert cfg.http.enabled and cfg.http.host == "0.0.0.0", "probes cannot reach a worker bound to 127.0.0.1"
     assert cfg.static_membership
     assert not cfg.create_topics and not cfg.embedded_broker.enabled
@@ -493,9 +487,9 @@ def test_worker_settings_fit_the_deployment(name, tmp_path):
                  cfg.security.ssl_keyfile]:
         if path:
             assert t.mount_of(path), f"{name}: {path} (worker config) is on no volume"
-    pending = t.config_data()
-    if "models" in pending and str(pending["models"].get("registry", "")).startswith("/"):
-        assert t.mount_of(pending["models"]["registry"]), f"{name}: models.registry is on no volume"
+    data = t.config_data()
+    if "models" in data and str(data["models"].get("registry", "")).startswith("/"):
+        assert t.mount_of(data["models"]["registry"]), f"{name}: models.registry is on no volume"
     # policies: a directory mount of the policy files, every input's policy resolvable from it
     from rsafe.stream.policy_watch import load_registry
 
@@ -521,7 +515,7 @@ def test_worker_settings_fit_the_deployment(name, tmp_path):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_workers_are_a_statefulset_with_static_membership_probes_and_grace(overlay, tmp_path):
     t = k8s_target(overlay)
-    cfg = t.load(tmp_path, pending=False)
+    cfg = t.load(tmp_path)
     objs = rendered(overlay)
     sts = find(objs, "StatefulSet", "rsafe-worker")
     pod = sts["spec"]["template"]["spec"]
@@ -558,7 +552,7 @@ def test_workers_are_a_statefulset_with_static_membership_probes_and_grace(overl
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_engine_endpoints_are_the_vllm_service(overlay, tmp_path):
-    cfg = k8s_target(overlay).load(tmp_path, pending=False)
+    cfg = k8s_target(overlay).load(tmp_path)
     objs = rendered(overlay)
     dep = find(objs, "Deployment", "rsafe-vllm")
     c = container(dep["spec"]["template"]["spec"], "vllm")
@@ -623,7 +617,7 @@ def test_keda_scales_on_the_worker_groups_lag_within_the_partitions(overlay, tmp
     if overlay == "dev":
         assert not scaled and find(objs, "StatefulSet", "rsafe-worker")["spec"]["replicas"] >= 1
         return
-    cfg = k8s_target(overlay).load(tmp_path, pending=False)
+    cfg = k8s_target(overlay).load(tmp_path)
     inputs = {t.topic: t.partitions for t in cfg.inputs}
     workers = find(objs, "ScaledObject", "rsafe-worker")["spec"]
     assert workers["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "rsafe-worker"}
@@ -652,7 +646,7 @@ def test_keda_scales_on_the_worker_groups_lag_within_the_partitions(overlay, tmp
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_reads_the_same_broker(overlay, tmp_path):
-    cfg = k8s_target(overlay).load(tmp_path, pending=False)
+    cfg = k8s_target(overlay).load(tmp_path)
     objs = rendered(overlay)
     job = find(objs, "Job", "rsafe-topic-init")
     env = _resolve_env(container(job["spec"]["template"]["spec"], "create-topics"), objs, "x")
@@ -723,14 +717,13 @@ def test_topic_init_creates_every_topic_the_worker_uses(name, tmp_path):
 
     _needs_tools(name)
     t = target(name)
-    cfg = t.load(tmp_path, pending=False)
+    cfg = t.load(tmp_path)
     specs = {n: (p, c) for n, p, c in topic_specs(cfg)}
     listed = script_topics()
-    pending_topics = {n for n in PENDING_TOPICS if n not in specs}
     models = t.config_data().get("models", {})
     if models.get("control_topic"):
         assert models["control_topic"] in listed and listed[models["control_topic"]][1].get("cleanup.policy") == "compact"
-    assert set(listed) - pending_topics == set(specs), "create-topics.sh and topic_specs(config) differ"
+    assert set(listed) == set(specs), "create-topics.sh and topic_specs(config) differ"
     for topic, (partitions, configs) in specs.items():
         got_partitions, got_configs = listed[topic]
         assert got_partitions == partitions, f"{topic}: {got_partitions} partitions, the worker expects {partitions}"
@@ -885,7 +878,7 @@ def test_compose_services_fit_together(tmp_path):
     services = doc["services"]
     assert {"kafka", "topic-init", "vllm", "worker", "otel-collector", "prometheus", "grafana"} <= set(services)
     t = compose_target()
-    cfg = t.load(tmp_path, pending=False)
+    cfg = t.load(tmp_path)
     worker, kafka, vllm = services["worker"], services["kafka"], services["vllm"]
     # Kafka: official image, KRaft, the worker's broker is its advertised listener
     assert kafka["image"].startswith("apache/kafka:")
@@ -1026,8 +1019,7 @@ def test_dockerfile_base_is_pinned_user_is_not_root_and_it_has_a_health_check(na
         build_parser().parse_args(cmd[1:])
     if name == "worker":
         expose = [rest for instr, rest in steps[final:] if instr == "EXPOSE"]
-        data = {k: v for k, v in yaml.safe_load(WORKER_CONFIG.read_text()).items() if k not in PENDING}
-        cfg = load_config(data=data, env={})
+        cfg = load_config(data=yaml.safe_load(WORKER_CONFIG.read_text()), env={})
         assert expose == [str(cfg.http.port)]
 
 
