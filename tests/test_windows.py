@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from rsafe.models import GenerationConfig, Guard, InputLimits, Label
 from rsafe.models.engines import Completion
-from rsafe.models.tokens import ANSWER_RESERVE, WindowError, approximate_spans, plan_windows
+from rsafe.models.prompt import build_user_turn
+from rsafe.models.tokens import ANSWER_RESERVE, WINDOW_MARGIN, WindowError, approximate_spans, plan_windows
 from rsafe.policies import Level, PolicyRegistry
 
 MARKER = "PIPEBOMB"
@@ -188,24 +189,49 @@ def test_unknown_or_error_windows_are_not_hidden_by_safe_ones():
     assert v.label == Label.UNSAFE  # unsafe anywhere wins
 
 
+def room_for_content(policy, level: Level, prompt: str, counter: CharCounter, max_tokens: int) -> tuple[int, int]:
+    """(budget, content room) as ``plan_windows`` documents them, for the one-token-per-character
+    counter: the budget is ``max_model_len - max_tokens - ANSWER_RESERVE``; the room is the budget
+    less the turn without content and ``WINDOW_MARGIN`` — at response level the user's message is
+    kept whole when it leaves half the room for the response, else its last ``half - margin``
+    characters."""
+    budget = counter.max_model_len - max_tokens - ANSWER_RESERVE
+    if level == Level.PROMPT:
+        empty = counter.count([build_user_turn(policy, "", None, level)])[0]
+    else:
+        half = (budget - counter.count([build_user_turn(policy, "", "", level)])[0]) // 2
+        kept = prompt if len(prompt) <= half else prompt[-max(half - WINDOW_MARGIN, 1):]
+        empty = counter.count([build_user_turn(policy, kept, "", level)])[0]
+    return budget, budget - empty - WINDOW_MARGIN
+
+
 @settings(max_examples=60, deadline=None)
-@given(length=st.integers(1, 30_000), max_model_len=st.integers(700, 3000), max_tokens=st.integers(8, 300),
+@given(length=st.integers(1, 30_000), max_model_len=st.integers(1200, 4000), max_tokens=st.integers(8, 300),
        overlap=st.integers(0, 64), response_level=st.booleans(), prompt_len=st.integers(1, 3000))
 def test_no_request_ever_exceeds_the_context(length, max_model_len, max_tokens, overlap, response_level,
                                              prompt_len):
+    """Every window fits the context, the windows cover the text, and ``WindowError`` comes exactly
+    when the code says it does: the message does not fit whole and the policy (with the user turn
+    kept) leaves less than ``max(16, 2 * overlap)`` tokens for content."""
     policy = PolicyRegistry.from_dirs().get("kids-platform")
     counter = CharCounter(max_model_len)
     text = ("lorem ipsum " * (length // 12 + 1))[:length]
     prompt, response, level = (("q" * prompt_len, text, Level.RESPONSE) if response_level
                                else (text, None, Level.PROMPT))
+    budget, room = room_for_content(policy, level, prompt, counter, max_tokens)
+    fits_whole = counter.count([build_user_turn(policy, prompt, response, level)])[0] <= budget
+    no_room = not fits_whole and room < max(16, 2 * overlap)
     try:
         windows = plan_windows(policy, level, prompt, response, counter=counter, max_tokens=max_tokens,
                                overlap=overlap)
-    except WindowError:
-        return  # the policy leaves no room: an error verdict, nothing sent
-    budget = max_model_len - max_tokens - ANSWER_RESERVE
+    except WindowError as err:
+        assert no_room, f"unjustified WindowError ({err}): {room} tokens of room, overlap {overlap}"
+        assert f"leaves {max(room, 0)} tokens for content" in str(err)
+        return
+    assert not no_room, f"windowed with {room} tokens of room (overlap {overlap}): should have been refused"
     assert all(n <= budget for n in counter.count([w.user_turn for w in windows]))
     spans = [w.span for w in windows if w.span]
+    assert fits_whole or spans, "a message that does not fit whole is cut into windows"
     if spans:  # the windows cover the judged text from its start to its end
         assert spans[0][0] == 0 and spans[-1][1] == len(text)
         assert all(s2 <= e1 for (_, e1), (s2, _) in zip(spans, spans[1:]))
