@@ -71,10 +71,15 @@ class InputLimits(BaseModel):
     """Hard cap on the work per message: the longest prompt or response judged, in characters.
     Within it, a message whose prompt does not fit the model's context is judged in overlapping
     token windows (``window_overlap_tokens``), all in one engine batch."""
-    on_oversize: Literal["truncate", "reject"] = "truncate"
-    """Over ``max_chars``. truncate: judge the first and the last ``max_chars / 2`` characters
-    (head and tail windows) and set ``truncated_input`` on the verdict. reject: an ``error``
-    verdict that says the limit (the stream worker dead-letters it as ``too_large``)."""
+    on_oversize: Literal["reject", "truncate"] = "reject"
+    """A prompt or response over ``max_chars``. ``reject`` (the default, fail closed): no part of
+    the message is judged; the verdict is ``error`` with ``error_reason: too_large`` (the stream
+    worker publishes the topic's ``on_error`` label with ``fallback: true``, dead-letters the event
+    and queues it on the review topic). ``truncate`` (opt-in): judge the first and the last
+    ``max_chars / 2`` characters only (head and tail windows); the verdict says
+    ``truncated_input`` and names the characters left unjudged (``unjudged_ranges``), and the
+    worker queues it for review too. A request hidden in the middle of a long text is never seen
+    under ``truncate``."""
     window_overlap_tokens: Annotated[int, Field(ge=0, le=512)] = 32
     """Tokens shared by consecutive windows, so a phrase cut at a border is seen whole in one."""
     max_window_tokens: Annotated[int | None, Field(gt=32)] = None

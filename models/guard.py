@@ -1,8 +1,8 @@
 """``Guard``: the thin user-facing class over an engine — requests in, verdicts out, input order.
 
 Every request gets exactly one verdict. Bad input (empty text, lone surrogates, unknown policy,
-over the size limit when configured to reject) and engine failures become ``error`` verdicts that
-say why; unreadable model answers become ``unknown``. Nothing is dropped, nothing crashes the batch.
+over the size limit — ``too_large``, unless ``on_oversize: truncate`` is chosen) and engine
+failures become ``error`` verdicts that say why; unreadable model answers become ``unknown``. Nothing is dropped, nothing crashes the batch.
 
 Two steps, usable apart: ``prepare`` validates a request and plans its engine sequences (one, or
 overlapping token windows when the prompt would not fit the context, see ``rsafe.models.tokens``);
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -23,7 +23,16 @@ from rsafe.models.config import EngineConfig, GenerationConfig, InputLimits
 from rsafe.models.engines import Backend, Completion, EngineError, make_backend
 from rsafe.models.prompt import prompt_hash, resolve_level
 from rsafe.models.tokens import Window, WindowError, plan_windows
-from rsafe.models.verdict import Label, Verdict, categories_in, decide, parse_output, unsafe_probability
+from rsafe.models.verdict import (
+    TOO_LARGE,
+    CharRange,
+    Label,
+    Verdict,
+    categories_in,
+    decide,
+    parse_output,
+    unsafe_probability,
+)
 from rsafe.policies import DEFAULT_POLICY, Level, Policy, PolicyError, PolicyRegistry
 
 
@@ -47,6 +56,13 @@ def _validation_reason(err: ValidationError) -> str:
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
+def oversize_detail(over: dict[str, int], cap: int) -> str:
+    """What a ``too_large`` verdict says: which fields, how long, the limit, and that nothing was judged."""
+    fields = ", ".join(f"{name} is {n:,} characters" for name, n in over.items())
+    return (f"{fields}, over the limit of {cap:,} (limits.max_chars); nothing of the message was judged "
+            "(limits.on_oversize: reject)")
+
+
 def _text_problem(name: str, text: str) -> str | None:
     if not text.strip():
         return f"{name} is empty or whitespace only"
@@ -68,6 +84,8 @@ class Prepared:
     arrived: float
     """``time.perf_counter()`` when the request arrived (latency accounting)."""
     index: int = 0
+    unjudged: list[CharRange] = field(default_factory=list)
+    """Characters the model will not see (``on_oversize: truncate``); empty otherwise."""
 
     @property
     def user_turn(self) -> str:
@@ -143,27 +161,30 @@ class Guard:
             problem = _text_problem(name, text)
             if problem:
                 return self._error(req.id, problem, policy)
-            if len(text) > self.limits.max_chars and self.limits.on_oversize == "reject":
-                return self._error(req.id, f"{name} is {len(text)} characters, over the limit of "
-                                           f"{self.limits.max_chars}", policy)
+        cap = self.limits.max_chars
+        over = {name: len(text) for name, text in texts.items() if len(text) > cap}
+        if over and self.limits.on_oversize == "reject":  # fail closed: never judge part of a message
+            return self._error(req.id, TOO_LARGE, policy, error_detail=oversize_detail(over, cap))
         try:
             level = resolve_level(policy, req.response, req.level)
             if level == Level.RESPONSE and req.response is None:
                 raise ValueError("response-level moderation needs a response")
-            prompt, truncated = req.prompt, False
-            if level == Level.RESPONSE:
-                prompt = prompt[-self.limits.max_chars:]  # the user turn's tail (windows fit it further)
-                truncated = len(req.prompt) > self.limits.max_chars
-            judged = req.response if level == Level.RESPONSE else req.prompt
-            segments = self._segments(judged)  # type: ignore[arg-type]
-            truncated = truncated or segments is not None
+            prompt, unjudged = req.prompt, []
+            if level == Level.RESPONSE and len(prompt) > cap:
+                unjudged.append(CharRange(field="prompt", start=0, end=len(prompt) - cap))
+                prompt = prompt[-cap:]  # the user turn's tail (windows fit it further)
+            judged_field = "response" if level == Level.RESPONSE else "prompt"
+            judged: str = req.response if level == Level.RESPONSE else req.prompt  # type: ignore[assignment]
+            segments = self._segments(judged)
+            if segments is not None:
+                unjudged.append(CharRange(field=judged_field, start=segments[0][1], end=segments[1][0]))
             windows = plan_windows(policy, level, prompt, req.response, counter=self.token_counter,
                                    max_tokens=self.generation.max_tokens,
                                    overlap=self.limits.window_overlap_tokens, segments=segments,
                                    max_window_tokens=self.limits.max_window_tokens)
         except (ValueError, WindowError, EngineError) as err:  # EngineError: a server that counts tokens is down
             return self._error(req.id, str(err), policy)
-        return Prepared(req, policy, level, windows, truncated, arrived, index)
+        return Prepared(req, policy, level, windows, bool(unjudged), arrived, index, unjudged)
 
     @property
     def token_counter(self) -> Any:
@@ -218,7 +239,7 @@ class Guard:
         common = dict(
             id=p.request.id, level=p.level.value, policy=p.policy.name, policy_version=p.policy.version,
             model=self.model_id, adapter=p.request.adapter, adapter_version=c.adapter_version,
-            truncated_input=p.truncated,
+            truncated_input=p.truncated, unjudged_ranges=list(p.unjudged),
             windows=len(p.windows), window=k, window_field=w.field if windowed else None,
             window_span=w.span if windowed else None,
             prompt_hash=prompt_hash(c.prompt) if c.prompt else None,

@@ -34,7 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="register a LoRA adapter")
     g.add_argument("--adapter", help="LoRA adapter name to use for every request")
     g.add_argument("--max-chars", type=int, default=None, help="longest message judged, in characters (default: InputLimits.max_chars)")
-    g.add_argument("--on-oversize", choices=["truncate", "reject"], default="truncate")
+    g.add_argument("--on-oversize", choices=["reject", "truncate"], default=None,
+                   help="a message over --max-chars: reject (default: an error verdict, too_large; nothing "
+                        "judged in part) or truncate (judge its head and tail only; the middle is never seen)")
     g.add_argument("--max-window-tokens", type=int, default=None,
                    help="content tokens per window of a long message (default: what the context allows)")
     g.add_argument("--policy-dir", action="append", default=[], help="extra directory of policy YAML files")
@@ -55,7 +57,9 @@ def engine_config_from_args(args: argparse.Namespace) -> Any:
         overrides["dtype"] = args.dtype
     if args.max_model_len:
         overrides["max_model_len"] = args.max_model_len
-    limits: dict[str, Any] = {"on_oversize": args.on_oversize}
+    limits: dict[str, Any] = {}
+    if args.on_oversize is not None:
+        limits["on_oversize"] = args.on_oversize
     if args.max_window_tokens is not None:
         limits["max_window_tokens"] = args.max_window_tokens
     if args.max_chars is not None:

@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Annotated, Sequence
+from typing import Annotated, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -185,6 +185,20 @@ class Timings(BaseModel):
     total_ms: float = 0.0
 
 
+TOO_LARGE = "too_large"
+"""``error_reason`` of a message over ``InputLimits.max_chars`` under ``on_oversize: reject``."""
+
+
+class CharRange(BaseModel):
+    """A character range ``[start, end)`` of one field of a message (``prompt`` or ``response``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    field: Literal["prompt", "response"]
+    start: Annotated[int, Field(ge=0)]
+    end: Annotated[int, Field(ge=0)]
+
+
 class Verdict(BaseModel):
     """The guard's decision on one message, with everything needed to review it."""
 
@@ -227,7 +241,11 @@ class Verdict(BaseModel):
     """Generation ran out of tokens in the reasoning and the answer was forced right after it
     (``GenerationConfig.force_answer``); the reasoning is cut."""
     truncated_input: bool = False
-    """The message was longer than ``max_chars``; only its head and tail were judged."""
+    """The message was longer than ``max_chars`` (``on_oversize: truncate``); only its head and
+    tail were judged."""
+    unjudged_ranges: list[CharRange] = []
+    """The characters the model never saw (``truncate``): the middle of an over-long field, or the
+    head of a long user turn shown as a response's context."""
     windows: int = 1
     """Engine sequences (token windows) the message was judged in; 1 when it fit the context."""
     window: int = 0
@@ -239,7 +257,10 @@ class Verdict(BaseModel):
     prompt_hash: str | None = None
     """sha256 of the exact prompt the engine received for the deciding window."""
     error_reason: str | None = None
-    """Why there is no answer (``error`` verdicts)."""
+    """Why there is no answer (``error`` verdicts): ``too_large`` for a message over the size
+    limit, otherwise the reason in words."""
+    error_detail: str | None = None
+    """More about ``error_reason`` when it is a code (``too_large``: which field, how long, the limit)."""
     latency_ms: float = 0.0
     """From the request's arrival to its verdict."""
     timings: Timings = Timings()

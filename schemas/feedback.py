@@ -42,7 +42,10 @@ class FeedbackSource(str, Enum):
 
 
 class FeedbackContent(BaseModel):
-    """The judged content, attached by a reviewer who saw it (when the audit kept only a hash)."""
+    """The judged content, attached by a reviewer who saw it (when the audit kept only a hash, or
+    nothing). It is what the reviewer chose to send: the worker copies it into the disagreement
+    record (the training data) whatever the audit mode, after checking it against the audit's
+    keyed digest in ``hash`` mode; there is nothing to check it against in ``redacted`` mode."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -144,6 +147,10 @@ class ReviewReason(str, Enum):
     """Two trusted labels for one event contradict each other: not used for training."""
     TRUSTED_ON_FALLBACK = "trusted_on_fallback"
     """A trusted label for a decision the model did not make (fallback, error, unknown)."""
+    TOO_LARGE = "too_large"
+    """Over the size limit: nothing of the message was judged (queued by the worker itself)."""
+    TRUNCATED = "truncated"
+    """Judged in part (``on_oversize: truncate``): the audit names the characters never seen."""
 
 
 class ReviewItem(BaseModel):
@@ -165,5 +172,7 @@ class ReviewItem(BaseModel):
     feedback: list[FeedbackEvent] = []
     """The feedback that caused the item (reports, conflicting labels)."""
     audit_ref: dict[str, Any] | None = None
-    """Where the full decision is: ``{"topic", "partition", "offset"}`` of the audit record."""
+    """Where the full decision is: ``{"topic", "partition", "offset"}`` of the audit record, or
+    ``{"topic", "key"}`` (the audit topic is compacted by event id) for items the worker queues
+    together with the audit record."""
     queued_at: datetime = Field(default_factory=utcnow)

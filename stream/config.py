@@ -117,8 +117,24 @@ class Retry(_Strict):
 
 
 class Audit(_Strict):
+    """What the audit trail keeps of each message and of the model's reasoning (docs/STREAM.md,
+    "What each privacy mode keeps", lists every field)."""
+
     content: Literal["full", "hash", "redacted"] = "full"
-    """full: prompt/response text and metadata; hash: their sha256; redacted: lengths only."""
+    """full: prompt/response text, metadata and their plain sha256; hash: an HMAC-SHA-256 of each
+    text under a secret key (``RSAFE_AUDIT_HASH_KEY``; the worker refuses to start without it);
+    redacted: lengths only, nothing computed from the text."""
+    reasoning: Literal["full", "summary", "none"] = "full"
+    """full: the reasoning and the raw output in the audit record, a summary in the verdict record;
+    summary: the summary only (verdict and audit); none: no reasoning anywhere. The model's
+    reasoning often quotes the message: ``content: redacted`` with ``reasoning: full`` can still
+    carry fragments of the content."""
+
+
+class DeadLetters(_Strict):
+    content: Literal["full", "redacted"] | None = None
+    """full: DLQ records keep the original bytes (base64); redacted: the reason, source coordinates
+    and length only. Default: ``full`` under ``audit.content: full``, else ``redacted``."""
 
 
 class Security(_Strict):
@@ -221,7 +237,9 @@ class Feedback(_Strict):
     disagreements_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.disagreements"
     """Trusted labels that differ from the model's: what the retraining job trains on."""
     review_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.review"
-    """Decisions a person should look at (the queue humans work from)."""
+    """Decisions a person should look at (the queue humans work from). Written whether or not the
+    feedback loop is enabled: the worker itself queues messages over the size limit (``too_large``)
+    and messages judged in part (``truncated``)."""
     retention_days: Annotated[float, Field(gt=0)] = 7.0
     """How long a decision stays joinable. Feedback for an older decision goes to the DLQ
     (``decision_expired``)."""
@@ -383,6 +401,7 @@ class StreamConfig(_Strict):
     batch: Batching = Field(default_factory=Batching)
     retry: Retry = Field(default_factory=Retry)
     audit: Audit = Field(default_factory=Audit)
+    dlq: DeadLetters = Field(default_factory=DeadLetters)
     engine: EngineConfig | None = None
     """Engine settings (``rsafe.models.EngineConfig``); ``--model`` fills ``engine.model``."""
     policy_dirs: list[str] = []
@@ -421,10 +440,10 @@ class StreamConfig(_Strict):
         if dupes:
             raise ValueError(f"inputs: topic {dupes[0]!r} is listed twice")
         outputs = {self.outputs.audit_topic, self.outputs.dlq_topic, self.outputs.policies_topic,
-                   self.models.control_topic, *self.verdict_topics().values()}
+                   self.models.control_topic, self.feedback.review_topic, *self.verdict_topics().values()}
         if self.feedback.enabled:
             fb = self.feedback
-            outputs |= {fb.trusted_topic, fb.reports_topic, fb.disagreements_topic, fb.review_topic}
+            outputs |= {fb.trusted_topic, fb.reports_topic, fb.disagreements_topic}
         clash = outputs & set(topics)
         if clash:
             raise ValueError(f"inputs: topic {sorted(clash)[0]!r} is also an output topic")
@@ -439,6 +458,13 @@ class StreamConfig(_Strict):
         return self
 
     # ------------------------------------------------------------------ derived
+
+    @property
+    def dlq_content(self) -> Literal["full", "redacted"]:
+        """``dlq.content``, or what the audit mode implies (full → full, else redacted)."""
+        if self.dlq.content is not None:
+            return self.dlq.content
+        return "full" if self.audit.content == "full" else "redacted"
 
     def verdicts_topic(self, inp: InputTopic) -> str:
         return inp.verdicts_topic or f"{inp.topic}{self.outputs.verdicts_suffix}"

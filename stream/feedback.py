@@ -43,6 +43,7 @@ from rsafe.schemas.feedback import (
 )
 from rsafe.stream.config import StreamConfig
 from rsafe.stream.records import DLQReason, DLQRecord, SourceRef, b64, dumps, sha256_text, utcnow
+from rsafe.stream.redaction import ContentHasher, content_hasher
 
 log = logging.getLogger("rsafe.stream.feedback")
 
@@ -116,6 +117,7 @@ def summary(audit: dict[str, Any], source: SourceRef) -> dict[str, Any]:
         "model": audit.get("model"), "model_version": audit.get("model_version"),
         "adapter": audit.get("adapter"), "adapter_version": audit.get("adapter_version"),
         "decided_at": audit.get("decided_at"), "content_mode": content.get("mode"),
+        "queued": audit.get("review_reason"),
         "audit": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
     }
 
@@ -125,8 +127,13 @@ class FeedbackJoin:
 
     def __init__(self, cfg: StreamConfig, tables: dict[str, MutableMapping[str, Any]], fetch_audit: AuditFetch,
                  *, worker_id: str, now: Callable[[], datetime] = utcnow,
-                 on_trusted: Callable[[bool, dict[str, Any]], None] | None = None):
+                 on_trusted: Callable[[bool, dict[str, Any]], None] | None = None,
+                 hasher: ContentHasher | None = None):
         self.cfg = cfg
+        self.hasher = hasher or content_hasher(cfg.audit.content)
+        """Verifies reviewers' attached content against ``hash``-mode audit records."""
+        self.keep_bytes = cfg.dlq_content == "full"
+        """``dlq.content``: whether DLQ records (and feedback held for its decision) keep the original bytes."""
         self.on_trusted = on_trusted
         """Called with (agreement, decision summary) per trusted label joined (metrics)."""
         self.fb = cfg.feedback
@@ -138,9 +145,13 @@ class FeedbackJoin:
     # ------------------------------------------------------------------ helpers
 
     def _dlq(self, reason: DLQReason, detail: str, value: bytes | None, key: bytes | None, source: SourceRef,
-             event_id: str | None) -> Out:
-        rec = DLQRecord(reason=reason, detail=detail, event_id=event_id, original_b64=b64(value),
-                        original_bytes=len(value or b""), key_b64=b64(key), source=source,
+             event_id: str | None, size: int | None = None) -> Out:
+        """A DLQ record for feedback; ``size``: the original's length when its bytes were not kept."""
+        size = len(value) if value is not None else size or 0
+        redacted = not self.keep_bytes and size > 0
+        rec = DLQRecord(reason=reason, detail=detail, event_id=event_id,
+                        original_b64=None if redacted else b64(value), original_redacted=redacted,
+                        original_bytes=size, key_b64=b64(key), source=source,
                         worker_id=self.worker_id, dead_lettered_at=self.now())
         log.info("feedback dead-lettered (%s): %s", reason.value, detail)
         return Out(self.cfg.outputs.dlq_topic, key, dumps(rec))
@@ -197,6 +208,8 @@ class FeedbackJoin:
         return out
 
     def _decision_review(self, event_id: str, d: dict[str, Any]) -> list[Out]:
+        if d.get("queued"):  # the worker queued it itself (too_large, truncated)
+            return []
         if d["fallback"]:
             return [self._review(event_id, ReviewReason.FALLBACK, "the label came from the topic's on_error", d)]
         if d["label"] in ("unknown", "error"):
@@ -238,7 +251,8 @@ class FeedbackJoin:
                               "(feedback.hold_max_events)", value, key, source, fb.event_id)]
         held = list(self.t["pending"].get(fb.event_id) or [])
         held.append({"feedback": fb.model_dump(mode="json"), "source": source.model_dump(),
-                     "raw": b64(value), "key": b64(key), "held_at": _iso(self.now())})
+                     "raw": b64(value) if self.keep_bytes else None, "bytes": len(value),
+                     "key": b64(key), "held_at": _iso(self.now())})
         self.t["pending"][fb.event_id] = held
         return []
 
@@ -293,9 +307,8 @@ class FeedbackJoin:
             if c.get("prompt") is not None:
                 prompt, response = c.get("prompt"), c.get("response")
             elif fb.content is not None:
-                if c.get("prompt_sha256") and sha256_text(fb.content.prompt) != c["prompt_sha256"]:
-                    missing = "the content attached to the feedback does not match the judged content's hash"
-                else:
+                missing = self._content_mismatch(fb, c)
+                if missing is None:
                     prompt, response = fb.content.prompt, fb.content.response
             else:
                 missing = (f"the audit kept only the content's {c.get('mode') or 'hash'} and the feedback "
@@ -313,6 +326,24 @@ class FeedbackJoin:
             judged_by=self._ref(d), model_reasoning=reasoning, model_label=model_label, unsafe_probability=d.get("p"),
             human_label=fb.label, source=fb.source, reviewer=fb.reviewer, note=fb.note,
             decided_at=_parse_time(d.get("decided_at")), feedback_at=fb.created_at, recorded_at=self.now())
+
+    def _content_mismatch(self, fb: FeedbackEvent, c: dict[str, Any]) -> str | None:
+        """Why the reviewer's attached content cannot be used (it does not match what was judged),
+        or None. ``hash`` mode: the keyed digest; ``redacted``: nothing to check against (the
+        reviewer's choice); records written before keyed digests: their plain sha256."""
+        assert fb.content is not None
+        digest = c.get("prompt_hmac")
+        if digest:
+            if self.hasher is None:
+                return "the audit kept a keyed hash but this worker has no key to check the attached content"
+            ok = self.hasher.verify(fb.content.prompt, digest, c.get("hash_key_id"))
+            if ok is None:
+                return (f"the audit's content hash was made with key {c.get('hash_key_id')!r}, which this "
+                        f"worker does not hold (RSAFE_AUDIT_HASH_PREVIOUS_KEYS)")
+            return None if ok else "the content attached to the feedback does not match the judged content's hash"
+        if c.get("prompt_sha256") and sha256_text(fb.content.prompt) != c["prompt_sha256"]:
+            return "the content attached to the feedback does not match the judged content's hash"
+        return None
 
     # ------------------------------------------------------------------ erasure and expiry
 
@@ -398,4 +429,4 @@ class FeedbackJoin:
         raw = base64.b64decode(item["raw"]) if item.get("raw") else None
         key = base64.b64decode(item["key"]) if item.get("key") else None
         return self._dlq(DLQReason.UNJOINED_FEEDBACK, detail, raw, key, SourceRef(**item["source"]),
-                         item["feedback"].get("event_id"))
+                         item["feedback"].get("event_id"), size=item.get("bytes"))

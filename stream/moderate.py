@@ -18,8 +18,10 @@ from typing import Any, Literal, Sequence
 
 from rsafe.models.engines import EngineError
 from rsafe.models.guard import Guard, GuardRequest, Prepared
-from rsafe.models.verdict import Label, Verdict
+from rsafe.models.prompt import resolve_level
+from rsafe.models.verdict import TOO_LARGE, Label, Verdict
 from rsafe.policies import Level
+from rsafe.schemas.feedback import ModelRef, ReviewItem, ReviewReason
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.records import (
     SCHEMA_VERSION,
@@ -38,6 +40,7 @@ from rsafe.stream.records import (
     sha256_text,
     utcnow,
 )
+from rsafe.stream.redaction import ContentHasher, content_hasher
 from rsafe.stream.telemetry import Telemetry
 
 log = logging.getLogger("rsafe.stream.moderate")
@@ -106,7 +109,9 @@ class _Routed:
     event: ChatEvent
     topic: InputTopic
     prepared: Prepared
-    """Validated once; its windows go to the engine as they are."""
+    """Validated once; its windows go to the engine as they are (none when ``too_large``)."""
+    too_large: str | None = None
+    """Set, to the detail, when the event is over a size limit: no part of it is judged."""
 
     @property
     def request(self) -> GuardRequest:
@@ -128,8 +133,11 @@ class Moderator:
     """Turns batches of ``Incoming`` into ``Outcome``s with one engine call per batch."""
 
     def __init__(self, cfg: StreamConfig, guard: Guard, *, worker_id: str, telemetry: Telemetry,
-                 model_version: str | None = None, adapter_versions: dict[str, str | None] | None = None):
+                 model_version: str | None = None, adapter_versions: dict[str, str | None] | None = None,
+                 hasher: ContentHasher | None = None):
         self.cfg = cfg
+        self.hasher = hasher or content_hasher(cfg.audit.content)
+        """Keyed digests for ``audit.content: hash`` (``HashKeyError`` without a key)."""
         self.guard = guard
         self.worker_id = worker_id
         self.telemetry = telemetry
@@ -142,8 +150,19 @@ class Moderator:
     # ------------------------------------------------------------------ decode + route
 
     def route(self, inc: Incoming) -> _Routed:
-        """Decode and route one message, or raise ``Rejected`` (→ DLQ)."""
-        event = decode_event(inc.value, max_bytes=self.cfg.max_event_bytes)
+        """Decode and route one message, or raise ``Rejected`` (→ DLQ). A message over a size limit
+        comes back with ``too_large`` set: it gets the topic's ``on_error`` verdict, not the DLQ alone."""
+        too_large: str | None = None
+        try:
+            event = decode_event(inc.value, max_bytes=self.cfg.max_event_bytes)
+        except Rejected as rej:
+            if rej.reason != DLQReason.TOO_LARGE or inc.value is None:
+                raise
+            try:  # an event all the same: it gets its verdict (on_error), not the DLQ alone
+                event = decode_event(inc.value, max_bytes=len(inc.value))
+            except Rejected:
+                raise rej from None
+            too_large = f"{rej.detail} (max_event_bytes); nothing of the message was judged"
         try:
             topic = self.cfg.input(inc.source.topic)
         except KeyError:
@@ -170,15 +189,25 @@ class Moderator:
         request = GuardRequest(prompt=event.prompt,
                                response=event.response if level != Level.PROMPT else None,
                                id=event.id, policy=policy, level=level, adapter=topic.adapter)
+        if too_large is not None:
+            return self._refused(inc, event, topic, request, too_large)
         prepared = self.guard.prepare(request, arrived=inc.arrived)
         if isinstance(prepared, Verdict):
-            limits = self.guard.limits
-            reason = DLQReason.INVALID_CONTENT
-            if limits.on_oversize == "reject" and any(
-                    text is not None and len(text) > limits.max_chars for text in (request.prompt, request.response)):
-                reason = DLQReason.TOO_LARGE
-            raise Rejected(reason, prepared.error_reason or "rejected by the guard", event.id)
+            if prepared.error_reason == TOO_LARGE:
+                return self._refused(inc, event, topic, request, prepared.error_detail or TOO_LARGE)
+            raise Rejected(DLQReason.INVALID_CONTENT, prepared.error_reason or "rejected by the guard", event.id)
         return _Routed(inc, event, topic, prepared)
+
+    def _refused(self, inc: Incoming, event: ChatEvent, topic: InputTopic, request: GuardRequest,
+                 detail: str) -> _Routed:
+        """A routed event that is not judged (over a size limit): no windows, ``too_large`` set."""
+        policy = self.guard.policies.get(request.policy or self.guard.default_policy)
+        try:
+            level = resolve_level(policy, request.response, request.level)
+        except ValueError:
+            level = Level.PROMPT
+        prepared = Prepared(request, policy, level, [], False, inc.arrived)
+        return _Routed(inc, event, topic, prepared, too_large=detail)
 
     # ------------------------------------------------------------------ judge
 
@@ -249,22 +278,28 @@ class Moderator:
 
     # ------------------------------------------------------------------ records
 
-    def _content(self, event: ChatEvent) -> dict[str, Any]:
-        """``AuditContent`` as a wire dict: what the privacy setting (``audit.content``) allows."""
+    def _content(self, event: ChatEvent, omitted: str | None = None) -> dict[str, Any]:
+        """``AuditContent`` as a wire dict: what the privacy setting (``audit.content``) allows.
+        ``omitted``: why the text is left out even in ``full`` mode (an event over ``max_event_bytes``)."""
         mode = self._content_mode
-        full = mode == ContentMode.FULL
-        hashed = full or mode == ContentMode.HASH
+        full = mode == ContentMode.FULL and omitted is None
+        keyed = self.hasher if mode == ContentMode.HASH else None
         return {"mode": mode.value, "prompt": event.prompt if full else None,
                 "response": event.response if full else None,
-                "prompt_sha256": sha256_text(event.prompt) if hashed else None,
-                "response_sha256": sha256_text(event.response) if hashed else None,
+                "prompt_sha256": sha256_text(event.prompt) if full else None,
+                "response_sha256": sha256_text(event.response) if full else None,
+                "prompt_hmac": keyed.digest(event.prompt) if keyed else None,
+                "response_hmac": keyed.digest(event.response) if keyed else None,
+                "hash_key_id": keyed.key_id if keyed else None,
                 "prompt_chars": len(event.prompt),
                 "response_chars": None if event.response is None else len(event.response),
-                "metadata": event.metadata if full else None}
+                "metadata": event.metadata if full else None,
+                "omitted": omitted if mode == ContentMode.FULL else None}
 
     def verdict_outcome(self, r: _Routed, v: VerdictFields | None, *, attempts: int, batch_size: int,
                         engine_error: str | None, started: float, engine_ms: float) -> Outcome:
-        """The verdict and audit records of one judged message, as wire dicts encoded once.
+        """The verdict and audit records of one judged message, as wire dicts encoded once (and,
+        for a message judged in part or not at all, its review item).
 
         This is the hot path of the worker (one call per event): the guard's verdict comes as the
         dict of its ``Verdict`` fields, and the records are plain dicts in the shapes of
@@ -278,6 +313,7 @@ class Moderator:
         prepared = r.prepared
         f = v or {}
         failed = v is None or f["label"] == Label.ERROR
+        detail = f.get("error_detail")
         if failed:
             reason = f.get("error_reason") or engine_error or "engine failure"
             on_error = topic.on_error
@@ -287,11 +323,16 @@ class Moderator:
             policy_version = f.get("policy_version") or prepared.policy.version
             unsafe_p, categories = None, []
             if on_error != OnError.ERROR:
-                reason = f"{reason} (on_error: {on_error.value})"
+                if reason == TOO_LARGE:  # a code stays a code; the detail says what was applied
+                    detail = f"{detail or reason} (on_error: {on_error.value})"
+                else:
+                    reason = f"{reason} (on_error: {on_error.value})"
         else:
             reason, label, fallback = None, f["label"].value, False
             policy_name, policy_version = f.get("policy"), f.get("policy_version")
             unsafe_p, categories = f.get("unsafe_probability"), list(f.get("categories", ()))
+        review = (ReviewReason.TOO_LARGE if r.too_large is not None
+                  else ReviewReason.TRUNCATED if prepared.truncated else None)
         level = f.get("level") or prepared.level.value
         adapter = r.request.adapter
         adapter_version = (f.get("adapter_version") or self.adapter_versions.get(adapter)) if adapter else None
@@ -304,30 +345,38 @@ class Moderator:
         windows = len(prepared.windows)
         window = f.get("window", 0)
         forced = bool(f.get("answer_forced"))
+        kept = self.cfg.audit.reasoning
+        summary = None if failed or kept == "none" else summarize(
+            f.get("reasoning"), self.cfg.outputs.reasoning_summary_chars)
         verdict = {
             "schema_version": SCHEMA_VERSION, "id": event.id, "conversation_id": conversation_id, "label": label,
             "unsafe_probability": unsafe_p, "categories": categories, "level": level, "policy": policy_name,
             "policy_version": policy_version, "model": self.guard.model_id, "model_version": self.model_version,
-            "adapter": adapter, "adapter_version": adapter_version,
-            "reasoning_summary": summarize(f.get("reasoning") if not failed else None,
-                                           self.cfg.outputs.reasoning_summary_chars),
-            "error_reason": reason, "fallback": fallback, "truncated_input": prepared.truncated,
+            "adapter": adapter, "adapter_version": adapter_version, "reasoning_summary": summary,
+            "error_reason": reason, "error_detail": detail, "fallback": fallback,
+            "truncated_input": prepared.truncated,
             "windows": windows, "window": window, "answer_forced": forced, "source": source,
             "worker_id": self.worker_id, "decided_at": decided, "timings": timings,
         }
+        full_content = self._content_mode == ContentMode.FULL
+        omitted = r.too_large if r.too_large is not None and len(inc.value or b"") > self.cfg.max_event_bytes else None
         audit = {
             "schema_version": SCHEMA_VERSION, "event_id": event.id, "conversation_id": conversation_id,
             "label": label, "model_label": None if failed else f["label"].value,
             "unsafe_probability": unsafe_p, "unsafe_threshold": prepared.policy.unsafe_threshold,
-            "categories": categories, "fallback": fallback, "error_reason": reason,
-            "reasoning": f.get("reasoning"), "raw_output": f.get("raw_output"),
+            "categories": categories, "fallback": fallback, "error_reason": reason, "error_detail": detail,
+            "reasoning": f.get("reasoning") if kept == "full" else None,
+            "raw_output": f.get("raw_output") if kept == "full" else None,
+            "reasoning_summary": summary if kept == "summary" else None, "reasoning_kept": kept,
             "format_ok": bool(f.get("format_ok")), "finish_reason": f.get("finish_reason"),
-            "truncated_input": prepared.truncated, "windows": windows, "window": window,
+            "truncated_input": prepared.truncated,
+            "unjudged_ranges": [u.model_dump() for u in prepared.unjudged],
+            "review_reason": review.value if review else None, "windows": windows, "window": window,
             "window_field": f.get("window_field"),
             "window_span": list(f["window_span"]) if f.get("window_span") else None,
-            "answer_forced": forced, "content": self._content(event), "level": level,
+            "answer_forced": forced, "content": self._content(event, omitted), "level": level,
             "policy": policy_name, "policy_version": policy_version,
-            "rendered_prompt_sha256": f.get("prompt_hash"),
+            "rendered_prompt_sha256": f.get("prompt_hash") if full_content else None,
             "prompt_tokens": f.get("prompt_tokens", 0),
             "completion_tokens": f.get("completion_tokens", 0),
             "model": self.guard.model_id, "model_version": self.model_version, "adapter": adapter,
@@ -339,7 +388,41 @@ class Moderator:
         key = (conversation_id or event.id).encode("utf-8", "surrogatepass")
         records = [OutRecord(self.cfg.verdicts_topic(topic), key, encode(verdict)),
                    OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), encode(audit))]
+        if review is not None:
+            records.append(self._review_record(event.id, review, verdict, audit, prepared))
         return Outcome(inc, "verdict", records, verdict_fields=verdict, audit_fields=audit)
+
+    def _review_record(self, event_id: str, reason: ReviewReason, verdict: dict[str, Any],
+                       audit: dict[str, Any], prepared: Prepared) -> OutRecord:
+        """The review item the worker queues itself (whether or not the feedback loop runs)."""
+        if reason == ReviewReason.TOO_LARGE:
+            detail = f"not judged: {verdict['error_detail'] or TOO_LARGE}"
+        else:
+            ranges = ", ".join(f"{u.field}[{u.start}:{u.end}]" for u in prepared.unjudged)
+            detail = (f"judged in part (limits.on_oversize: truncate): the model never saw {ranges}; "
+                      f"the verdict ({verdict['label']}) says nothing about those characters")
+        item = ReviewItem(event_id=event_id, reason=reason, detail=detail, label=verdict["label"],
+                          model_label=audit["model_label"], unsafe_probability=verdict["unsafe_probability"],
+                          policy=verdict["policy"], policy_version=verdict["policy_version"],
+                          judged_by=ModelRef(model=verdict["model"], model_version=verdict["model_version"],
+                                             adapter=verdict["adapter"], adapter_version=verdict["adapter_version"]),
+                          audit_ref={"topic": self.cfg.outputs.audit_topic, "key": event_id},
+                          queued_at=verdict["decided_at"])
+        self.telemetry.review_queued(reason.value, verdict["source"]["topic"])
+        return OutRecord(self.cfg.feedback.review_topic, event_id.encode("utf-8", "surrogatepass"), dumps(item))
+
+    def refused_outcome(self, r: _Routed) -> Outcome:
+        """A message over a size limit: the topic's ``on_error`` verdict (``too_large``, fallback),
+        its audit record, a DLQ record and a review item — a person sees it, nothing is judged in part."""
+        started = time.perf_counter()
+        v = {"label": Label.ERROR, "error_reason": TOO_LARGE, "error_detail": r.too_large,
+             "policy": r.prepared.policy.name, "policy_version": r.prepared.policy.version,
+             "level": r.prepared.level.value}
+        out = self.verdict_outcome(r, v, attempts=0, batch_size=0, engine_error=None, started=started, engine_ms=0.0)
+        dlq = self.dlq_outcome(r.incoming, DLQReason.TOO_LARGE, r.too_large or TOO_LARGE, r.event.id)
+        out.records += dlq.records
+        out.dlq = dlq.dlq
+        return out
 
     @staticmethod
     def conversation_id(inc: Incoming, event: ChatEvent) -> str | None:
@@ -352,9 +435,11 @@ class Moderator:
     def dlq_outcome(self, inc: Incoming, reason: DLQReason, detail: str, event_id: str | None) -> Outcome:
         cap = self.cfg.max_event_bytes  # a too-large input must not make a too-large DLQ record
         value = inc.value
-        truncated = value is not None and len(value) > cap
-        rec = DLQRecord(reason=reason, detail=detail, event_id=event_id,
-                        original_b64=b64(value[:cap] if truncated else value), original_truncated=truncated,
+        redacted = self.cfg.dlq_content == "redacted" and value is not None
+        truncated = not redacted and value is not None and len(value) > cap
+        kept = None if redacted else value[:cap] if truncated else value  # type: ignore[index]
+        rec = DLQRecord(reason=reason, detail=detail, event_id=event_id, original_b64=b64(kept),
+                        original_truncated=truncated, original_redacted=redacted,
                         original_bytes=len(value or b""), key_b64=b64(inc.key), source=inc.source,
                         worker_id=self.worker_id, dead_lettered_at=utcnow())
         self.telemetry.dead_letter(reason.value, inc.source.topic)
@@ -370,7 +455,11 @@ class Moderator:
         routed: list[tuple[int, _Routed]] = []
         for i, inc in enumerate(batch):
             try:
-                routed.append((i, self.route(inc)))
+                r = self.route(inc)
+                if r.too_large is None:
+                    routed.append((i, r))
+                else:
+                    outcomes[i] = self.refused_outcome(r)
             except Rejected as rej:
                 outcomes[i] = self.dlq_outcome(inc, rej.reason, rej.detail, rej.event_id)
             except Exception as err:  # noqa: BLE001 - a bug must not lose the message

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rsafe.models.verdict import CharRange
+
 SCHEMA_VERSION = 1
 """Version of every record's shape. Adding an optional field (with a default) keeps the version:
 readers must ignore fields they do not know. Removing or changing a field bumps it."""
@@ -109,10 +111,15 @@ class VerdictRecord(BaseModel):
     adapter_version: str | None = None
     reasoning_summary: str | None = None
     error_reason: str | None = None
+    """Why the model gave no answer; ``too_large``: the message is over the size limit and no part
+    of it was judged."""
+    error_detail: str | None = None
+    """More about a coded ``error_reason`` (``too_large``: which field, how long, the limit)."""
     fallback: bool = False
     """True when ``label`` comes from the topic's ``on_error`` setting, not from the model."""
     truncated_input: bool = False
-    """The message was over ``max_chars``: only its head and tail were judged."""
+    """The message was over ``max_chars`` and ``on_oversize: truncate`` is set: only its head and
+    tail were judged (the audit record names the unjudged ranges)."""
     windows: int = 1
     """Token windows the message was judged in (1: it fit the model's context)."""
     window: int = 0
@@ -132,7 +139,13 @@ class ContentMode(str, Enum):
 
 
 class AuditContent(BaseModel):
-    """The judged content, as the privacy setting allows."""
+    """The judged content, as the privacy setting (``audit.content``) allows.
+
+    * ``full``: the texts, their plain sha256 and the metadata.
+    * ``hash``: no text; an HMAC-SHA-256 of each under a secret key (``RSAFE_AUDIT_HASH_KEY``,
+      ``hash_key_id`` names it), so only a holder of the key can confirm a guess.
+    * ``redacted``: no text and nothing computed from it; the lengths only.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -141,11 +154,19 @@ class AuditContent(BaseModel):
     """full: the text; hash / redacted: absent."""
     response: str | None = None
     prompt_sha256: str | None = None
+    """full only: plain sha256 of the text (anyone can confirm a guess with it: never without the text)."""
     response_sha256: str | None = None
+    prompt_hmac: str | None = None
+    """hash only: HMAC-SHA-256 of the text under the key ``hash_key_id``."""
+    response_hmac: str | None = None
+    hash_key_id: str | None = None
+    """hash only: which key made ``prompt_hmac`` / ``response_hmac`` (keys rotate)."""
     prompt_chars: int = 0
     response_chars: int | None = None
     metadata: dict[str, Any] | None = None
     """full only (metadata can hold personal data)."""
+    omitted: str | None = None
+    """Why the text is absent in ``full`` mode (an event over ``max_event_bytes``)."""
 
 
 class AuditRecord(BaseModel):
@@ -165,11 +186,23 @@ class AuditRecord(BaseModel):
     categories: list[str] = []
     fallback: bool = False
     error_reason: str | None = None
+    error_detail: str | None = None
     reasoning: str | None = None
+    """The model's reasoning (``audit.reasoning: full``; it can quote the message)."""
     raw_output: str | None = None
+    """The whole generation (``audit.reasoning: full``)."""
+    reasoning_summary: str | None = None
+    """``audit.reasoning: summary``: the verdict record's summary instead of the reasoning."""
+    reasoning_kept: Literal["full", "summary", "none"] = "full"
+    """What of the reasoning this record keeps (``audit.reasoning``)."""
     format_ok: bool = False
     finish_reason: str | None = None
     truncated_input: bool = False
+    unjudged_ranges: list[CharRange] = []
+    """``[{field, start, end}]``: the characters the model never saw (``on_oversize: truncate``)."""
+    review_reason: str | None = None
+    """The worker queued this decision on the review topic itself (``too_large``, ``truncated``),
+    whether or not the feedback loop runs."""
     windows: int = 1
     window: int = 0
     window_field: str | None = None
@@ -183,7 +216,8 @@ class AuditRecord(BaseModel):
     policy: str | None = None
     policy_version: str | None = None
     rendered_prompt_sha256: str | None = None
-    """sha256 of the exact prompt the engine received (chat template applied)."""
+    """``audit.content: full`` only: sha256 of the exact prompt the engine received (chat template
+    applied; it contains the message, so ``hash`` and ``redacted`` leave it out)."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     model: str | None = None
@@ -220,7 +254,8 @@ class DLQReason(str, Enum):
 
 
 class DLQRecord(BaseModel):
-    """An event that could not be moderated, with the reason and the original bytes."""
+    """An event that could not be moderated, with the reason and the original bytes
+    (``dlq.content: full``) or without them (``redacted``: reason, coordinates and length only)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -233,6 +268,8 @@ class DLQRecord(BaseModel):
     original_bytes: int = 0
     """Size of the original message; ``original_b64`` holds at most ``max_event_bytes`` of it."""
     original_truncated: bool = False
+    original_redacted: bool = False
+    """``dlq.content: redacted``: the bytes were not kept (``original_bytes`` still says how many)."""
     key_b64: str | None = None
     source: SourceRef
     worker_id: str

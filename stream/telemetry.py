@@ -181,6 +181,9 @@ class Telemetry:
         self._fallbacks = meter.create_counter("rsafe.fallbacks", unit="1",
                                                description="Verdicts whose label came from the topic's on_error")
         self._dlq = meter.create_counter("rsafe.dlq", unit="1", description="Events dead-lettered, by reason")
+        self._review = meter.create_counter("rsafe.review.queued", unit="1",
+                                            description="Decisions the worker queued for review itself, by reason "
+                                                        "(too_large, truncated)")
         self._engine_failures = meter.create_counter("rsafe.engine.failures", unit="1",
                                                      description="Failed engine calls (before retry)")
         self._publish_failures = meter.create_counter("rsafe.publish.failures", unit="1",
@@ -298,6 +301,11 @@ class Telemetry:
             self.dlq_reasons[reason] += 1
             self.counts["dlq"] += 1
         self._dlq.add(1, {"reason": reason, "messaging.destination.name": topic})
+
+    def review_queued(self, reason: str, topic: str) -> None:
+        with self._lock:
+            self.counts["review_queued"] += 1
+        self._review.add(1, {"reason": reason, "messaging.destination.name": topic})
 
     def engine_failure(self) -> None:
         with self._lock:

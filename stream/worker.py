@@ -30,6 +30,7 @@ from rsafe.stream.config import StreamConfig
 from rsafe.stream.feedback import topic_specs as feedback_topic_specs
 from rsafe.stream.moderate import Moderator, Outcome
 from rsafe.stream.pipeline import LeftForRedelivery
+from rsafe.stream.redaction import HashKeyError, content_hasher
 from rsafe.stream.telemetry import Telemetry
 
 log = logging.getLogger("rsafe.stream.worker")
@@ -67,7 +68,10 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
               (out.policies_topic, 1, {"cleanup.policy": "compact"})]
     if cfg.models.follow:
         specs.append((cfg.models.control_topic, 1, {"cleanup.policy": "compact"}))
-    return specs + feedback_topic_specs(cfg)
+    feedback = feedback_topic_specs(cfg)
+    if cfg.feedback.review_topic not in {t for t, _, _ in feedback}:  # written without the feedback loop too
+        specs.append((cfg.feedback.review_topic, out.partitions, {}))
+    return specs + feedback
 
 
 def _start_backend(engine_cfg: Any) -> Any:
@@ -214,6 +218,10 @@ class GuardWorker:
         try:
             registry = load_registry(cfg)
         except PolicyError as err:
+            raise WorkerError(str(err)) from None
+        try:  # audit.content: hash needs its key before anything is judged
+            content_hasher(cfg.audit.content)
+        except HashKeyError as err:
             raise WorkerError(str(err)) from None
         if cfg.http.enabled:
             from rsafe.stream.http import HttpServer

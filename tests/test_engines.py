@@ -53,7 +53,7 @@ def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guar
     from rsafe.models import InputLimits
 
     guard = Guard(vllm_guard.backend, policies=vllm_guard.policies, generation=vllm_guard.generation,
-                  limits=InputLimits(max_chars=500))
+                  limits=InputLimits(max_chars=500, on_oversize="truncate"))
     reqs = [
         {"id": "ok", "prompt": BENIGN},
         {"id": "empty", "prompt": "   \n"},
@@ -73,6 +73,7 @@ def test_bad_input_gives_error_verdicts_and_the_rest_of_the_batch_runs(vllm_guar
     assert v["nonstring"].label == Label.ERROR and "prompt: Input should be a valid string" in v["nonstring"].error_reason
     assert "unknown policy 'no-such-policy'" in v["nopolicy"].error_reason
     assert v["long"].truncated_input and v["long"].label != Label.ERROR
+    assert [(u.field, u.start, u.end) for u in v["long"].unjudged_ranges] == [("prompt", 250, 50_000 - 250)]
     assert v["adapter"].label == Label.ERROR and "unknown adapter 'no-such-adapter'" in v["adapter"].error_reason
     assert "colour: Extra inputs are not permitted" in v["extra"].error_reason
     assert "response is empty" in v["resp"].error_reason
@@ -87,7 +88,9 @@ def test_oversize_reject_mode(vllm_guard):
     strict = Guard(vllm_guard.backend, policies=vllm_guard.policies, generation=vllm_guard.generation,
                    limits=InputLimits(max_chars=100, on_oversize="reject"))
     (v,) = strict.classify([{"prompt": "x" * 101}])
-    assert v.label == Label.ERROR and v.error_reason == "prompt is 101 characters, over the limit of 100"
+    assert v.label == Label.ERROR and v.error_reason == "too_large" and v.windows == 1
+    assert v.error_detail.startswith("prompt is 101 characters, over the limit of 100")
+    assert InputLimits().on_oversize == "reject"  # fail closed by default
 
 
 def test_lora_adapter_per_request(vllm_guard):
@@ -144,6 +147,43 @@ def test_answer_candidates_rescored_match_inline_logprobs(vllm_guard):
     assert all(r.unsafe_probability is not None for r in rescored if r.label in (Label.SAFE, Label.UNSAFE))
     for r, i in zip(rescored, inline):
         assert r.unsafe_probability == pytest.approx(i.unsafe_probability, abs=1e-3)
+
+
+def test_gpu_defaults_are_the_measured_scheduler_settings():
+    """On a GPU the guard's engine runs the settings of the H200 runs 2 and 3 (docs/BENCHMARKS.md
+    "GPU": 512 sequences, 8,192 tokens per step); on a CPU it leaves both to vLLM."""
+    from rsafe.models.config import LOCAL_KEYS, machine_defaults
+
+    gpu, cpu = machine_defaults(gpu=True), machine_defaults(gpu=False)
+    assert gpu["max_num_seqs"] == 512 and gpu["max_num_batched_tokens"] == 8192
+    assert cpu["max_num_seqs"] is None and cpu["max_num_batched_tokens"] is None
+    assert set(gpu) == set(cpu) == set(LOCAL_KEYS)
+    assert EngineConfig(model="m", **gpu).max_num_batched_tokens == 8192
+    # a server's settings are the server's: the openai and null backends take no machine default
+    assert EngineConfig(backend="null", model="m").max_num_seqs is None
+
+
+def test_vllm_backend_passes_the_scheduler_settings_to_vllm(tmp_path):
+    """``vllm_engine_kwargs`` (what ``VLLMBackend`` starts vLLM with) passes ``max_num_seqs`` and
+    ``max_num_batched_tokens`` when set, and vLLM's engine config takes them; None leaves vLLM's
+    own default."""
+    from vllm import AsyncEngineArgs
+
+    from rsafe.models.config import machine_defaults
+    from rsafe.models.engines import vllm_engine_kwargs
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 256,
+        "max_position_embeddings": 2048, "torch_dtype": "float32"}))
+    cpu = machine_defaults(gpu=False)
+    cfg = EngineConfig(model=str(tmp_path), **{**cpu, "max_num_seqs": 512, "max_num_batched_tokens": 8192})
+    kwargs = vllm_engine_kwargs(cfg)
+    assert kwargs["max_num_seqs"] == 512 and kwargs["max_num_batched_tokens"] == 8192
+    scheduler = AsyncEngineArgs(**kwargs).create_engine_config().scheduler_config
+    assert scheduler.max_num_seqs == 512 and scheduler.max_num_batched_tokens == 8192
+    unset = vllm_engine_kwargs(EngineConfig(model=str(tmp_path), **cpu))
+    assert "max_num_seqs" not in unset and "max_num_batched_tokens" not in unset
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):

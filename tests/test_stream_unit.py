@@ -158,11 +158,19 @@ def inc(topic, value, offset=0, key=None):
     return Incoming(value=raw, key=key, source=SourceRef(topic=topic, partition=0, offset=offset))
 
 
+TEST_HASH_KEY = "k" * 40
+"""``RSAFE_AUDIT_HASH_KEY`` of the tests' ``audit.content: hash`` moderators."""
+
+
 def moderator(backend, **over):
+    from rsafe.stream.redaction import ContentHasher
+
     cfg = cfg_of(**over)
     guard = Guard(backend, policies=PolicyRegistry.from_dirs(),
                   **({"limits": cfg.engine.limits} if cfg.engine else {}))
-    return Moderator(cfg, guard, worker_id="w-test", telemetry=Telemetry("w-test"), model_version="m123")
+    hasher = ContentHasher.from_env({"RSAFE_AUDIT_HASH_KEY": TEST_HASH_KEY}) if cfg.audit.content == "hash" else None
+    return Moderator(cfg, guard, worker_id="w-test", telemetry=Telemetry("w-test"), model_version="m123",
+                     hasher=hasher)
 
 
 def run(coro):
@@ -180,7 +188,9 @@ def test_routing_dead_letters_what_cannot_be_moderated():
         inc("chat.general", b"\x00garbage", 6, key=b"conv-9"),
     ]
     out = run(m.moderate(batch))
-    assert [o.kind for o in out] == ["dlq"] * 6
+    # over the size limit: a verdict (the topic's on_error) as well as the DLQ record (tests/test_oversize.py)
+    assert [o.kind for o in out] == ["dlq", "dlq", "dlq", "verdict", "dlq", "dlq"]
+    assert out[3].verdict.error_reason == "too_large" and out[3].verdict.fallback
     reasons = [o.dlq.reason for o in out]
     assert reasons == [DLQReason.POLICY_OVERRIDE_DISABLED, DLQReason.UNKNOWN_POLICY, DLQReason.SCHEMA,
                        DLQReason.TOO_LARGE, DLQReason.INVALID_CONTENT, DLQReason.NOT_JSON]
@@ -234,13 +244,24 @@ def test_verdict_and_audit_records(mode):
     assert [r.topic for r in o.records] == ["chat.general.verdicts", "rsafe.audit"]
     assert [r.key for r in o.records] == [b"c1", b"g1"]
     assert a.raw_output == FixedAnswer().text and a.reasoning and a.sampling["max_tokens"] == 512
-    assert a.rendered_prompt_sha256 and a.processing_guarantee == "at_least_once"
+    assert a.processing_guarantee == "at_least_once" and a.reasoning_kept == "full"
     assert a.content.prompt_chars == len(event["prompt"])
     if mode == "full":
         assert a.content.prompt == event["prompt"] and a.content.metadata == {"user": 5}
     else:
         assert a.content.prompt is None and a.content.metadata is None
-    assert (a.content.prompt_sha256 == sha256_text(event["prompt"])) == (mode != "redacted")
+    # a plain digest only next to the text itself; hash mode: keyed; redacted: nothing derived from the text
+    assert (a.content.prompt_sha256 == sha256_text(event["prompt"])) == (mode == "full")
+    assert bool(a.rendered_prompt_sha256) == (mode == "full")
+    if mode == "hash":
+        import hashlib
+        import hmac
+
+        assert a.content.prompt_hmac == hmac.new(TEST_HASH_KEY.encode(), event["prompt"].encode(),
+                                                 hashlib.sha256).hexdigest()
+        assert a.content.hash_key_id.startswith("k-")
+    else:
+        assert a.content.prompt_hmac is None and a.content.hash_key_id is None
     assert_wire_records_are_complete(o)
 
 

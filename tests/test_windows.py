@@ -125,9 +125,10 @@ def test_a_marker_across_a_window_border_is_seen_whole_in_one_window():
 
 def test_over_max_chars_truncate_judges_head_and_tail_windows():
     huge = "x" * 100_000 + f" {MARKER} " + "y" * 100_000
-    g = guard(max_chars=20_000)
+    g = guard(max_chars=20_000, on_oversize="truncate")
     [v] = g.classify([{"prompt": huge}])
-    assert v.truncated_input and v.label == Label.SAFE  # the middle is not judged: documented
+    assert v.truncated_input and v.label == Label.SAFE  # the middle is not judged: why it is opt-in
+    assert [(u.field, u.start, u.end) for u in v.unjudged_ranges] == [("prompt", 10_000, len(huge) - 10_000)]
     tail = "z" * 199_000 + f" {MARKER} " + "w" * 500
     [v] = g.classify([{"prompt": tail}])
     assert v.truncated_input and v.label == Label.UNSAFE and v.window_span[0] >= len(tail) - 10_000
@@ -137,9 +138,11 @@ def test_over_max_chars_truncate_judges_head_and_tail_windows():
 
 
 def test_over_max_chars_reject_is_an_error_verdict():
-    g = guard(max_chars=1000, on_oversize="reject")
-    [v] = g.classify([{"prompt": "a" * 1001}])
-    assert v.label == Label.ERROR and "over the limit of 1000" in v.error_reason
+    for g in (guard(max_chars=1000, on_oversize="reject"), guard(max_chars=1000)):  # reject is the default
+        [v] = g.classify([{"prompt": "a" * 1001}])
+        assert v.label == Label.ERROR and v.error_reason == "too_large" and not v.unjudged_ranges
+        assert "prompt is 1,001 characters, over the limit of 1,000" in v.error_detail
+        assert not g.backend.calls  # nothing of it reached the engine
 
 
 def test_response_level_keeps_the_user_turn_and_windows_the_response():
