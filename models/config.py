@@ -91,8 +91,9 @@ class InputLimits(BaseModel):
 class EngineConfig(BaseModel):
     """Which model runs the guard, and where.
 
-    Settings that depend on the machine (``dtype``, ``max_model_len``,
-    ``gpu_memory_utilization``, ``enforce_eager``) default to ``local_defaults``: GPU settings
+    Settings that depend on the machine (``LOCAL_KEYS``: ``dtype``, ``max_model_len``,
+    ``gpu_memory_utilization``, ``enforce_eager``, ``answer_logprobs``, ``max_num_seqs``,
+    ``max_num_batched_tokens``) default to ``local_defaults``: GPU settings
     when CUDA is available, CPU-safe ones otherwise. Every caller (CLI, worker, benchmarks, tests)
     gets them from here.
     """
@@ -118,9 +119,14 @@ class EngineConfig(BaseModel):
     """The policy text comes first in every prompt, so its KV cache is shared."""
     enforce_eager: bool = False
     """No CUDA graphs / compilation (CPU default: on)."""
-    max_num_seqs: int | None = None
-    """vLLM's cap on sequences scheduled at once (None: vLLM's default, 128 for ``AsyncLLM``; on
-    a GPU 512 moved 9 % more messages/s, docs/BENCHMARKS.md "GPU")."""
+    max_num_seqs: Annotated[int | None, Field(gt=0)] = None
+    """vLLM's cap on sequences scheduled in one step (None: vLLM's own default; vLLM 0.26's
+    ``AsyncLLM`` took 128 on an H200). GPU default 512, CPU default None (``local_defaults``):
+    the H200 runs 2 and 3 of docs/BENCHMARKS.md "GPU" used 512."""
+    max_num_batched_tokens: Annotated[int | None, Field(gt=0)] = None
+    """vLLM's token budget per scheduler step, prefill and decode together (None: vLLM's own
+    default; vLLM 0.26's ``AsyncLLM`` took 2,048 on an H200). GPU default 8,192, CPU default None
+    (``local_defaults``): the H200 runs 2 and 3 of docs/BENCHMARKS.md "GPU" used 8,192."""
     answer_logprobs: Literal["rescore", "inline"] = "rescore"
     """Where the answer's candidates (``GenerationConfig.top_logprobs``, for the unsafe
     probability) come from. ``rescore``: a one-token request on the generation up to the answer
@@ -209,7 +215,8 @@ class EngineConfig(BaseModel):
         return self.model_id or self.model
 
 
-LOCAL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "answer_logprobs")
+LOCAL_KEYS = ("dtype", "max_model_len", "gpu_memory_utilization", "enforce_eager", "answer_logprobs",
+              "max_num_seqs", "max_num_batched_tokens")
 """Engine settings whose default depends on the machine (see ``local_defaults``)."""
 
 
@@ -226,16 +233,24 @@ def cuda_available() -> bool:
         return False
 
 
+def machine_defaults(gpu: bool) -> dict[str, Any]:
+    """The engine defaults for a GPU machine (``gpu``) or a CPU one: GPU (``auto`` dtype,
+    4096-token context, 90 % of GPU memory, CUDA graphs, answer candidates rescored, 512 sequences
+    and 8,192 tokens per scheduler step, the settings of the H200 runs 2 and 3 of
+    docs/BENCHMARKS.md "GPU") or CPU-safe (float32, 1024 tokens, half the host memory, eager,
+    answer candidates inline, vLLM's own scheduler limits)."""
+    if gpu:
+        return {"dtype": "auto", "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False,
+                "answer_logprobs": "rescore", "max_num_seqs": 512, "max_num_batched_tokens": 8192}
+    return {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True,
+            "answer_logprobs": "inline", "max_num_seqs": None, "max_num_batched_tokens": None}
+
+
 @lru_cache(maxsize=1)
 def local_defaults() -> dict[str, Any]:
-    """Machine-dependent engine defaults: GPU (``auto`` dtype, 4096-token context, 90 % of GPU
-    memory, CUDA graphs, answer candidates rescored) or CPU-safe (float32, 1024 tokens, half the
-    host memory, eager, answer candidates inline)."""
-    if cuda_available():
-        return {"dtype": "auto", "max_model_len": 4096, "gpu_memory_utilization": 0.9, "enforce_eager": False,
-                "answer_logprobs": "rescore"}
-    return {"dtype": "float32", "max_model_len": 1024, "gpu_memory_utilization": 0.5, "enforce_eager": True,
-            "answer_logprobs": "inline"}
+    """Machine-dependent engine defaults for this machine: ``machine_defaults`` of whether CUDA is
+    available."""
+    return machine_defaults(cuda_available())
 
 
 def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any) -> EngineConfig:

@@ -152,6 +152,30 @@ def _load_tokenizer(cfg: EngineConfig):
 # --------------------------------------------------------------------------- vLLM
 
 
+def vllm_engine_kwargs(c: EngineConfig) -> dict[str, Any]:
+    """The ``AsyncEngineArgs`` the guard's vLLM engine starts with, from its ``EngineConfig``
+    (``bench/gpu.py`` builds its engine from these too, and records them). ``max_num_seqs`` and
+    ``max_num_batched_tokens`` are passed only when set: None leaves vLLM's own default."""
+    kwargs: dict[str, Any] = {
+        "model": c.model,
+        "tokenizer": c.tokenizer or c.model,
+        "dtype": c.dtype,
+        "max_model_len": c.max_model_len,
+        "gpu_memory_utilization": c.gpu_memory_utilization,
+        "enable_prefix_caching": c.enable_prefix_caching,
+        "enforce_eager": c.enforce_eager,
+        "enable_lora": c.enable_lora,
+        "max_lora_rank": c.max_lora_rank if c.enable_lora else 16,
+        "max_loras": c.max_loras,
+        "seed": 0,
+    }
+    if c.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = c.max_num_seqs
+    if c.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = c.max_num_batched_tokens
+    return kwargs
+
+
 class VLLMBackend:
     """vLLM ``AsyncLLM`` on a private event loop; ``generate`` and ``agenerate`` share it."""
 
@@ -180,20 +204,7 @@ class VLLMBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         c = self.cfg
-        args = AsyncEngineArgs(
-            model=c.model,
-            tokenizer=c.tokenizer or c.model,
-            dtype=c.dtype,
-            max_model_len=c.max_model_len,
-            gpu_memory_utilization=c.gpu_memory_utilization,
-            enable_prefix_caching=c.enable_prefix_caching,
-            enforce_eager=c.enforce_eager,
-            enable_lora=c.enable_lora,
-            max_lora_rank=c.max_lora_rank if c.enable_lora else 16,
-            max_loras=c.max_loras,
-            seed=0,
-            **({"max_num_seqs": c.max_num_seqs} if c.max_num_seqs else {}),
-        )
+        args = AsyncEngineArgs(**vllm_engine_kwargs(c))
         try:
             return AsyncLLM.from_engine_args(args)
         except Exception as err:  # noqa: BLE001
