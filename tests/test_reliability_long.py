@@ -3,9 +3,10 @@
 ``.cache/reliability/<scenario>.json``; ``bench/reliability_table.py`` prints them as the table of
 docs/RELIABILITY.md.
 
-Counting (docs/RELIABILITY.md): *lost* = an input event with neither a verdict nor a DLQ record
-after recovery; *duplicates* = extra verdicts for one input offset; *flipped* = a replayed event
-whose verdict label differs from its first one (real engine only).
+Counting (docs/RELIABILITY.md): *lost* = an input event acknowledged to its producer with neither a
+verdict nor a DLQ record after recovery, whether the broker dropped it or the worker skipped it;
+*duplicates* = extra verdicts for one input offset; *flipped* = a replayed event whose verdict
+label differs from its first one (real engine only).
 
 ``RSAFE_TEST_BROKER=host:port`` runs them against a real Apache Kafka; the broker-kill scenario
 then needs ``RSAFE_TEST_BROKER_KILL`` (a shell command that kill -9's and restarts that broker,
@@ -59,11 +60,13 @@ def outcome(bootstrap: str, cfg, n_in: int, read_committed: bool = False) -> dic
             by_offset[src].append(rec["label"])
     ends = end_offsets([bootstrap], inputs)
     all_offsets = {(t, p, o) for (t, p), end in ends.items() for o in range(end)}
-    lost = len(all_offsets - set(by_offset) - dlq)
+    unjudged = len(all_offsets - set(by_offset) - dlq)  # on the input topic, neither verdict nor DLQ record
+    lost = max(0, n_in - len(all_offsets)) + unjudged  # n_in: acknowledged to the producer; the broker may drop some
     duplicates = sum(len(v) - 1 for v in by_offset.values())
     flipped = sum(1 for v in by_offset.values() if len(set(v)) > 1)
-    return {"events_in": n_in, "verdicts": sum(len(v) for v in by_offset.values()), "dlq": len(dlq),
-            "lost": lost, "duplicates": duplicates, "flipped": flipped}
+    return {"events_in": n_in, "inputs_on_broker": len(all_offsets),
+            "verdicts": sum(len(v) for v in by_offset.values()), "dlq": len(dlq), "lost": lost,
+            "unjudged_on_broker": unjudged, "duplicates": duplicates, "flipped": flipped}
 
 
 def describe_group(bootstrap: str, group_id: str) -> dict:
