@@ -281,8 +281,12 @@ class Telemetry(_Strict):
     exporter: Literal["none", "console", "otlp"] = "none"
     """Where traces and metrics go. ``none`` (default) installs no SDK: near-zero cost."""
     otlp: Otlp = Field(default_factory=Otlp)
-    prometheus: bool = False
-    """Serve the metrics as Prometheus text on the worker's HTTP server (``/metrics``)."""
+    prometheus: bool = True
+    """Serve the metrics as Prometheus text on the worker's HTTP server (``/metrics``) whenever it
+    runs (``http.enabled``). On by default: operators expect ``/metrics`` next to ``/healthz``.
+    Alone (``exporter: none``) it records metrics with the SDK but makes no spans; its cost with
+    the null engine is in docs/BENCHMARKS.md "Pipeline ceiling" (``bench/pipeline.py``). ``false``:
+    no SDK at all unless an exporter is set, and ``/metrics`` answers 404."""
     service_name: str = "rsafe-worker"
     resource_attributes: dict[str, str] = {}
     """Added to the resource (worker id, group, model version are added by the worker)."""

@@ -3,7 +3,7 @@
 * ``GET /healthz`` — liveness: the worker's event loop answers (200), also while starting.
 * ``GET /readyz`` — readiness: 200 when the engine is loaded, the consumer holds partitions and no
   restart is required; else 503 with the reasons as JSON.
-* ``GET /metrics`` — Prometheus text, when telemetry exports it (``telemetry.prometheus``).
+* ``GET /metrics`` — Prometheus text (``telemetry.prometheus``, on by default).
 
 Bound to ``http.host`` (default 127.0.0.1; ``0.0.0.0`` in a container) and ``http.port``.
 """

@@ -109,7 +109,8 @@ def providers(settings: Any, resource_attributes: dict[str, str], *, span_export
         registry = CollectorRegistry(auto_describe=True)
         readers.append(PrometheusMetricReader(registry=registry))
     mp = MeterProvider(resource=resource, metric_readers=readers)
-    return Providers(tp, mp, registry)
+    traced = settings.exporter != "none" or span_exporter is not None
+    return Providers(tp if traced else None, mp, registry)  # /metrics alone: no spans made
 
 
 def _otlp(o: Any) -> tuple[Any, Any]:

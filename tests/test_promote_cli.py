@@ -98,3 +98,25 @@ def test_the_demo_promotion_set():
     assert [e.content_hash for e in pset.general] == [e.content_hash for e in demo_examples("rsafe-default")]
     assert len(pset.slice) >= 50 and {e.label for e in pset.slice} == {"safe"}
     assert not {e.content_hash for e in pset.general} & {e.content_hash for e in pset.slice}
+
+
+def test_promote_refuses_the_demo_set_for_a_model_that_is_not_the_demo_model(tmp_path, demo_model_dir):
+    """Toy data stays off production paths: without ``--promotion-set`` only the demo model is gated
+    (on the demo's synthetic set); a real model is refused before any engine starts."""
+    from rsafe.training.demo import is_demo_model
+
+    real = tmp_path / "real-model"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    common = ("--registry", str(tmp_path / "registry"), "--no-publish", "--engine", "transformers")
+    out = rsafe("train", "promote", str(candidate), "--model", str(real), *common)
+    assert out.returncode == 2, out.stderr
+    assert "is not the demo model" in out.stderr and "--promotion-set DIR" in out.stderr
+    assert "docs/TRAINING.md" in out.stderr
+    # a candidate trained on a real model is refused too, even when the gate's base is the demo model
+    (candidate / "training_summary.json").write_text(json.dumps({"base_model": str(real)}))
+    out = rsafe("train", "promote", str(candidate), "--model", str(demo_model_dir), *common)
+    assert out.returncode == 2 and str(real) in out.stderr
+    assert is_demo_model(demo_model_dir) and not is_demo_model(real)

@@ -288,3 +288,32 @@ def test_default_sampling_traces_a_share_of_new_traces_and_every_sampled_produce
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_on")  # the standard variable still wins over the default
     assert "AlwaysOn" in providers(TelemetrySettings(), {}, span_exporter=spans).tracer_provider.sampler.get_description()
     assert "0.5" in providers(TelemetrySettings(sampling_ratio=0.5), {}, span_exporter=spans).tracer_provider.sampler.get_description()
+
+
+def test_metrics_are_served_by_default_without_tracing(kafka):
+    """``/metrics`` answers whenever the HTTP server runs (``telemetry.prometheus`` defaults on); on its
+    own it makes no spans (no tracer provider); ``prometheus: false`` answers 404."""
+    prefix = f"defm{uuid.uuid4().hex[:6]}"
+    cfg = load_config(data=worker_config(kafka, prefix), env={})
+    assert cfg.telemetry.prometheus and cfg.http.enabled
+    prov = providers(cfg.telemetry, {"rsafe.worker.id": "w"})
+    assert prov.tracer_provider is None and prov.meter_provider is not None
+    got: dict[str, int | str] = {}
+
+    async def scrape(worker: GuardWorker) -> None:
+        from rsafe.stream.clients import produce
+
+        await asyncio.to_thread(produce, [kafka], [Message(cfg.inputs[0].topic, None,
+                                                           json.dumps({"id": f"{prefix}-1", "prompt": "hi"}).encode())])
+        for _ in range(100):
+            if worker.telemetry.counts["verdicts"] >= 1:
+                break
+            await asyncio.sleep(0.1)
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"http://127.0.0.1:{worker.http.port}/metrics")
+            got["status"], got["text"] = r.status_code, r.text
+
+    worker = run_worker(cfg, prov, 1, on_ready=scrape)
+    assert got["status"] == 200 and "rsafe_verdicts_total" in got["text"] and not worker.telemetry.tracing
+    off = load_config(data=worker_config(kafka, f"{prefix}x", telemetry={"prometheus": False}), env={})
+    assert providers(off.telemetry, {}).meter_provider is None  # nothing configured: no SDK at all

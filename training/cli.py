@@ -217,6 +217,10 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
     if broker and not args.no_publish:
         servers = broker.split(",") if isinstance(broker, str) else list(broker)
         publish = lambda record: publish_control(servers, topic, record)  # noqa: E731
+    if not args.promotion_set and not args.rollback:
+        refused = _demo_set_refused(args.model, args.candidate)
+        if refused:
+            die(refused, 2)
     gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
     promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
                           model_guard_factory=model_guard_factory)
@@ -233,6 +237,28 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
                       "reasons": card.gate.reasons if card.gate and not args.rollback else [],
                       "control_topic": topic if publish else None}))
     return 0 if card.status == "promoted" else 3
+
+
+def _demo_set_refused(base_model: str, candidate: str) -> str | None:
+    """Why the demo's promotion set may not gate this candidate (its base is not the demo model), or None."""
+    from rsafe.training.demo import is_demo_model
+
+    bases = [base_model]
+    summary = Path(candidate) / "training_summary.json"
+    if summary.is_file():
+        try:
+            bases.append(json.loads(summary.read_text(encoding="utf-8")).get("base_model") or base_model)
+        except ValueError:
+            pass
+    other = next((b for b in bases if not is_demo_model(b)), None)
+    if other is None:
+        return None
+    return (f"no --promotion-set given and the base model {other!r} is not the demo model: the demo's promotion "
+            "set is synthetic and says nothing about a real model. A promotion set is a folder of held-out, "
+            "labelled rows from your own traffic that no training set contains (general.jsonl under your "
+            "general policy, slice.jsonl for the change being trained, promotion_set.json naming both "
+            "policies); docs/TRAINING.md section 5 says how to make one. Then: rsafe train promote ... "
+            "--promotion-set DIR")
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -301,7 +327,9 @@ def _add_promote(train: argparse._SubParsersAction) -> None:
     p.add_argument("--control-topic", help="default models.control_topic of --config, else rsafe.models")
     p.add_argument("--no-publish", action="store_true", help="decide and record only")
     p.add_argument("--promotion-set", metavar="DIR",
-                   help="general.jsonl + slice.jsonl + promotion_set.json (default: the demo's promotion set)")
+                   help="general.jsonl + slice.jsonl + promotion_set.json: held-out rows of your own traffic "
+                        "(docs/TRAINING.md section 5). Required unless the base model is the demo model, "
+                        "which is gated on the demo's synthetic set")
     p.add_argument("--tolerance", type=float, default=d.tolerance,
                    help=f"largest drop of general F1 / any category recall, points (default {d.tolerance:g})")
     p.add_argument("--min-gain", type=float, default=d.min_gain,

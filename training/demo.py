@@ -131,6 +131,16 @@ def built_recipe(out_dir: str | Path) -> str | None:
         return None
 
 
+def is_demo_model(path: str | Path) -> bool:
+    """Whether ``path`` holds a build of the demo model's recipe (of the seed and steps it records):
+    what the demo's synthetic promotion set may gate, and nothing else."""
+    try:
+        summary = json.loads((Path(path) / ".ok").read_text(encoding="utf-8"))
+        return summary.get("recipe") == model_recipe(int(summary["seed"]), int(summary["steps"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def _build_lock(out_dir: Path) -> Iterator[None]:
     """An exclusive lock beside ``out_dir``, so concurrent builders do the work once."""
