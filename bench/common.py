@@ -90,11 +90,17 @@ def gpu_info() -> dict[str, Any]:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
                               "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return {}
+        return {"gpus": [], "gpu_name": None, "driver": None}
     gpus = [dict(zip(("name", "memory_mib", "driver"), (x.strip() for x in line.split(","))))
             for line in out.stdout.splitlines() if line.strip()]
     return {"gpus": gpus, "gpu_name": gpus[0]["name"] if gpus else None,
             "driver": gpus[0]["driver"] if gpus else None}
+
+
+def environment() -> dict[str, str]:
+    """The environment variables that change how vLLM, torch and the guard run."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(("VLLM_", "PYTORCH_", "CUDA_VISIBLE", "OMP_", "RSAFE_"))}
 
 
 def run_metadata(argv: Sequence[str]) -> dict[str, Any]:
@@ -107,8 +113,7 @@ def run_metadata(argv: Sequence[str]) -> dict[str, Any]:
         "git_tree_changed": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), **gpu_info()},
         "versions": versions(),
-        "environment": {k: v for k, v in sorted(os.environ.items())
-                        if k.startswith(("VLLM_", "PYTORCH_", "CUDA_VISIBLE", "OMP_", "RSAFE_"))},
+        "environment": environment(),
     }
 
 
