@@ -186,7 +186,7 @@ async def bench(args: argparse.Namespace, model: Path, texts: list[str]) -> dict
             "backend", "dtype", "max_model_len", "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager",
             "max_num_seqs", "max_num_batched_tokens", "enable_lora", "max_lora_rank", "max_loras",
             "cpu_kvcache_space_gib"}),
-        "engine_args": {k: v for k, v in engine_args.items() if k not in ("model", "tokenizer")},
+        "engine_args": engine_args,  # all of them (model/tokenizer: a temporary copy for the 7B shape)
         "vllm_resolved": resolved,
         "sampling": {**sampling, "output_kind": "FINAL_ONLY"},
         "detokenize": args.detokenize,
