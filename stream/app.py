@@ -316,7 +316,12 @@ def wire(app: faust.App, cfg: StreamConfig, pipeline: BatchPipeline) -> Any:
     topics = [t.topic for t in cfg.inputs]
     channel = app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     intake: Intake[Incoming] = Intake(cfg.stream_buffer)
-    app.consumer.attach_intake(topics, intake, to_incoming)
+    convert: Callable[[Any, float, Any], Incoming] = to_incoming
+    if cfg.faults.consumer_crash_marker:  # test hook (config ``faults``): an error no guard catches
+        from rsafe.stream.faults import crash_on_marker
+
+        convert = crash_on_marker(to_incoming, cfg.faults.consumer_crash_marker)
+    app.consumer.attach_intake(topics, intake, convert)
     app.intake = intake  # type: ignore[attr-defined] - held here (flow control keeps a weak reference)
     fun = functools.partial(moderate_agent, intake=intake, pipeline=pipeline, batch_size=cfg.batch.size,
                             linger_s=cfg.batch.linger_ms / 1000)

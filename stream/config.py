@@ -344,6 +344,9 @@ class Faults(_Strict):
     """While this file exists, every engine call fails (a dead engine)."""
     engine_hang_marker: str | None = None
     """A batch holding this marker never returns from the engine (a hung engine)."""
+    consumer_crash_marker: str | None = None
+    """An input event whose raw value contains this marker raises inside the Faust consumer's
+    delivery, where no guard catches it: the Faust app crashes (exit status 3)."""
 
 
 def parse_brokers(value: str | list[str]) -> list[str] | None:

@@ -8,6 +8,9 @@ config; never set in production):
 * ``request_error_marker``: that request alone comes back with an error (its topic's ``on_error``);
 * ``engine_dead_file``: while the file exists every call raises (a dead engine: exit 4);
 * ``engine_hang_marker``: a batch holding the marker never returns (a hung engine: batch timeout).
+
+``crash_on_marker`` wraps the consumer's message conversion instead (``consumer_crash_marker``):
+an input event holding the marker raises inside Faust's fetch loop, and the Faust app crashes.
 """
 
 from __future__ import annotations
@@ -58,3 +61,20 @@ class FaultyBackend:
 
     def __getattr__(self, name: str) -> Any:  # tokenizer, token_counter, cfg, startup_s ...
         return getattr(self.inner, name)
+
+
+class InjectedCrash(RuntimeError):
+    """Raised by ``crash_on_marker``: nothing in the worker catches it."""
+
+
+def crash_on_marker(convert: Any, marker: str) -> Any:
+    """``convert`` (the consumer's message → ``Incoming``), raising ``InjectedCrash`` for a message
+    whose raw value contains ``marker``."""
+    needle = marker.encode()
+
+    def crashing(message: Any, arrived: float, consumed_at: Any) -> Any:
+        if message.value is not None and needle in message.value:
+            raise InjectedCrash(f"injected consumer crash (an event contains {marker!r})")
+        return convert(message, arrived, consumed_at)
+
+    return crashing

@@ -14,6 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # shared helper module
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _end_the_tests_processes():
+    """Every process a test started through ``streamkit`` (``start_worker``, ``own``) ends with the
+    test, pass or fail: a failed wait must not leave a worker running after the suite."""
+    yield
+    kit = sys.modules.get("streamkit")
+    if kit is not None:
+        kit.end_started()
+
+
 DEMO_WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``rsafe.training.demo.WINDOW_TOKENS``;
 stream/demo.yaml sets the same)."""

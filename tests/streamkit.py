@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Sequence
 
 import pytest
 import yaml
@@ -47,21 +49,111 @@ def worker_config(bootstrap: str, prefix: str, **over) -> dict:
     return cfg
 
 
+_STARTED: list[subprocess.Popen] = []
+"""Processes the current test started (``start_worker``, ``own``); ``end_started`` ends them."""
+
+
+def own(proc: subprocess.Popen) -> subprocess.Popen:
+    """Hand ``proc`` to the test's teardown: it is ended when the test ends, pass or fail."""
+    _STARTED.append(proc)
+    return proc
+
+
+def end_started(grace_s: float = 30.0) -> list[int]:
+    """End every process the test started that still runs: SIGTERM, then SIGKILL after ``grace_s``.
+    Called after each test by the autouse fixture in conftest.py; returns the pids it had to end."""
+    ended = []
+    procs, _STARTED[:] = list(_STARTED), []
+    for proc in procs:
+        if proc.poll() is None:
+            ended.append(proc.pid)
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return ended
+
+
 def start_worker(tmp_path: Path, raw: dict, name: str, env: dict | None = None) -> subprocess.Popen:
+    """``rsafe worker`` on ``raw`` (config written to ``<name>.yaml``, output to ``<name>.log``),
+    owned by the test: still running when the test ends, it is stopped (``end_started``)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    log = open(tmp_path / f"{name}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    with open(tmp_path / f"{name}.log", "w") as log:
+        return own(subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(path)],
+                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}))
 
 
 def wait_until(pred, timeout: float, interval: float = 0.2) -> bool:
+    """A fixed deadline: only for waits that measure the product (a promised recovery time) or
+    wait for something that must happen at once. Waits for work to get done use ``wait_progress``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return True
         time.sleep(interval)
     return pred()
+
+
+STALL_S = 120.0
+"""How long a test waits without progress before it fails. It must cover the longest quiet phase:
+a worker's start on the null engine (imports, group join: ~3 s idle, ~25 s on a 2-core machine
+beside 6 busy processes) or a rebalance (a heartbeat interval, 3 s, plus the rejoin)."""
+
+
+class Stalled(AssertionError):
+    """A wait saw no progress for its ``stall_s`` (or a process it needs exited)."""
+
+
+def wait_progress(count: Callable[[], int], target: int, *, stall_s: float = 60.0, interval: float = 0.2,
+                  what: str = "count", alive: Sequence[subprocess.Popen] = (),
+                  log: Path | Sequence[Path] | None = None) -> int:
+    """Wait until ``count() >= target`` for as long as the count keeps moving.
+
+    Fails (``Stalled``) only when the count has not changed for ``stall_s`` seconds, or at once when
+    a process of ``alive`` exited: a busy machine makes the work slower, not the test fail.
+    ``stall_s`` must cover the longest quiet phase the product has (a worker's start, a rebalance).
+    Returns the count reached. ``log``: the tail of each goes into the failure message."""
+    last = count()
+    moved = time.monotonic()
+    while last < target:
+        for proc in alive:
+            if proc.poll() is not None:
+                raise Stalled(f"{what}: {last} of {target}; process {proc.pid} exited with {proc.returncode}"
+                              + _tail(log))
+        time.sleep(interval)
+        now = count()
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            raise Stalled(f"{what}: {last} of {target}, no progress for {stall_s:.0f} s" + _tail(log))
+    return last
+
+
+def wait_logged(tmp_path: Path, name: str, text: str, proc: subprocess.Popen, stall_s: float = STALL_S) -> float:
+    """Wait until ``<name>.log`` shows ``text``, for as long as the log keeps growing: fails when
+    ``proc`` exits first or the log has not grown for ``stall_s``. Returns when the text was seen
+    (``time.monotonic()``)."""
+    path = tmp_path / f"{name}.log"
+    size, moved = -1, time.monotonic()
+    while not logged(tmp_path, name, text):
+        if proc.poll() is not None:
+            raise Stalled(f"{name} exited with {proc.returncode} before logging {text!r}" + _tail(path))
+        now = path.stat().st_size if path.exists() else 0
+        if now != size:
+            size, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            raise Stalled(f"{name}.log: no {text!r} and no new line for {stall_s:.0f} s" + _tail(path))
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+def _tail(log: Path | Sequence[Path] | None, chars: int = 3000) -> str:
+    logs = [] if log is None else [log] if isinstance(log, Path) else list(log)
+    return "".join(f"\n--- {p.name} (tail) ---\n" + p.read_text(errors="replace")[-chars:] for p in logs if p.exists())
 
 
 def logged(tmp_path: Path, name: str, text: str) -> bool:
