@@ -2,11 +2,15 @@
 
 ``EmbeddedBroker`` starts ``noida-db start --only kafka`` as a child process in its own data
 directory, waits until the port accepts connections and stops it (SIGTERM, then SIGKILL) on
-``stop()`` / context exit. Production points ``broker`` at a real Kafka cluster instead.
+``stop()`` / context exit. On Linux the child also gets SIGTERM when its parent dies (even by
+SIGKILL), so a crashed worker, test or demo leaves no broker behind. Production points ``broker``
+at a real Kafka cluster instead.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -17,9 +21,12 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 log = logging.getLogger("rsafe.stream.broker")
+
+PR_SET_PDEATHSIG = 1
+"""``prctl`` option (linux/prctl.h): the signal the calling process gets when its parent dies."""
 
 
 class BrokerError(RuntimeError):
@@ -42,6 +49,30 @@ def noida_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return path
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get ``sig`` when the process that started it dies, or
+    None where ``prctl`` is not available (not Linux).
+
+    The parent-death signal follows the *thread* that forked: start the child from a thread that
+    lives as long as the child should (the main thread, or a pool thread that is only shut down
+    at exit). libc is looked up here, in the parent: the child only makes the one call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,10 +130,11 @@ class EmbeddedBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab")
         try:
-            # Own process group: a Ctrl-C meant for the parent does not kill the broker before the
-            # worker has committed; stop() ends it.
+            # Own session: a Ctrl-C meant for the parent does not kill the broker before the worker
+            # has committed; stop() ends it. And it dies with its parent (SIGTERM: it keeps its data).
             self.proc = subprocess.Popen(self.command(), stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent())
         finally:
             out.close()
         deadline = time.monotonic() + self.startup_timeout_s
