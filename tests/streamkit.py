@@ -101,7 +101,12 @@ def wait_until(pred, timeout: float, interval: float = 0.2) -> bool:
 STALL_S = 120.0
 """How long a test waits without progress before it fails. It must cover the longest quiet phase:
 a worker's start on the null engine (imports, group join: ~3 s idle, ~25 s on a 2-core machine
-beside 6 busy processes) or a rebalance (a heartbeat interval, 3 s, plus the rejoin)."""
+beside 6 busy processes) or a rebalance (a heartbeat interval, 3 s, and the rejoin; Faust's 60 s
+rebalance timeout when a member does not rejoin)."""
+
+
+ENGINE_STALL_S = 600.0
+"""``STALL_S`` for a phase that starts a real engine (vLLM on the demo model: 50-130 s here, quiet)."""
 
 
 class Stalled(AssertionError):
@@ -131,6 +136,25 @@ def wait_progress(count: Callable[[], int], target: int, *, stall_s: float = 60.
         elif time.monotonic() - moved > stall_s:
             raise Stalled(f"{what}: {last} of {target}, no progress for {stall_s:.0f} s" + _tail(log))
     return last
+
+
+def wait_caught_up(bootstrap: str, group_id: str, topics: list[str], *, stall_s: float = STALL_S,
+                   alive: Sequence[subprocess.Popen] = (), interval: float = 1.0) -> bool:
+    """Wait until the group has committed every partition of ``topics`` to its end (``caught_up``)
+    for as long as its committed offsets keep moving. False when they did not move for ``stall_s``
+    or a process of ``alive`` exited (a scenario records that, then asserts on it)."""
+    def committed() -> int:
+        return sum((o or 0) for o in committed_offsets([bootstrap], group_id, topics).values())
+
+    last, moved = committed(), time.monotonic()
+    while not caught_up(bootstrap, group_id, topics):
+        if any(p.poll() is not None for p in alive) or time.monotonic() - moved > stall_s:
+            return False
+        time.sleep(interval)
+        now = committed()
+        if now != last:
+            last, moved = now, time.monotonic()
+    return True
 
 
 def wait_logged(tmp_path: Path, name: str, text: str, proc: subprocess.Popen, stall_s: float = STALL_S) -> float:

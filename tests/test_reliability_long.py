@@ -31,7 +31,8 @@ from rsafe.stream.broker import EmbeddedBroker, ensure_topics, free_port
 from rsafe.stream.clients import committed_offsets, end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
-from streamkit import caught_up, REAL_KAFKA, events, logged, published, start_worker, wait_until, worker_config
+from streamkit import (ENGINE_STALL_S, REAL_KAFKA, events, published, start_worker, wait_caught_up, wait_logged,
+                       wait_progress, worker_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -111,7 +112,8 @@ def test_worker_sigkill_mid_batch_real_engine(tmp_path, demo_model_dir):
         produce([bootstrap], msgs)
         w = start_worker(tmp_path, raw, "w1")
         try:
-            assert wait_until(lambda: published(bootstrap, cfg) >= 60, timeout=400, interval=0.2)
+            wait_progress(lambda: published(bootstrap, cfg), 60, stall_s=ENGINE_STALL_S, what="verdicts", alive=[w],
+                          log=tmp_path / "w1.log")
         finally:
             w.send_signal(signal.SIGKILL)
             w.wait(timeout=30)
@@ -119,7 +121,8 @@ def test_worker_sigkill_mid_batch_real_engine(tmp_path, demo_model_dir):
         t0 = time.monotonic()
         w2 = start_worker(tmp_path, raw, "w2")
         try:
-            assert wait_until(lambda: outcome(bootstrap, cfg, n)["lost"] == 0, timeout=900, interval=5)
+            wait_progress(lambda: n - outcome(bootstrap, cfg, n)["lost"], n, stall_s=ENGINE_STALL_S, interval=5,
+                          what="judged events after the restart", alive=[w2], log=tmp_path / "w2.log")
             recovery = time.monotonic() - t0
         finally:
             w2.send_signal(signal.SIGTERM)
@@ -191,15 +194,16 @@ def _broker_restart(tmp_path: Path, kill: bool) -> dict:
         w = start_worker(tmp_path, raw, "w")
         t = threading.Thread(target=producer, daemon=True)
         try:
-            assert wait_until(lambda: logged(tmp_path, "w", "consuming"), timeout=90)
+            wait_logged(tmp_path, "w", "consuming", w)
             t.start()
-            assert wait_until(lambda: published(bootstrap, cfg) > 3000, timeout=120, interval=0.2)
+            wait_progress(lambda: published(bootstrap, cfg), 3001, what="verdicts", alive=[w], log=tmp_path / "w.log")
             t0 = time.monotonic()
             b.restart(kill=kill)
-            assert wait_until(lambda: published(bootstrap, cfg) > 0, timeout=120)
+            wait_progress(lambda: published(bootstrap, cfg), 1, what="verdicts after the broker restart", alive=[w],
+                          log=tmp_path / "w.log")
             t.join(timeout=600)
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
+            done = wait_caught_up(bootstrap, cfg.group_id, inputs, alive=[w])
             recovery = time.monotonic() - t0
             assert w.poll() is None, "the worker did not survive the broker restart"
         finally:
@@ -243,13 +247,14 @@ def test_two_workers_one_killed_and_restarted(tmp_path):
         b = start_worker(tmp_path, {**raw, "group_instance_id": f"{prefix}-b"}, "b")
         a2 = None
         try:
-            assert wait_until(lambda: published(bootstrap, cfg) > 2000, timeout=120, interval=0.2)
+            wait_progress(lambda: published(bootstrap, cfg), 2001, what="verdicts", alive=[a, b],
+                          log=[tmp_path / "a.log", tmp_path / "b.log"])
             a.send_signal(signal.SIGKILL)
             a.wait(timeout=10)
             t0 = time.monotonic()
             a2 = start_worker(tmp_path, {**raw, "group_instance_id": f"{prefix}-a"}, "a2")
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
+            done = wait_caught_up(bootstrap, cfg.group_id, inputs, alive=[b, a2])
             recovery = time.monotonic() - t0
             group = None if done else describe_group(bootstrap, cfg.group_id)  # why it stalled
         finally:
@@ -277,10 +282,12 @@ def test_the_other_worker_takes_over_a_dead_members_partitions(tmp_path):
     a = start_worker(tmp_path, {**raw, "group_instance_id": f"{prefix}-a"}, "a")
     b = start_worker(tmp_path, {**raw, "group_instance_id": f"{prefix}-b"}, "b")
     try:
-        assert wait_until(lambda: published(bootstrap, cfg) > 1000, timeout=120, interval=0.2)
+        wait_progress(lambda: published(bootstrap, cfg), 1001, what="verdicts", alive=[a, b],
+                      log=[tmp_path / "a.log", tmp_path / "b.log"])
         a.send_signal(signal.SIGKILL)
         inputs = [x.topic for x in cfg.inputs]
-        assert wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=600, interval=2)
+        # quiet until the broker expires the dead member (its session timeout, 60 s)
+        assert wait_caught_up(bootstrap, cfg.group_id, inputs, stall_s=600, alive=[b])
     finally:
         b.send_signal(signal.SIGTERM)
         b.wait(timeout=120)
@@ -304,14 +311,15 @@ def test_exactly_once_with_sigkill(tmp_path):
         produce([bootstrap], events(cfg.inputs[0].topic, prefix, n))
         w = start_worker(tmp_path, raw, "w1")
         try:
-            assert wait_until(lambda: published(bootstrap, cfg) > 500, timeout=120, interval=0.1)
+            wait_progress(lambda: published(bootstrap, cfg), 501, interval=0.1, what="verdicts", alive=[w],
+                          log=tmp_path / "w1.log")
         finally:
             w.send_signal(signal.SIGKILL)
             w.wait(timeout=10)
         w2 = start_worker(tmp_path, raw, "w2")
         try:
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=300, interval=2)
+            done = wait_caught_up(bootstrap, cfg.group_id, inputs, alive=[w2])
         finally:
             w2.send_signal(signal.SIGTERM)
             w2.wait(timeout=120)
@@ -345,14 +353,14 @@ def test_soak_20k_events_memory_and_lag(tmp_path):
                 stop.wait(1.0)
 
         try:
-            assert wait_until(lambda: logged(tmp_path, "w", "consuming"), timeout=90)
+            wait_logged(tmp_path, "w", "consuming", w)
             sampler = threading.Thread(target=sample, daemon=True)
             sampler.start()
             t0 = time.monotonic()
             for start in range(0, n, 1000):  # a steady stream: 1,000 events per batch of produce
                 produce([bootstrap], events(cfg.inputs[0].topic, prefix, 1000, start=start))
             inputs = [x.topic for x in cfg.inputs]
-            done = wait_until(lambda: caught_up(bootstrap, cfg.group_id, inputs), timeout=900, interval=1)
+            done = wait_caught_up(bootstrap, cfg.group_id, inputs, alive=[w])
             elapsed = time.monotonic() - t0
         finally:
             stop.set()
