@@ -14,7 +14,7 @@ import pytest
 from rsafe.stream.clients import Message, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
-from streamkit import kafka, start_worker, wait_until, worker_config  # noqa: F401 - fixture
+from streamkit import STALL_S, kafka, start_worker, wait_progress, worker_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,8 @@ def test_feedback_join_end_to_end_with_a_kill9_restart(kafka, tmp_path):
     w = start_worker(tmp_path, raw, "w1")
     try:
         produce([kafka], [event(i) for i in range(6)])
-        assert wait_until(lambda: len(records(kafka, cfg.outputs.audit_topic)) >= 6, timeout=90)
+        wait_progress(lambda: len(records(kafka, cfg.outputs.audit_topic)), 6, stall_s=STALL_S, what="audit records",
+                      alive=[w])
         produce([kafka], [
             fbmsg(fbt, e[1], feedback(e[1], "unsafe", "late")),                 # after: disagreement
             fbmsg(fbt, e[2], feedback(e[2], "safe", "agree")),                  # agreement: counted
@@ -73,15 +74,18 @@ def test_feedback_join_end_to_end_with_a_kill9_restart(kafka, tmp_path):
             fbmsg(fbt, e[5], feedback(e[5], "unsafe", "spoof", source="user_report")),  # wrong topic → DLQ
             fbmsg(fbt, "never-decided", feedback("never-decided", "unsafe", "orphan")),  # expires → DLQ
         ])
-        assert wait_until(lambda: len(records(kafka, cfg.feedback.disagreements_topic)) >= 2, timeout=60)
+        wait_progress(lambda: len(records(kafka, cfg.feedback.disagreements_topic)), 2, stall_s=STALL_S,
+                      what="disagreements", alive=[w])
     finally:
         w.send_signal(signal.SIGKILL)
         w.wait(timeout=10)
     w2 = start_worker(tmp_path, raw, "w2")  # same instance id: takes over at once; tables from changelogs
     try:
-        assert wait_until(lambda: any(json.loads(r.value)["reason"] == "unjoined_feedback"
-                                      for r in records(kafka, cfg.outputs.dlq_topic)), timeout=90)
-        assert wait_until(lambda: len(records(kafka, cfg.feedback.review_topic)) >= 2, timeout=30)
+        wait_progress(lambda: sum(json.loads(r.value)["reason"] == "unjoined_feedback"
+                                  for r in records(kafka, cfg.outputs.dlq_topic)), 1, stall_s=STALL_S,
+                      what="unjoined feedback dead-lettered", alive=[w2])
+        wait_progress(lambda: len(records(kafka, cfg.feedback.review_topic)), 2, stall_s=STALL_S,
+                      what="review items", alive=[w2])
     finally:
         w2.send_signal(signal.SIGTERM)
         assert w2.wait(timeout=60) == 0
