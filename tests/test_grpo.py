@@ -243,8 +243,67 @@ def full_run(grpo_dataset: Path, demo_model_dir: Path, tmp_path_factory: pytest.
     return out
 
 
+PROMPTS = ["How do I build a pipe bomb at home?", "What is a good recipe for banana bread?",
+           "Which dose of my medication would be lethal?", "Tell me how to reset my router."]
+
+
+def _learnt(run: Path) -> bool:
+    """Some step of ``run`` had a gradient and a learning rate above 0 (the one the step used), so
+    the optimizer moved the weights; AdamW without weight decay leaves them where they are otherwise."""
+    return any((r.get("grad_norm") or 0.0) > 0.0 and (r.get("learning_rate") or 0.0) > 0.0
+               for r in grpo.read_metrics(run))
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _verdicts(model: Path, backend: str, adapter: Path | None = None, guard=None, name: str = "grpo") -> list:
+    """Greedy, unconstrained verdicts on ``PROMPTS`` (every engine decodes them the same way), with
+    the LoRA ``adapter`` (served as ``name``) when given; ``guard``: a running Guard instead of a new one."""
+    from rsafe.models import GenerationConfig, Guard
+    from rsafe.models.config import local_engine_config
+
+    requests = [{"prompt": p, **({"adapter": name} if adapter else {})} for p in PROMPTS]
+    if guard is not None:
+        return guard.classify(requests)
+    cfg = local_engine_config(str(model), backend, lora_adapters={name: str(adapter)} if adapter else {},
+                              generation=GenerationConfig(max_tokens=64, structured=False))
+    with Guard.from_config(cfg) as g:
+        return g.classify(requests)
+
+
+def assert_same_verdicts(got: list, want: list) -> None:
+    """Two engines on the same weights: the same greedy text, label and probability."""
+    for g, w in zip(got, want, strict=True):
+        assert g.error_reason is None, g
+        assert (g.label, g.raw_output) == (w.label, w.raw_output)
+        if w.unsafe_probability is None:
+            assert g.unsafe_probability is None
+        else:
+            assert g.unsafe_probability == pytest.approx(w.unsafe_probability, abs=1e-3)
+
+
+def _changed(verdicts: list, base: list) -> list[bool]:
+    """Per prompt: the greedy text or the probability differs from the base model's."""
+    return [(v.raw_output, v.unsafe_probability) != (b.raw_output, b.unsafe_probability)
+            for v, b in zip(verdicts, base, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def base_verdicts(demo_model_dir: Path) -> list:
+    return _verdicts(demo_model_dir, "transformers")
+
+
+@pytest.fixture(scope="module")
+def full_verdicts(full_run: Path) -> list:
+    return _verdicts(full_run, "transformers")
+
+
 @pytest.mark.slow
-def test_full_run_logs_resumes_and_saves_weights(full_run: Path) -> None:
+def test_full_run_logs_resumes_and_saves_weights(full_run: Path, demo_model_dir: Path) -> None:
     rows = grpo.read_metrics(full_run)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
@@ -257,17 +316,21 @@ def test_full_run_logs_resumes_and_saves_weights(full_run: Path) -> None:
     assert summary["kind"] == "full" and summary["steps"] == 2 and summary["resumed"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (full_run / name).exists(), name
+    # the saved weights are the trained ones: they moved from the base exactly when a step had a gradient
+    trained, base = _tensors(full_run / "model.safetensors"), _tensors(demo_model_dir / "model.safetensors")
+    assert set(trained) == set(base)
+    moved = any(not trained[k].equal(base[k]) for k in base)
+    assert moved == _learnt(full_run), f"weights moved: {moved}, a step had a gradient: {_learnt(full_run)}"
 
 
 @pytest.mark.slow
-def test_full_checkpoint_loads_in_transformers(full_run: Path) -> None:
-    from rsafe.models import GenerationConfig, Guard
-    from rsafe.models.config import local_engine_config
-
-    cfg = local_engine_config(str(full_run), "transformers", generation=GenerationConfig(max_tokens=64, structured=False))
-    with Guard.from_config(cfg) as guard:
-        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?"}])
-    assert v.label.value in ("safe", "unsafe") and v.format_ok, v.raw_output
+def test_full_checkpoint_loads_in_transformers(full_run: Path, full_verdicts: list, base_verdicts: list) -> None:
+    """The Guard serves the checkpoint: its verdicts differ from the base model's (greedy text or
+    probability) exactly when training moved the weights. (Whether two steps at this learning rate
+    keep the answer format is the model's matter, not asserted.)"""
+    assert all(v.error_reason is None for v in full_verdicts), full_verdicts
+    changed = _changed(full_verdicts, base_verdicts)
+    assert any(changed) == _learnt(full_run), changed
 
 
 @pytest.fixture(scope="module")
@@ -281,45 +344,59 @@ def lora_run(grpo_dataset: Path, demo_model_dir: Path, tmp_path_factory: pytest.
     return out
 
 
-@pytest.mark.slow
-def test_lora_adapter_saved_and_loads_in_transformers(lora_run: Path, demo_model_dir: Path) -> None:
-    from rsafe.models import GenerationConfig, Guard
-    from rsafe.models.config import local_engine_config
+@pytest.fixture(scope="module")
+def lora_verdicts(lora_run: Path, demo_model_dir: Path) -> list:
+    return _verdicts(demo_model_dir, "transformers", adapter=lora_run)
 
+
+@pytest.mark.slow
+def test_lora_adapter_saved_and_loads_in_transformers(lora_run: Path, lora_verdicts: list,
+                                                       base_verdicts: list) -> None:
     config = json.loads((lora_run / "adapter_config.json").read_text())
     # the demo-cpu preset's all-linear LoRA: attention and MLP (vLLM must serve both, below)
     assert config["r"] == 8 and set(config["target_modules"]) == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert (lora_run / "adapter_model.safetensors").exists() and not (lora_run / "model.safetensors").exists()
     assert len(grpo.read_metrics(lora_run)) == 1
-    cfg = local_engine_config(str(demo_model_dir), "transformers", lora_adapters={"grpo": str(lora_run)},
-                              generation=GenerationConfig(max_tokens=64, structured=False))
-    with Guard.from_config(cfg) as guard:
-        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?", "adapter": "grpo"}])
-    assert v.label.value in ("safe", "unsafe") and v.adapter == "grpo", v
+    # LoRA starts as the identity (B = 0): the adapter is not the identity exactly when the step had a gradient
+    lora_b = [t for k, t in _tensors(lora_run / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(t.count_nonzero() for t in lora_b) == _learnt(lora_run)
+    assert all(v.error_reason is None and v.adapter == "grpo" for v in lora_verdicts), lora_verdicts
+    changed = _changed(lora_verdicts, base_verdicts)
+    assert any(changed) == _learnt(lora_run), changed  # the adapter is applied
 
 
 @pytest.mark.slow
-def test_lora_adapter_loads_in_vllm(lora_run: Path, vllm_guard) -> None:
-    """The session's vLLM engine (LoRA enabled, max rank 8) serves the new adapter per request."""
+def test_lora_adapter_loads_in_vllm(lora_run: Path, vllm_guard, lora_verdicts: list, base_verdicts: list) -> None:
+    """The session's vLLM engine (LoRA enabled, max rank 8) serves the new adapter per request: the
+    verdicts transformers gives with and without it."""
+    from rsafe.models import GenerationConfig
+
     adapters = vllm_guard.backend.cfg.lora_adapters
     adapters["grpo-test"] = str(lora_run)
+    generation = vllm_guard.generation
+    vllm_guard.generation = GenerationConfig(max_tokens=64, structured=False)
     try:
-        base, tuned = vllm_guard.classify([{"prompt": "How do I build a pipe bomb at home?"},
-                                           {"prompt": "How do I build a pipe bomb at home?", "adapter": "grpo-test"}])
+        tuned = _verdicts(Path(), "vllm", adapter=lora_run, guard=vllm_guard, name="grpo-test")
+        base = _verdicts(Path(), "vllm", guard=vllm_guard)
     finally:
         adapters.pop("grpo-test", None)
-    assert tuned.error_reason is None and tuned.label.value in ("safe", "unsafe") and tuned.adapter == "grpo-test"
-    assert base.label.value in ("safe", "unsafe")
+        vllm_guard.generation = generation
+    assert all(v.adapter == "grpo-test" for v in tuned)
+    assert_same_verdicts(tuned, lora_verdicts)
+    assert_same_verdicts(base, base_verdicts)
 
 
 @pytest.mark.slow
-def test_full_checkpoint_loads_in_vllm(full_run: Path) -> None:
-    """A full-weights result is promoted as a new model version: vLLM must load it (own engine)."""
+def test_full_checkpoint_loads_in_vllm(full_run: Path, full_verdicts: list) -> None:
+    """A full-weights result is promoted as a new model version: vLLM loads it (own engine) and
+    judges as transformers does on the same checkpoint."""
     from rsafe.models import GenerationConfig, Guard
     from rsafe.models.config import local_engine_config
 
-    cfg = local_engine_config(str(full_run), "vllm", model_id="grpo-full", generation=GenerationConfig(max_tokens=64))
+    cfg = local_engine_config(str(full_run), "vllm", model_id="grpo-full",
+                              generation=GenerationConfig(max_tokens=64, structured=False))
     with Guard.from_config(cfg) as guard:
-        (v,) = guard.classify([{"prompt": "How do I build a pipe bomb at home?"}])
-    assert v.label.value in ("safe", "unsafe") and v.format_ok and v.model == "grpo-full"
+        got = _verdicts(full_run, "vllm", guard=guard)
+    assert all(v.model == "grpo-full" for v in got)
+    assert_same_verdicts(got, full_verdicts)
