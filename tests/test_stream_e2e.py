@@ -25,7 +25,7 @@ import yaml
 from rsafe.policies import PolicyRegistry
 from rsafe.stream.broker import EmbeddedBroker, ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
-from streamkit import caught_up
+from streamkit import ENGINE_STALL_S, STALL_S, caught_up, wait_progress
 from rsafe.stream.config import load_config
 from rsafe.stream.records import sha256_text
 from rsafe.stream.worker import GuardWorker, serve, topic_specs
@@ -152,8 +152,10 @@ def wait_until(predicate, timeout: float, interval: float = 1.0):
     return predicate()
 
 
-async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: bool = False) -> tuple[int, dict]:
-    """Run an in-process worker until ``done()`` (checked in a thread) is true; returns (exit code, stats)."""
+async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: bool = False,
+                           progress=None) -> tuple[int, dict]:
+    """Run an in-process worker until ``done()`` (checked in a thread) is true; returns (exit code, stats).
+    With ``progress`` (a count), ``timeout`` is how long the count may stand still, not a deadline."""
     worker = GuardWorker(cfg, backend=backend) if not signals else None
     holder: dict = {}
     if signals:
@@ -161,9 +163,12 @@ async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: 
     else:
         task = asyncio.create_task(worker.run())
     deadline = time.monotonic() + timeout
+    last = None
     while time.monotonic() < deadline and not task.done():
         if await asyncio.to_thread(done):
             break
+        if progress is not None and (now := await asyncio.to_thread(progress)) != last:
+            last, deadline = now, time.monotonic() + timeout
         await asyncio.sleep(0.5)
     w = holder.get("w", worker)
     if signals:
@@ -199,9 +204,8 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
         proc = subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(cfg_path),
                                  "--log-level", "INFO"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        started = wait_until(lambda: proc.poll() is not None or len(Outputs(kafka, cfg).verdicts) >= 24,
-                             timeout=240, interval=0.5)
-        assert started and proc.poll() is None, log_path.read_text()[-3000:]
+        wait_progress(lambda: len(Outputs(kafka, cfg).verdicts), 24, stall_s=ENGINE_STALL_S, interval=0.5,
+                      what="verdicts", alive=[proc], log=log_path)  # quiet while vLLM starts
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
     finally:
@@ -232,7 +236,8 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
     total = len(msgs) + len(bad)
     code, stats2 = asyncio.run(run_worker_until(
         load_config(cfg_path, env={}), vllm_guard.backend,
-        lambda: Outputs(kafka, cfg).accounted() >= total, timeout=240))
+        lambda: Outputs(kafka, cfg).accounted() >= total, timeout=STALL_S,
+        progress=lambda: Outputs(kafka, cfg).accounted()))
     assert code == 0
     assert stats2["events"] >= len(second)
     # backpressure: bounded in-flight work, and Faust paused fetching while the pipeline was full
