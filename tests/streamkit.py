@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import pytest
 import yaml
 
-from rsafe.stream.broker import EmbeddedBroker
+from rsafe.stream.broker import EmbeddedBroker, die_with_parent
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, read_all
 
 
@@ -49,42 +49,60 @@ def worker_config(bootstrap: str, prefix: str, **over) -> dict:
     return cfg
 
 
-_STARTED: list[subprocess.Popen] = []
-"""Processes the current test started (``start_worker``, ``own``); ``end_started`` ends them."""
+_STARTED: list[tuple[subprocess.Popen, bool]] = []
+"""Processes the current test started (``start_worker``, ``own``), each with whether it leads its
+own process group; ``end_started`` ends them."""
 
 
-def own(proc: subprocess.Popen) -> subprocess.Popen:
-    """Hand ``proc`` to the test's teardown: it is ended when the test ends, pass or fail."""
-    _STARTED.append(proc)
+def own(proc: subprocess.Popen, group: bool = False) -> subprocess.Popen:
+    """Hand ``proc`` to the test's teardown: it is ended when the test ends, pass or fail. ``group``:
+    it was started in its own session, and what it started (vLLM's engine process) is ended too."""
+    _STARTED.append((proc, group))
     return proc
 
 
 def end_started(grace_s: float = 30.0) -> list[int]:
-    """End every process the test started that still runs: SIGTERM, then SIGKILL after ``grace_s``.
-    Called after each test by the autouse fixture in conftest.py; returns the pids it had to end."""
+    """End every process the test started that still runs: SIGTERM, then SIGKILL after ``grace_s``;
+    for a process group leader, also what is left of its group (a worker killed with SIGKILL leaves
+    vLLM's EngineCore behind). Called after each test by the autouse fixture in conftest.py; returns
+    the pids it had to end."""
     ended = []
     procs, _STARTED[:] = list(_STARTED), []
-    for proc in procs:
+    for proc, _ in procs:
         if proc.poll() is None:
             ended.append(proc.pid)
             proc.send_signal(signal.SIGTERM)
-    for proc in procs:
+    for proc, group in procs:
         try:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if group:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # nothing left of it
+                pass
     return ended
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a worker of ``start_worker`` with everything it started, as a container runtime or
+    systemd does (on a bare host vLLM's EngineCore outlives a worker killed alone: docs/RELIABILITY.md)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def start_worker(tmp_path: Path, raw: dict, name: str, env: dict | None = None) -> subprocess.Popen:
     """``rsafe worker`` on ``raw`` (config written to ``<name>.yaml``, output to ``<name>.log``),
-    owned by the test: still running when the test ends, it is stopped (``end_started``)."""
+    owned by the test: still running when the test ends, it is stopped with what it started
+    (``end_started``). It leads its own process group, and gets SIGTERM if the test process dies."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     with open(tmp_path / f"{name}.log", "w") as log:
         return own(subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}))
+                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                    start_new_session=True, preexec_fn=die_with_parent()), group=True)
 
 
 def wait_until(pred, timeout: float, interval: float = 0.2) -> bool:

@@ -31,8 +31,8 @@ from rsafe.stream.broker import EmbeddedBroker, ensure_topics, free_port
 from rsafe.stream.clients import committed_offsets, end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
-from streamkit import (ENGINE_STALL_S, REAL_KAFKA, events, published, start_worker, wait_caught_up, wait_logged,
-                       wait_progress, worker_config)
+from streamkit import (ENGINE_STALL_S, REAL_KAFKA, events, kill_group, published, start_worker, wait_caught_up,
+                       wait_logged, wait_progress, worker_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.reliability]
 
@@ -115,8 +115,7 @@ def test_worker_sigkill_mid_batch_real_engine(tmp_path, demo_model_dir):
             wait_progress(lambda: published(bootstrap, cfg), 60, stall_s=ENGINE_STALL_S, what="verdicts", alive=[w],
                           log=tmp_path / "w1.log")
         finally:
-            w.send_signal(signal.SIGKILL)
-            w.wait(timeout=30)
+            kill_group(w)  # the worker and its EngineCore, as in a pod (alone, the EngineCore is orphaned)
         before = published(bootstrap, cfg)
         t0 = time.monotonic()
         w2 = start_worker(tmp_path, raw, "w2")
