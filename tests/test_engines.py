@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -219,7 +220,7 @@ def vllm_server(demo_model_dir):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model_dir),
          "--served-model-name", "rsafe-demo", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
          "--gpu-memory-utilization", "0.5", "--max-model-len", "1024", "--enforce-eager"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # its EngineCore: same group
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -241,6 +242,11 @@ def vllm_server(demo_model_dir):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        try:  # what the server left behind (its EngineCore, when the server had to be killed)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         log.close()
 
 
