@@ -25,7 +25,7 @@ import yaml
 from rsafe.policies import PolicyRegistry
 from rsafe.stream.broker import EmbeddedBroker, ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
-from streamkit import ENGINE_STALL_S, STALL_S, caught_up, wait_progress
+from streamkit import ENGINE_STALL_S, STALL_S, caught_up, own, wait_progress
 from rsafe.stream.config import load_config
 from rsafe.stream.records import sha256_text
 from rsafe.stream.worker import GuardWorker, serve, topic_specs
@@ -415,8 +415,8 @@ def test_broker_produce_tail_commands(tmp_path):
     from rsafe.stream.broker import free_port, port_open
 
     port = free_port()
-    broker = subprocess.Popen([sys.executable, "-m", "rsafe.cli", "broker", "--data-dir", str(tmp_path / "b"),
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    broker = own(subprocess.Popen([sys.executable, "-m", "rsafe.cli", "broker", "--data-dir", str(tmp_path / "b"),
+                                   "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     try:
         assert wait_until(lambda: port_open("127.0.0.1", port), timeout=30, interval=0.2)
         events = tmp_path / "events.jsonl"
