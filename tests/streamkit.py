@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -153,6 +154,21 @@ def wait_progress(count: Callable[[], int], target: int, *, stall_s: float = 60.
             last, moved = now, time.monotonic()
         elif time.monotonic() - moved > stall_s:
             raise Stalled(f"{what}: {last} of {target}, no progress for {stall_s:.0f} s" + _tail(log))
+    return last
+
+
+async def progress(count: Callable[[], int], target: int, *, stall_s: float = STALL_S, interval: float = 0.1,
+                   what: str = "count") -> int:
+    """``wait_progress`` for a worker running in this event loop (``GuardWorker`` in the test's
+    process): ``count`` is read in the loop; fails only after ``stall_s`` without progress."""
+    last, moved = count(), time.monotonic()
+    while last < target:
+        await asyncio.sleep(interval)
+        now = count()
+        if now != last:
+            last, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            raise Stalled(f"{what}: {last} of {target}, no progress for {stall_s:.0f} s")
     return last
 
 

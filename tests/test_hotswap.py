@@ -18,7 +18,7 @@ from rsafe.stream.config import load_config
 from rsafe.stream.worker import GuardWorker, topic_specs
 from rsafe.training.corpus import synthetic_examples
 from rsafe.training.promote import publish_control
-from streamkit import kafka, worker_config  # noqa: F401 - fixture
+from streamkit import kafka, progress, worker_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 
@@ -116,9 +116,6 @@ def test_a_running_worker_switches_adapter_on_a_control_record(kafka, vllm_guard
         assert follow >= 0.8 * len(differ), (phase, follow, len(differ))
 
 
-async def wait_verdicts(worker: GuardWorker, n: int, timeout_s: float = 180) -> None:
-    for _ in range(int(timeout_s * 10)):
-        if worker.telemetry.counts["verdicts"] >= n:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"only {worker.telemetry.counts['verdicts']} of {n} verdicts")
+async def wait_verdicts(worker: GuardWorker, n: int) -> None:
+    """Until ``n`` verdicts, for as long as they keep coming (``streamkit.progress``)."""
+    await progress(lambda: worker.telemetry.counts["verdicts"], n, what="verdicts")

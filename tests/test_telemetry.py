@@ -19,7 +19,7 @@ from rsafe.stream.clients import Message, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.telemetry import providers
 from rsafe.stream.worker import GuardWorker, topic_specs
-from streamkit import kafka, worker_config  # noqa: F401 - fixture
+from streamkit import kafka, progress, worker_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,10 +70,8 @@ def run_worker(cfg, prov, n_verdicts: int, on_ready=None) -> GuardWorker:
         await asyncio.wait_for(worker.ready.wait(), 60)
         if on_ready is not None:
             await on_ready(worker)
-        for _ in range(300):
-            if worker.telemetry.counts["verdicts"] + worker.telemetry.counts["dlq"] >= n_verdicts:
-                break
-            await asyncio.sleep(0.1)
+        await progress(lambda: worker.telemetry.counts["verdicts"] + worker.telemetry.counts["dlq"], n_verdicts,
+                       what="verdicts and DLQ records")
         worker.request_stop()
         assert await task == 0
         return worker
@@ -179,10 +177,7 @@ def test_prometheus_endpoint_serves_every_metric_the_dashboard_and_alerts_use(ka
                     json.dumps({"event_id": f"{prefix}-1", "feedback_id": "f1", "label": "safe",
                                 "source": "reviewer"}).encode()),
         ])
-        for _ in range(100):
-            if worker.telemetry.counts["verdicts"] >= 3:
-                break
-            await asyncio.sleep(0.1)
+        await progress(lambda: worker.telemetry.counts["verdicts"], 3, what="verdicts")
         worker.request_reload()
         await asyncio.sleep(3)  # the feedback join, the reload
         async with httpx.AsyncClient() as client:
@@ -305,10 +300,7 @@ def test_metrics_are_served_by_default_without_tracing(kafka):
 
         await asyncio.to_thread(produce, [kafka], [Message(cfg.inputs[0].topic, None,
                                                            json.dumps({"id": f"{prefix}-1", "prompt": "hi"}).encode())])
-        for _ in range(100):
-            if worker.telemetry.counts["verdicts"] >= 1:
-                break
-            await asyncio.sleep(0.1)
+        await progress(lambda: worker.telemetry.counts["verdicts"], 1, what="verdicts")
         async with httpx.AsyncClient() as client:
             r = await client.get(f"http://127.0.0.1:{worker.http.port}/metrics")
             got["status"], got["text"] = r.status_code, r.text

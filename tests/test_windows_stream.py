@@ -14,7 +14,7 @@ from rsafe.stream.broker import ensure_topics
 from rsafe.stream.clients import Message, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import GuardWorker, topic_specs
-from streamkit import kafka, worker_config  # noqa: F401 - fixture
+from streamkit import kafka, progress, worker_config  # noqa: F401 - fixture
 from test_windows import FILLER, MARKER, MarkerBackend
 
 pytestmark = pytest.mark.slow
@@ -34,10 +34,7 @@ def test_a_windowed_event_gets_one_verdict_and_one_audit_record(kafka):
         worker = GuardWorker(cfg, backend=MarkerBackend(2000))
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 60)
-        for _ in range(300):
-            if worker.telemetry.counts["verdicts"] >= 2:
-                break
-            await asyncio.sleep(0.1)
+        await progress(lambda: worker.telemetry.counts["verdicts"], 2, what="verdicts")
         worker.request_stop()
         assert await task == 0
 
