@@ -132,7 +132,7 @@ class Stalled(AssertionError):
     """A wait saw no progress for its ``stall_s`` (or a process it needs exited)."""
 
 
-def wait_progress(count: Callable[[], int], target: int, *, stall_s: float = 60.0, interval: float = 0.2,
+def wait_progress(count: Callable[[], int], target: int, *, stall_s: float = STALL_S, interval: float = 0.2,
                   what: str = "count", alive: Sequence[subprocess.Popen] = (),
                   log: Path | Sequence[Path] | None = None) -> int:
     """Wait until ``count() >= target`` for as long as the count keeps moving.
