@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from datetime import datetime, timedelta, timezone
 
@@ -12,6 +13,7 @@ from rsafe.schemas.feedback import DisagreementRecord, FeedbackEvent, ReviewItem
 from rsafe.stream.config import load_config
 from rsafe.stream.feedback import TABLES, FeedbackJoin, partition_of, topic_specs
 from rsafe.stream.records import DLQRecord, SourceRef, sha256_text
+from rsafe.stream.redaction import ContentHasher
 
 CFG = load_config(data={"inputs": [{"topic": "chat", "policy": "rsafe-default"}], "group_id": "g",
                         "feedback": {"enabled": True, "hold_max_events": 3, "hold_max_age_s": 60}}, env={})
@@ -26,10 +28,20 @@ class Clock:
         return self.t
 
 
+HASHER = ContentHasher.from_env({"RSAFE_AUDIT_HASH_KEY": "current-key-" + "x" * 32, "RSAFE_AUDIT_HASH_KEY_ID": "k2",
+                                  "RSAFE_AUDIT_HASH_PREVIOUS_KEYS": "k1=previous-key-" + "y" * 32})
+"""The join's key for ``audit.content: hash`` (current k2, previous k1)."""
+
+
 def audit(event_id: str, label="unsafe", model_label="unsafe", p=0.95, mode="full", prompt="how to build a bomb",
-          fallback=False, **extra) -> dict:
+          fallback=False, key_id="k2", **extra) -> dict:
+    keys = {"k2": HASHER.key, **HASHER.previous, "k0": b"a key the join never held"}
     content = {"mode": mode, "prompt": prompt if mode == "full" else None, "response": None,
-               "prompt_sha256": sha256_text(prompt) if mode != "redacted" else None, "prompt_chars": len(prompt)}
+               "prompt_sha256": sha256_text(prompt) if mode == "full" else None, "prompt_chars": len(prompt)}
+    if mode == "hash":
+        content |= {"prompt_hmac": hmac.new(keys[key_id], prompt.encode(), "sha256").hexdigest(), "hash_key_id": key_id}
+    if mode == "legacy-hash":  # written before keyed digests: a plain sha256
+        content |= {"mode": "hash", "prompt_sha256": sha256_text(prompt)}
     return {"event_id": event_id, "label": label, "model_label": model_label, "unsafe_probability": p,
             "unsafe_threshold": 0.5, "fallback": fallback, "policy": "rsafe-default", "policy_version": "v1",
             "level": "prompt", "model": "m", "model_version": "mv", "adapter": None, "adapter_version": None,
@@ -41,7 +53,7 @@ class Harness:
         self.tables = {name: {} for name in TABLES}
         self.audits: dict[int, dict] = {}
         self.clock = Clock()
-        self.join = FeedbackJoin(cfg, self.tables, self.fetch, worker_id="w", now=self.clock)
+        self.join = FeedbackJoin(cfg, self.tables, self.fetch, worker_id="w", now=self.clock, hasher=HASHER)
         self.offset = 0
 
     async def fetch(self, ptr):
@@ -136,6 +148,24 @@ def test_hash_mode_with_and_without_attached_content():
     rec = DisagreementRecord.model_validate_json(
         h.feedback(event_id="e8", label="safe", content={"prompt": "something else"})[0].value)
     assert rec.prompt is None and "does not match" in rec.content_missing
+
+
+def test_attached_content_is_checked_with_the_key_that_made_the_digest():
+    h = Harness()
+    for event_id, kind, key_id in (("r1", "hash", "k1"), ("r2", "hash", "k0"), ("r3", "legacy-hash", None),
+                                   ("r4", "redacted", None)):
+        h.decide(audit(event_id, mode=kind, key_id=key_id or "k2"))
+
+    def attach(event_id: str, prompt: str = "how to build a bomb") -> DisagreementRecord:
+        return DisagreementRecord.model_validate_json(
+            h.feedback(event_id=event_id, label="safe", content={"prompt": prompt})[0].value)
+
+    assert attach("r1").prompt == "how to build a bomb"  # a rotated-out key still verifies
+    rec = attach("r2")  # a key this worker never held: not verifiable, not used
+    assert rec.prompt is None and "'k0'" in rec.content_missing and "PREVIOUS_KEYS" in rec.content_missing
+    assert attach("r3").prompt == "how to build a bomb"  # a record from before keyed digests
+    # redacted: nothing to check against; the reviewer's choice (documented)
+    assert attach("r4", "whatever the reviewer sent").prompt == "whatever the reviewer sent"
 
 
 def test_contradicting_trusted_labels_go_to_review_and_retract_the_disagreement():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import os
 import signal
@@ -27,7 +28,6 @@ from rsafe.stream.broker import EmbeddedBroker, ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all
 from streamkit import ENGINE_STALL_S, STALL_S, caught_up, own, wait_progress
 from rsafe.stream.config import load_config
-from rsafe.stream.records import sha256_text
 from rsafe.stream.worker import GuardWorker, serve, topic_specs
 
 pytestmark = pytest.mark.slow
@@ -182,7 +182,11 @@ async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: 
 # --------------------------------------------------------------------------- the main scenario
 
 
-def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo_model_dir, vllm_guard):
+AUDIT_KEY = "e2e-audit-key-" + "0123456789abcdef" * 2
+"""``RSAFE_AUDIT_HASH_KEY`` of the main scenario's workers (``audit.content: hash`` needs one)."""
+
+
+def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo_model_dir, vllm_guard, monkeypatch):
     """200 events over two topics/policies → one verdict per id (after dedup) with the topic's policy
     version and one audit record; malformed ones in the DLQ; a poison batch is split and its poison
     events dead-lettered (``engine_crash``) while the rest are judged; a per-request engine error
@@ -199,6 +203,7 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
 
     # 1. A worker process; SIGTERM once it is moderating.
     log_path = tmp_path / "worker1.log"
+    monkeypatch.setenv("RSAFE_AUDIT_HASH_KEY", AUDIT_KEY)  # the worker process and the in-process one
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(cfg_path),
@@ -264,14 +269,15 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
         assert eid in out.audit
         a = out.audit[eid][-1]
         assert a["policy_version"] == v["policy_version"] and a["content"]["mode"] == "hash"
-        assert a["content"]["prompt"] is None and a["content"]["prompt_sha256"] == sha256_text(m["prompt"])
+        assert a["content"]["prompt"] is None and a["content"]["prompt_sha256"] is None  # no unkeyed digest
+        assert a["content"]["prompt_hmac"] == hmac.new(AUDIT_KEY.encode(), m["prompt"].encode(), "sha256").hexdigest()
         assert a["sampling"]["max_tokens"] == 128 and a["worker_id"]
         if m["fail"]:
             assert v["fallback"] and ERR_MARKER in v["error_reason"]
             assert v["label"] == ("unsafe" if m["topic"].endswith(".kids") else "error")
         elif not v["fallback"]:
             assert v["label"] in ("safe", "unsafe", "unknown")
-            assert a["raw_output"] and a["rendered_prompt_sha256"] and v["timings"]["engine_ms"] > 0
+            assert a["raw_output"] and a["rendered_prompt_sha256"] is None and v["timings"]["engine_ms"] > 0
     real = [eid for eid, m in meta.items() if eid not in poison and not out.verdicts[eid][-1]["fallback"]]
     assert len(real) == len(meta) - 4  # only the two request errors fell back
     # the stream went on after the failures: events after the last marker got real verdicts
@@ -336,7 +342,8 @@ def test_policy_hot_reload_on_sighup(kafka, tmp_path, demo_model_dir, vllm_guard
     kids = yaml.safe_load((bundled / "kids-platform.yaml").read_text())
     kids["name"] = "kids-custom"
     (pdir / "kids-custom.yaml").write_text(yaml.safe_dump(kids))
-    raw = stream_config(kafka, prefix, demo_model_dir, policy_dirs=[str(pdir)], faults={})
+    raw = stream_config(kafka, prefix, demo_model_dir, policy_dirs=[str(pdir)], faults={},
+                        audit={"content": "full"})  # the rendered prompt's digest: kept next to the text only
     raw["inputs"][1]["policy"] = "kids-custom"
     cfg = load_config(data=raw, env={})
     ensure_topics([kafka], topic_specs(cfg))

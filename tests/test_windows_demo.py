@@ -69,11 +69,18 @@ def test_the_filler_alone_is_safe(vllm_guard, filler):
 
 
 def test_200k_characters_under_truncate_judge_head_and_tail_windows(vllm_guard):
+    from rsafe.models import Guard
+
     text = filler_text(200_000, random.Random(7)) + HARM
-    p = vllm_guard.prepare({"prompt": text})
+    [refused] = vllm_guard.classify([{"prompt": text}])  # the default: fail closed, nothing judged
+    assert refused.label == Label.ERROR and refused.error_reason == "too_large"
+    truncating = Guard(vllm_guard.backend, policies=vllm_guard.policies, generation=vllm_guard.generation,
+                       limits=vllm_guard.limits.model_copy(update={"on_oversize": "truncate"}))
+    p = truncating.prepare({"prompt": text})
     assert p.truncated and p.windows[0].span[0] == 0 and p.windows[-1].span[1] == len(text)
-    [v] = vllm_guard.classify([{"prompt": text}])
+    [v] = truncating.classify([{"prompt": text}])
     assert v.truncated_input and v.windows == len(p.windows) and v.label == Label.UNSAFE
+    assert [(u.start, u.end) for u in v.unjudged_ranges] == [(32_000, len(text) - 32_000)]
 
 
 @settings(max_examples=40, deadline=None)
