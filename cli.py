@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     loop = sub.add_parser("loop", help="the whole retraining loop").add_subparsers(dest="loop_cmd", required=True)
     ld = loop.add_parser("demo", help="feedback → disagreements → GRPO → gate → hot swap, live on the demo model")
-    ld.add_argument("--model", default=".cache/demo-model", help="the demo model directory (built when missing)")
+    ld.add_argument("--model", default="demo/model", help="the demo model directory (the repository's, as committed)")
     ld.add_argument("--work-dir", default=".cache/loop", help="broker data, registry, dataset, runs (wiped first)")
     ld.add_argument("--grpo-steps", type=int, default=60, help="GRPO optimizer steps (demo-cpu preset)")
     ld.add_argument("--grpo-config", help="YAML of GRPO settings over the demo-cpu preset (e.g. beta: 0.04)")

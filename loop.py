@@ -38,8 +38,7 @@ class LoopSettings:
     pair_by_message: bool = True
     """A reviewed message and its contrast row (and each kept message's two rows) in one GRPO step."""
     grpo_overrides: dict[str, Any] = field(default_factory=dict)
-    """Over the demo-cpu preset (e.g. ``{"beta": 0.04}``: a KL term to the base model, tried in
-    docs/TRAINING.md section 6)."""
+    """Over the demo-cpu preset (e.g. ``{"beta": 0.04}``: a KL term to the base model)."""
     lora_rank: int = 16
     timeout_s: float = 1800.0
 
@@ -85,7 +84,7 @@ async def run_loop(s: LoopSettings) -> int:
     from rsafe.training import dataset as ds
     from rsafe.training import drift, grpo
     from rsafe.training.corpus import family_examples, synthetic_examples
-    from rsafe.training.demo import build_demo_lora, build_demo_model
+    from rsafe.training.demo import DEMO_MODEL_DIR, build_demo_lora, check_demo_model, read_manifest
     from rsafe.training.lora_extract import extract_lora
     from rsafe.training.promote import demo_promotion_set, publish_control
     from rsafe.training.registry import Registry
@@ -101,8 +100,12 @@ async def run_loop(s: LoopSettings) -> int:
     platform = policies.get("medical-platform")
 
     steps.begin("1. the demo model and the adapter the worker serves first (guard v0)")
-    model = build_demo_model(s.model, log=lambda m: say(m))
-    v0_dir = build_demo_lora(model, Path(s.model).parent / "demo-lora")
+    model = Path(s.model)
+    problem = check_demo_model(model) if model.resolve() == DEMO_MODEL_DIR else None
+    if read_manifest(model) is None or problem:
+        say(problem or f"no demo model build at {model}; the repository carries it in demo/model/")
+        return 1
+    v0_dir = build_demo_lora(model, Path(".cache") / "demo-lora")
     v0 = registry.register(v0_dir, "guard", kind="lora", base_model=str(Path(model).resolve()))
     registry.set_current(v0, "loop-demo")
     steps.end(f"guard@{v0.version}")

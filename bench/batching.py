@@ -1,6 +1,6 @@
 """Micro-batching measurement: batch size × batches in flight.
 
-``.venv/bin/python bench/batching.py --model .cache/demo-model`` calls the engine directly;
+``.venv/bin/python bench/batching.py --model demo/model`` calls the engine directly;
 ``--kafka`` runs the real worker on an embedded broker for each setting (events/s from the first
 event consumed to the last verdict published, and consumed → verdict latency p50/p99/max).
 Prints a markdown table with each setting's throughput ÷ one event at a time (size 1, one in

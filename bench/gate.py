@@ -1,6 +1,6 @@
 """The promotion gate's measurement: two versions, one after the other or both at once.
 
-    .venv/bin/python bench/gate.py --model .cache/demo-model [--general 200] [--slice 60] [--rounds 1]
+    .venv/bin/python bench/gate.py --model demo/model [--general 200] [--slice 60] [--rounds 1]
                                    [--ops reference grouped] [--variants "sequential, 64" "both at once, 64"]
 
 The gate (``rsafe train promote``) measures the candidate and the current version on the promotion
@@ -51,7 +51,7 @@ def promotion_set(seed: int, n_general: int, n_slice: int) -> Any:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=".cache/demo-model")
+    ap.add_argument("--model", default="demo/model")
     ap.add_argument("--general", type=int, default=200)
     ap.add_argument("--slice", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=1)

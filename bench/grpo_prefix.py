@@ -1,6 +1,6 @@
 """GRPO steps with and without the shared prompt prefix (``share_prompt_prefix``), same run otherwise.
 
-    .venv/bin/python bench/grpo_prefix.py --model .cache/demo-model [--steps 6] [--rounds 2]
+    .venv/bin/python bench/grpo_prefix.py --model demo/model [--steps 6] [--rounds 2]
 
 Builds the drift scenario's training set (as ``bench/grpo_sweep.py``), then runs ``--steps`` GRPO
 steps of the ``demo-cpu`` preset (the loop's settings: 4 prompts × 8 rollouts, LoRA) with
@@ -67,7 +67,7 @@ def run(model: str, data: Path, out: Path, steps: int, share: bool) -> dict[str,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=".cache/demo-model")
+    ap.add_argument("--model", default="demo/model")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()

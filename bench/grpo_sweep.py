@@ -1,6 +1,6 @@
 """GRPO sweep on the drift scenario (docs/TRAINING.md): one run per setting, each evaluated.
 
-    .venv/bin/python bench/grpo_sweep.py --model .cache/demo-model --work .cache/grpo-sweep [--only NAME ...]
+    .venv/bin/python bench/grpo_sweep.py --model demo/model --work .cache/grpo-sweep [--only NAME ...]
     .venv/bin/python bench/grpo_sweep.py --work .cache/grpo-sweep --table     # the markdown table
 
 Builds the scenario's dataset once (``rsafe train drift-data`` + ``rsafe train dataset``), measures
@@ -111,7 +111,7 @@ def table(results: dict[str, Any], before: dict[str, Any]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=".cache/demo-model")
+    p.add_argument("--model", default="demo/model")
     p.add_argument("--work", default=".cache/grpo-sweep")
     p.add_argument("--only", nargs="*", choices=sorted(SWEEP), help="run these settings only")
     p.add_argument("--table", action="store_true", help="print the results table and exit")

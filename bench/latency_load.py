@@ -1,6 +1,6 @@
 """Latency under load: an open-loop producer at 50 % and 90 % of the worker's capacity (issue 14, item 5).
 
-    .venv/bin/python bench/latency_load.py --model .cache/demo-model [--duration 60] [--plot docs/img/latency_load.png]
+    .venv/bin/python bench/latency_load.py --model demo/model [--duration 60] [--plot docs/img/latency_load.png]
 
 One vLLM engine (the demo model) behind a ``GuardWorker`` with the worker's default micro-batching
 (or ``--batch-size`` / ``--inflight`` / ``--linger-ms``), on an embedded broker:

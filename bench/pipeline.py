@@ -4,7 +4,10 @@
 
 * **bare**: aiokafka consume → produce two records of verdict/audit size per event (acks=all) →
   commit, in batches (``getmany``): what Kafka itself costs, the ceiling of any worker.
-* **worker**: ``GuardWorker`` with the null engine (answers at once) on the same kind of topic.
+* **worker**: ``GuardWorker`` with the null engine (answers at once) on the same kind of topic,
+  its shipped telemetry settings (``/metrics`` served: the metrics SDK records, no spans).
+* **worker, /metrics off**: the same with ``telemetry.prometheus: false`` (no SDK at all), to
+  measure what serving ``/metrics`` by default costs.
 * **worker + OTLP**: the same with telemetry exported to an OTLP/HTTP receiver (a child process,
   as a collector would be) at the default sampling, to measure the cost of telemetry.
 
@@ -195,6 +198,10 @@ def main() -> None:
         batch = {"size": args.batch, "linger_ms": 5, "max_inflight": args.inflight}
         rates["worker, null engine"] = asyncio.run(worker(broker.bootstrap, t, args.events, profile=args.profile,
                                                           batch=batch))
+        t = f"m{uuid.uuid4().hex[:6]}"
+        fill(broker.bootstrap, t, args.events)
+        rates["worker, /metrics off"] = asyncio.run(worker(broker.bootstrap, t, args.events, batch=batch,
+                                                           telemetry={"prometheus": False}))
         if not args.no_otlp:
             receiver = subprocess.Popen([sys.executable, "-c", RECEIVER], stdout=subprocess.PIPE, text=True)
             try:
@@ -215,6 +222,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {r['events/s']:.0f} | {r['events/s'] / base:.2f} | {r['cpu_us']:.0f} | {r['broker_us']:.0f} |")
+    on, off = rates["worker, null engine"], rates["worker, /metrics off"]
+    print(f"/metrics (the default) costs {1 - on['events/s'] / off['events/s']:.0%} of the worker's throughput, "
+          f"{on['cpu_us'] - off['cpu_us']:.0f} µs of CPU per event")
     if "worker + OTLP export" in rates:
         print(f"OTLP export costs {1 - rates['worker + OTLP export']['events/s'] / rates['worker, null engine']['events/s']:.0%} "
               "of the worker's throughput")

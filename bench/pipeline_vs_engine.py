@@ -1,6 +1,6 @@
 """Pipeline vs engine: the same messages through the whole path vs the engine alone (issue 14, item 2).
 
-    .venv/bin/python bench/pipeline_vs_engine.py --model .cache/demo-model [--events 1000]
+    .venv/bin/python bench/pipeline_vs_engine.py --model demo/model [--events 1000]
 
 One vLLM engine, started once, serves both runs (same process, same machine, same messages):
 

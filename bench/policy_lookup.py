@@ -1,7 +1,7 @@
 """Can the demo model learn to read the category list? (docs/TRAINING.md, "Teaching the demo model
 to read the category list").
 
-    .venv/bin/python bench/policy_lookup.py --model .cache/demo-model --steps 800 --fewest 2 --most 10
+    .venv/bin/python bench/policy_lookup.py --model demo/model --steps 800 --fewest 2 --most 10
 
 The drift scenario needs a guard whose verdict depends on *one line* of the policy (U13). The
 demo build (recipe 5) runs two such stages itself (``rsafe.training.demo.LOOKUP_STAGES``); this
@@ -55,7 +55,7 @@ def log(msg: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=".cache/demo-model", help="start from this model (and its tokenizer)")
+    ap.add_argument("--model", default="demo/model", help="start from this model (and its tokenizer)")
     ap.add_argument("--fresh", action="store_true", help="a freshly initialised model of the demo shape instead")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -1,6 +1,6 @@
 """Engine benchmarks on one machine, in one run: structured decoding cost, batching gain.
 
-    make bench                      # or: .venv/bin/python bench/run.py --model .cache/demo-model
+    make bench                      # or: .venv/bin/python bench/run.py --model demo/model
 
 Prints a markdown table of messages/s and the ratios, measured in this run; paste into
 docs/BENCHMARKS.md with the command and the machine.

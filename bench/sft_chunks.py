@@ -1,6 +1,6 @@
 """The demo build's SFT step: one padded batch against rows run in length chunks (recipe 6).
 
-    .venv/bin/python bench/sft_chunks.py --model .cache/demo-model [--batches 8]
+    .venv/bin/python bench/sft_chunks.py --model demo/model [--batches 8]
 
 For each stage of the demo build (base SFT, long messages, lookup stages 1 and 2) it draws the
 stage's own batches and times forward + backward of the same batches, on the same model, both
@@ -22,7 +22,7 @@ ONE_BATCH = 10**9
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=".cache/demo-model")
+    ap.add_argument("--model", default="demo/model")
     ap.add_argument("--batches", type=int, default=8)
     args = ap.parse_args()
 

@@ -1,6 +1,6 @@
 """The cost of long messages: messages/s for messages judged in 1 window vs in ~4 windows (vLLM).
 
-    .venv/bin/python bench/windows.py --model .cache/demo-model [--n 48] [--max-window-tokens 128]
+    .venv/bin/python bench/windows.py --model demo/model [--n 48] [--max-window-tokens 128]
 
 Both sets are judged in batches of ``--batch`` messages by the same engine in one run; a message of
 k windows costs k engine sequences, so the ratio shows what windowing costs per message.

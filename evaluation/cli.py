@@ -1,7 +1,7 @@
 """``rsafe eval``: measure a guard model on the RSafe benchmarks with one command.
 
     rsafe eval --model M --benchmark toxicchat --data-dir data/ [--limit N] [--policy P]
-    rsafe eval --model .cache/demo-model --benchmark demo --engine transformers
+    rsafe eval --model demo/model --benchmark demo --engine transformers
     rsafe eval --model M --benchmark all --data-dir data/ --adaptive --robustness
 
 Writes results.json, results.md, predictions and plots to ``--out`` and prints the markdown.

@@ -15,6 +15,8 @@ from pathlib import Path
 from rsafe.stream.config import DEFAULT_BROKER
 
 BUNDLED_CONFIG = Path(__file__).parent / "demo.yaml"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
+"""The demo model the repository carries (``rsafe.training.demo.DEMO_MODEL_DIR``; not installed with the package)."""
 
 
 def _err(msg: str) -> int:
@@ -304,7 +306,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         sp.add_argument("-c", "--config", help="the worker config (topics, group, security)")
 
     p = sub.add_parser("demo", help="embedded broker + demo model + worker + sample events, live")
-    p.add_argument("--model", required=True, help="the demo model directory (make demo-model)")
+    p.add_argument("--model", default=str(DEMO_MODEL), help="the demo model directory (default: the repository's "
+                   "demo/model)")
     p.add_argument("--config", default=str(BUNDLED_CONFIG), help="worker config (default: bundled demo.yaml)")
     p.add_argument("--samples", default=None, help="events JSONL (default: bundled samples)")
     p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")

@@ -153,7 +153,7 @@ def _summary(cfg: Any, tally: _Tally, style: _Style, elapsed: float, engine_s: f
                f"({', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'})")
     if judged:
         out.append(f"agreement with the sample labels: {agree}/{judged} ({100 * agree / judged:.0f} %) "
-                   "(a 3.5M-parameter demo model, not a real guard)")
+                   "(a 3.9M-parameter demo model, not a real guard)")
     if tally.duplicates:
         out.append(f"duplicates dropped by id: {tally.duplicates}")
     lat = sorted(r["timings"]["total_ms"] for r in tally.verdicts.values() if r.get("timings"))
@@ -165,6 +165,21 @@ def _summary(cfg: Any, tally: _Tally, style: _Style, elapsed: float, engine_s: f
     return "\n".join(out)
 
 
+ENGINE_START_USUALLY = "25–60 s"
+"""What the demo says the engine start takes on this project's 2-core machines (docs/BENCHMARKS.md, "Cold start")."""
+PROGRESS_EVERY_S = 10.0
+"""A line at least this often while the worker starts: no silent minute."""
+
+
+def _starting(worker: Any) -> str:
+    """What the starting worker is doing now (its start order: broker, topics, engine, consumer group)."""
+    if worker.guard is None:
+        return "the vLLM engine is starting"
+    if worker.app is None:
+        return "the engine is ready; starting the Kafka consumer"
+    return "joining the consumer group, waiting for partitions"
+
+
 async def _demo(model: str, config: str, samples: str, timeout_s: float) -> int:
     from rsafe.stream.broker import BrokerError, EmbeddedBroker, ensure_topics
     from rsafe.stream.clients import produce, read_messages
@@ -174,7 +189,8 @@ async def _demo(model: str, config: str, samples: str, timeout_s: float) -> int:
     style = _Style(sys.stdout.isatty() and os.environ.get("NO_COLOR") is None)
     t0 = time.perf_counter()
     if not Path(model).joinpath("config.json").is_file():
-        print(f"rsafe demo: no model at {model!r}; build it first: make demo-model", file=sys.stderr)
+        print(f"rsafe demo: no model at {model!r}; the repository carries the demo model in demo/model/ "
+              "(`make demo-model-rebuild` rebuilds it from its recipe)", file=sys.stderr)
         return 2
     messages = read_messages(samples, envelope=True)
     expected = {}
@@ -223,8 +239,9 @@ async def _demo(model: str, config: str, samples: str, timeout_s: float) -> int:
         for t in cfg.inputs:
             _say(f"  {t.topic:<13} → policy {t.policy}, level {t.level.value}, on_error {t.on_error.value}"
                  f"{', policy override allowed' if t.allow_policy_override else ''} → {cfg.verdicts_topic(t)}")
-        _say(f"• starting the worker: vLLM engine on {model} (30–60 s on a CPU), batches of "
-             f"{cfg.batch.size} / {cfg.batch.linger_ms:.0f} ms")
+        _say(f"• starting the worker: vLLM engine on {model}, batches of {cfg.batch.size} / "
+             f"{cfg.batch.linger_ms:.0f} ms — the engine start takes {ENGINE_START_USUALLY} on a 2-core CPU "
+             "(the first run after install is the slow one: torch and vLLM are not yet in the page cache)")
         tally = _Tally(expected, len(messages))
         all_done = asyncio.Event()
         worker = GuardWorker(cfg)
@@ -235,7 +252,8 @@ async def _demo(model: str, config: str, samples: str, timeout_s: float) -> int:
         engine_s = None
         waiters = {asyncio.create_task(worker.ready.wait()), run_task,
                    asyncio.create_task(interrupted.wait())}
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        while not (await asyncio.wait(waiters, timeout=PROGRESS_EVERY_S, return_when=asyncio.FIRST_COMPLETED))[0]:
+            _say(f"  … {_starting(worker)} ({time.perf_counter() - engine_started:.0f} s)")
         for w in waiters:
             if w is not run_task:
                 w.cancel()

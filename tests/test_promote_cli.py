@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rsafe.training.registry import Registry
+from conftest import BUILDS
 from streamkit import kafka  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def flipped(demo_model_dir: Path) -> Path:
     from rsafe.training.demo import build_demo_lora
 
     # 200 steps: the recipe-5 model holds its labels harder (after 60, no label had flipped)
-    return build_demo_lora(demo_model_dir, demo_model_dir.parent / "demo-lora-flipped", variant="flipped", steps=200)
+    return build_demo_lora(demo_model_dir, BUILDS / "demo-lora-flipped", variant="flipped", steps=200)
 
 
 def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped):  # noqa: F811

@@ -66,6 +66,7 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
         "batch": {"size": 8, "linger_ms": 50, "max_inflight": 2},
         "retry": {"attempts": 2, "backoff_ms": 20},
         "audit": {"content": "hash"},
+        "dlq": {"content": "full"},
         "engine": engine_section(model_dir),
         "policy_reload": {"watch": False},
         "faults": {"engine_fail_marker": MARKER, "request_error_marker": ERR_MARKER},
@@ -183,10 +184,16 @@ async def run_worker_until(cfg, backend, done, timeout: float = 180.0, signals: 
 
 
 AUDIT_KEY = "e2e-audit-key-" + "0123456789abcdef" * 2
-"""``RSAFE_AUDIT_HASH_KEY`` of the main scenario's workers (``audit.content: hash`` needs one)."""
+"""``RSAFE_AUDIT_HASH_KEY`` of this module's workers (``audit.content: hash`` needs one)."""
 
 
-def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo_model_dir, vllm_guard, monkeypatch):
+@pytest.fixture(autouse=True)
+def _audit_hash_key(monkeypatch):
+    """Every worker here, in a process or in-process, hashes audit content with ``AUDIT_KEY``."""
+    monkeypatch.setenv("RSAFE_AUDIT_HASH_KEY", AUDIT_KEY)
+
+
+def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo_model_dir, vllm_guard):
     """200 events over two topics/policies → one verdict per id (after dedup) with the topic's policy
     version and one audit record; malformed ones in the DLQ; a poison batch is split and its poison
     events dead-lettered (``engine_crash``) while the rest are judged; a per-request engine error
@@ -203,7 +210,6 @@ def test_two_topics_dlq_engine_failure_sigterm_and_restart(kafka, tmp_path, demo
 
     # 1. A worker process; SIGTERM once it is moderating.
     log_path = tmp_path / "worker1.log"
-    monkeypatch.setenv("RSAFE_AUDIT_HASH_KEY", AUDIT_KEY)  # the worker process and the in-process one
     env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rsafe.cli", "worker", "-c", str(cfg_path),
@@ -459,7 +465,8 @@ def test_worker_defaults_to_the_embedded_broker(tmp_path):
     try:
         assert worker.cfg.bootstrap == [f"127.0.0.1:{port}"] and port_open("127.0.0.1", port)
         created = ensure_topics(worker.cfg.bootstrap, topic_specs(worker.cfg))
-        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq", "rsafe.policies", "rsafe.models"]
+        assert created == ["t", "t.verdicts", "rsafe.audit", "rsafe.dlq", "rsafe.policies", "rsafe.models",
+                           "rsafe.review"]
     finally:
         worker.broker.stop()
     assert not port_open("127.0.0.1", port)

@@ -33,6 +33,18 @@ def cmd_demo_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo_model_check(args: argparse.Namespace) -> int:
+    from rsafe.training.demo import check_demo_model, read_manifest
+
+    problem = check_demo_model(args.dir)
+    if problem:
+        die(problem, 1)
+    manifest = read_manifest(args.dir) or {}
+    print(f"{args.dir}: the demo model of recipe {manifest.get('recipe')} ({manifest.get('params', 0) / 1e6:.1f}M "
+          f"parameters, built by `{manifest.get('command')}` in {manifest.get('build_seconds', 0):,.0f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- train dataset
 
 
@@ -434,11 +446,15 @@ def _add_drift(train: argparse._SubParsersAction) -> None:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     dm = sub.add_parser("demo-model", help="the bundled tiny demo model").add_subparsers(dest="dm_cmd", required=True)
-    b = dm.add_parser("build", help="build (or reuse the cached) demo model into DIR")
+    b = dm.add_parser("build", help="build (or reuse the cached) demo model into DIR (the repository carries "
+                      "the default build in demo/model: make demo-model-rebuild refreshes it)")
     b.add_argument("dir")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build of this recipe")
     b.set_defaults(func=cmd_demo_model_build)
+    c = dm.add_parser("check", help="is DIR the demo model the code's recipe makes? (exit 1 with how to rebuild)")
+    c.add_argument("dir", nargs="?", default="demo/model")
+    c.set_defaults(func=cmd_demo_model_check)
 
     train = sub.add_parser("train", help="the retraining job: dataset, GRPO, drift scenario").add_subparsers(
         dest="train_cmd", required=True)

@@ -1,7 +1,7 @@
 """The bundled demo guard model: a tiny Qwen2 that answers in the RSafe format, built on CPU.
 
 No model hub is needed: the tokenizer (byte-level BPE, ``rsafe.training.tokenizer``) and the model
-(Qwen2 architecture, ~3.5M parameters) are trained here, by SFT (``rsafe.training.sft``) on the
+(Qwen2 architecture, ~3.9M parameters) are trained here, by SFT (``rsafe.training.sft``) on the
 templated synthetic corpus (``rsafe.training.corpus``) with the project's real prompt template,
 then on long messages, then on *policy-ablation pairs* (``rsafe.training.lookup``) so that its
 verdict follows the category list it is given, not only the message. The result loads with
@@ -123,21 +123,80 @@ def model_recipe(seed: int, steps: int) -> str:
                        template=user_turn(probe))
 
 
+MANIFEST = "manifest.json"
+"""What a finished build writes last: its recipe hash, the command that made it, the build's measured
+figures and a sha256 of every file (the committed demo model, ``demo/model/``, carries one too)."""
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo" / "model"
+"""The committed demo model artifact (in the repository, not in the installed package)."""
+REBUILD_COMMAND = "make demo-model-rebuild"
+"""Rebuilds ``demo/model/`` in place from the recipe (``rsafe demo-model build demo/model``)."""
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    """A finished build's manifest (None: no finished build there). Builds made before manifests
+    wrote the same summary to ``.ok``."""
+    for name in (MANIFEST, ".ok"):
+        try:
+            data = json.loads((Path(out_dir) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            return data
+    return None
+
+
 def built_recipe(out_dir: str | Path) -> str | None:
     """The recipe hash a finished build was made from (None: no finished build there)."""
-    try:
-        return json.loads((Path(out_dir) / ".ok").read_text(encoding="utf-8")).get("recipe")
-    except (OSError, ValueError, AttributeError):
-        return None
+    manifest = read_manifest(out_dir)
+    return manifest.get("recipe") if manifest else None
+
+
+def file_hashes(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file of a build (the manifest aside), by relative path."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name not in (MANIFEST, ".ok")}
+
+
+def write_manifest(folder: str | Path, recipe: str, summary: dict[str, Any], *, command: str) -> dict[str, Any]:
+    """Write ``manifest.json`` for a finished build in ``folder``; return it."""
+    import platform
+
+    manifest = {"recipe": recipe, "command": command,
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                            "cpus": os.cpu_count()},
+                **summary, "files": file_hashes(folder)}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def check_demo_model(path: str | Path = DEMO_MODEL_DIR, *, seed: int = 0) -> str | None:
+    """Why ``path`` is not the demo model the code's recipe makes (None: it is): missing, built from
+    another recipe, or its files differ from those its manifest lists. The message says how to
+    rebuild and refresh it."""
+    manifest = read_manifest(path)
+    fix = f"rebuild and refresh it with `{REBUILD_COMMAND}` (35–50 min on 2 cores), then commit demo/model/"
+    if manifest is None:
+        return f"{path}: no demo model build (no {MANIFEST}); {fix}"
+    want = model_recipe(seed, SFT.steps)
+    if manifest.get("recipe") != want:
+        return (f"{path} was built from recipe {manifest.get('recipe')}, the code's recipe is {want} (the corpus, "
+                f"model shape, training settings or template changed); {fix}")
+    listed = manifest.get("files")
+    if listed is not None and listed != file_hashes(path):
+        return f"{path}: its files differ from those its {MANIFEST} lists (edited or partly copied); {fix}"
+    return None
 
 
 def is_demo_model(path: str | Path) -> bool:
     """Whether ``path`` holds a build of the demo model's recipe (of the seed and steps it records):
     what the demo's synthetic promotion set may gate, and nothing else."""
+    summary = read_manifest(path)
     try:
-        summary = json.loads((Path(path) / ".ok").read_text(encoding="utf-8"))
-        return summary.get("recipe") == model_recipe(int(summary["seed"]), int(summary["steps"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return summary is not None and summary.get("recipe") == model_recipe(int(summary["seed"]),
+                                                                             int(summary["steps"]))
+    except (KeyError, TypeError, ValueError):
         return False
 
 
@@ -154,12 +213,13 @@ def _build_lock(out_dir: Path) -> Iterator[None]:
 
 
 def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[str, Any]], *,
-                 force: bool = False, log: Callable[[str], None] = print) -> Path:
+                 force: bool = False, log: Callable[[str], None] = print, command: str | None = None) -> Path:
     """Run ``build(tmp_dir) -> summary`` unless ``out_dir`` already holds a build of ``recipe``.
 
     The build happens in a temporary sibling directory under an exclusive lock (concurrent
-    builders do the work once); ``.ok`` (the summary plus ``recipe``) is written last and the
-    directory renamed into place, so a half-built directory is never used.
+    builders do the work once); ``manifest.json`` (``write_manifest``: the summary, ``recipe``, the
+    command, the build's seconds, the files' hashes) is written last and the directory renamed into
+    place, so a half-built directory is never used.
     """
     out_dir = Path(out_dir)
 
@@ -176,11 +236,13 @@ def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[
             log(f"[build] {out_dir} was built from recipe {old}, not {recipe}: rebuilding")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            summary = {**build(tmp), "recipe": recipe}
-            (tmp / ".ok").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            started = time.monotonic()
+            summary = build(tmp)
+            summary.setdefault("build_seconds", round(time.monotonic() - started, 1))
             for path in tmp.iterdir():  # mkdtemp and safetensors make owner-only files
                 path.chmod(0o755 if path.is_dir() else 0o644)
             tmp.chmod(0o755)
+            write_manifest(tmp, recipe, summary, command=command or f"rsafe demo-model build {out_dir}")
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             os.replace(tmp, out_dir)
@@ -237,14 +299,19 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     """Build the demo guard model (tokenizer + Qwen2 weights) into ``out_dir``; return it.
 
     Cached (see ``cached_build``): nothing is done when ``out_dir`` holds a build of the same
-    recipe. ``.ok`` is a JSON summary (params, steps, held-out format rate and accuracy, seconds,
-    recipe). Deterministic in ``seed``. ``steps`` defaults to ``SFT.steps`` (with the later stages,
-    35–50 min on 2 CPU cores); the held-out set is evaluated at a few checkpoints and the best one
-    is kept. A build of fewer than 100 steps is a test build: a tenth of the data.
+    recipe. ``manifest.json`` holds the recipe, the command, the figures (params, steps, held-out
+    format rate and accuracy, seconds) and the files' hashes. Deterministic in ``seed`` on one
+    machine (CPU kernels differ between machines). The repository carries the default build as
+    ``demo/model/`` (``DEMO_MODEL_DIR``); ``make demo-model-rebuild`` refreshes it. ``steps``
+    defaults to ``SFT.steps`` (with the later stages, 35–50 min on 2 CPU cores); the held-out set is
+    evaluated at a few checkpoints and the best one is kept. A build of fewer than 100 steps is a
+    test build: a tenth of the data.
     """
     steps = SFT.steps if steps is None else steps
     return cached_build(out_dir, model_recipe(seed, steps),
-                        lambda tmp: _build_model(tmp, seed=seed, steps=steps, log=log), force=force, log=log)
+                        lambda tmp: _build_model(tmp, seed=seed, steps=steps, log=log), force=force, log=log,
+                        command=f"rsafe demo-model build {out_dir}" + (f" --seed {seed}" if seed else "")
+                        + (f" (steps {steps})" if steps != SFT.steps else ""))
 
 
 def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]) -> dict[str, Any]:
