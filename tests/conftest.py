@@ -53,6 +53,16 @@ def demo_lora_dir(demo_model_dir: Path) -> Path:
     return build_demo_lora(demo_model_dir, BUILDS / "demo-lora")
 
 
+@pytest.fixture(scope="session")
+def flipped_lora(demo_model_dir: Path) -> Path:
+    """A deliberately bad adapter: the demo corpus with opposite labels (gate and hot-swap tests).
+    40 steps at 3e-3 (19 s) flip 34 of the 55 rsafe-default prompts of test_hotswap against the
+    corpus adapter; the 200 steps at 5e-4 used before (94 s) flipped 27."""
+    from rsafe.training.demo import build_demo_lora
+
+    return build_demo_lora(demo_model_dir, BUILDS / "demo-lora-flipped", variant="flipped", steps=40, lr=3e-3)
+
+
 def demo_engine_config(model_dir: Path, backend: str = "vllm", **overrides):
     """Engine settings for the demo model on this machine (CPU: float32, eager, small context)."""
     from rsafe.models import GenerationConfig, InputLimits

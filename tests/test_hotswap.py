@@ -18,18 +18,9 @@ from rsafe.stream.config import load_config
 from rsafe.stream.worker import GuardWorker, topic_specs
 from rsafe.training.corpus import synthetic_examples
 from rsafe.training.promote import publish_control
-from conftest import BUILDS
 from streamkit import kafka, progress, worker_config  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def flipped_lora(demo_model_dir):
-    from rsafe.training.demo import build_demo_lora
-
-    # 200 steps: the recipe-5 model holds its labels harder (after 60, no label had flipped)
-    return build_demo_lora(demo_model_dir, BUILDS / "demo-lora-flipped", variant="flipped", steps=200)
 
 
 def test_a_running_worker_switches_adapter_on_a_control_record(kafka, vllm_guard, demo_lora_dir, flipped_lora):

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from rsafe.training.registry import Registry
-from conftest import BUILDS
 from streamkit import kafka  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.slow
@@ -29,15 +28,7 @@ def rsafe(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rsafe.cli", *args], capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def flipped(demo_model_dir: Path) -> Path:
-    from rsafe.training.demo import build_demo_lora
-
-    # 200 steps: the recipe-5 model holds its labels harder (after 60, no label had flipped)
-    return build_demo_lora(demo_model_dir, BUILDS / "demo-lora-flipped", variant="flipped", steps=200)
-
-
-def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped):  # noqa: F811
+def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped_lora):  # noqa: F811
     from rsafe.stream.clients import read_all
     from rsafe.training.benchmarks import demo_examples
     from rsafe.training.promote import PromotionSet, save_promotion_set
@@ -46,11 +37,11 @@ def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir,
     topic = f"models-{uuid.uuid4().hex[:6]}"
     common = ["--registry", str(reg), "--model", str(demo_model_dir), "--engine", "transformers",
               "--max-tokens", "96", "--broker", kafka, "--control-topic", topic]
-    pset = save_promotion_set(PromotionSet(demo_examples("rsafe-default", n=120), "rsafe-default",
-                                           demo_examples("kids-platform", n=60), "kids-platform"), tmp_path / "pset")
+    pset = save_promotion_set(PromotionSet(demo_examples("rsafe-default", n=60), "rsafe-default",
+                                           demo_examples("kids-platform", n=50), "kids-platform"), tmp_path / "pset")
 
     # 1. flipped labels vs the base model: rejected, kept, marked, nothing published
-    bad = rsafe("train", "promote", str(flipped), "--promotion-set", str(pset), *common)
+    bad = rsafe("train", "promote", str(flipped_lora), "--promotion-set", str(pset), *common)
     assert bad.returncode == 3, bad.stderr[-3000:]
     rejected = json.loads(bad.stdout)
     assert rejected["status"] == "rejected" and not rejected["accepted"]

@@ -437,7 +437,7 @@ def lora_examples(variant: LoraVariant, seed: int) -> list[DemoExample]:
 
 
 def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0, steps: int = LORA["steps"],
-                    variant: LoraVariant = "default", force: bool = False) -> Path:
+                    variant: LoraVariant = "default", lr: float = LORA["lr"], force: bool = False) -> Path:
     """Train a small LoRA adapter (rank 8 on q_proj, v_proj) for the demo model; return its dir.
 
     Saved with PEFT's ``save_pretrained`` (``adapter_config.json`` + safetensors), so vLLM's
@@ -445,7 +445,8 @@ def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0
     ``variant`` chooses its training rows (``lora_examples``). Cached and atomic like
     ``build_demo_model``; keyed on the base model's recipe too.
     """
-    recipe = recipe_hash(base=built_recipe(model_dir), lora=LORA, steps=steps, seed=seed, variant=variant)
+    parts = {"lr": lr} if lr != LORA["lr"] else {}  # (the hash of a default build stays what it was)
+    recipe = recipe_hash(base=built_recipe(model_dir), lora=LORA, steps=steps, seed=seed, variant=variant, **parts)
 
     def build(tmp: Path) -> dict[str, Any]:
         import torch
@@ -460,11 +461,11 @@ def build_demo_lora(model_dir: str | Path, out_dir: str | Path, *, seed: int = 0
         config = LoraConfig(r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=0.0,
                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM", bias="none")
         model = get_peft_model(base, config)
-        cfg = sft.SFTConfig(steps=steps, batch_size=SFT.batch_size, learning_rate=LORA["lr"],
+        cfg = sft.SFTConfig(steps=steps, batch_size=SFT.batch_size, learning_rate=lr,
                             warmup_steps=SFT.warmup_steps, seed=seed)
         sft.train(model, groups, tokenizer.pad_token_id, cfg, log=lambda _msg: None, tag="demo-lora")
         model.save_pretrained(tmp)
-        return {"base_model": str(Path(model_dir).resolve()), "rank": LORA["r"], "steps": steps, "seed": seed,
+        return {"base_model": str(Path(model_dir).resolve()), "rank": LORA["r"], "steps": steps, "lr": lr, "seed": seed,
                 "variant": variant, "target_modules": LORA["target_modules"],
                 "seconds": round(time.monotonic() - t0, 1)}
 
