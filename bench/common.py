@@ -2,7 +2,7 @@
 and the recorder that keeps a benchmark's output as a raw result file::
 
     .venv/bin/python bench/common.py --out .cache/bench-results/windows.json -- \
-        .venv/bin/python bench/windows.py --model .cache/demo-model
+        .venv/bin/python bench/windows.py --model demo/model
 
 (``make bench`` runs every benchmark so; docs/BENCHMARKS.md names each figure's raw file.)
 """

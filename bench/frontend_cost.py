@@ -112,7 +112,7 @@ def guard_path(args: argparse.Namespace, answer_logprobs: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT / ".cache" / "demo-model"))
+    ap.add_argument("--model", default=str(ROOT / "demo" / "model"))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=150)
     args = ap.parse_args()

@@ -286,7 +286,7 @@ def scheduler_flag(value: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=["qwen2.5-7b", "demo"], default="qwen2.5-7b")
-    ap.add_argument("--demo-model", default=str(ROOT / ".cache" / "demo-model"), help="tokenizer (and the demo shape)")
+    ap.add_argument("--demo-model", default=str(ROOT / "demo" / "model"), help="tokenizer (and the demo shape)")
     ap.add_argument("--n", type=int, default=512, help="messages in the batched run")
     ap.add_argument("--sequential", type=int, default=16, help="messages in the one-at-a-time run")
     ap.add_argument("--new-tokens", type=int, default=150, help="reasoning + answer tokens per message (fixed)")

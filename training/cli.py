@@ -109,6 +109,14 @@ GRPO_FLAGS = {
 
 
 def cmd_train_grpo(args: argparse.Namespace) -> int:
+    from rsafe.training.dataset import DatasetError, load_manifest
+    from rsafe.training.run_dir import TrainingError, check_output
+
+    try:  # before TRL's imports (~12 s): a wrong --output or --dataset is refused at once
+        check_output(Path(args.output), args.resume)
+        load_manifest(args.dataset)
+    except (TrainingError, DatasetError) as err:
+        die(str(err), 1)
     from rsafe.training import grpo
 
     overrides = {field: getattr(args, dest) for dest, field in GRPO_FLAGS.items()}

@@ -34,8 +34,8 @@ from trl import GRPOConfig
 
 from rsafe.training.dataset import load_manifest, load_rows
 from rsafe.training.rewards import REFERENCE_REWARDS, reward_functions
+from rsafe.training.run_dir import SUMMARY, TrainingError, check_output  # the first two also as grpo.*
 
-SUMMARY = "training_summary.json"
 METRICS = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -529,24 +529,6 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- training
 
 
-class TrainingError(RuntimeError):
-    """The run cannot start or finish; the message says what to change."""
-
-
-def _check_output(output_dir: Path, resume: bool) -> None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if (output_dir / SUMMARY).exists() and not resume:
-        raise TrainingError(f"{output_dir} already holds a trained model ({SUMMARY}); choose a new --output, "
-                            "or --resume to train on from its last checkpoint")
-    has_checkpoint = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
-    if resume and not has_checkpoint:
-        raise TrainingError(f"--resume: {output_dir} has no checkpoint-* directory to resume from")
-    if has_checkpoint and not resume:
-        raise TrainingError(f"{output_dir} holds checkpoints of an unfinished run; pass --resume to continue it "
-                            "or choose a new --output")
-
-
 def _lora_config(cfg: RSafeGRPOConfig) -> Any:
     from peft import LoraConfig
 
@@ -577,7 +559,7 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
     from transformers import AutoTokenizer
 
     output_dir = Path(cfg.output_dir)
-    _check_output(output_dir, resume)
+    check_output(output_dir, resume)
     manifest = load_manifest(dataset_dir)
     rows = load_rows(dataset_dir)
     missing = {"prompt", "label"} - set(rows.column_names)
