@@ -28,7 +28,7 @@ lock:  ## re-resolve infra/requirements.in into infra/requirements.lock
 demo-model: .venv/.ok  ## check demo/model against the code's recipe (the tests check it too)
 	$(PY) -m rsafe.cli demo-model check $(DEMO_MODEL)
 
-demo-model-rebuild: .venv/.ok  ## rebuild demo/model in place from its recipe (35-50 min on 2 cores); commit it
+demo-model-rebuild: .venv/.ok  ## rebuild demo/model in place from its recipe (30-50 min on 2 cores); commit it
 	$(PY) -m rsafe.cli demo-model build $(DEMO_MODEL) --force
 
 test: .venv/.ok  ## the whole suite (slow tests included; the long reliability runs are not)

@@ -176,7 +176,7 @@ def check_demo_model(path: str | Path = DEMO_MODEL_DIR, *, seed: int = 0) -> str
     another recipe, or its files differ from those its manifest lists. The message says how to
     rebuild and refresh it."""
     manifest = read_manifest(path)
-    fix = f"rebuild and refresh it with `{REBUILD_COMMAND}` (35–50 min on 2 cores), then commit demo/model/"
+    fix = f"rebuild and refresh it with `{REBUILD_COMMAND}` (30–50 min on 2 cores), then commit demo/model/"
     if manifest is None:
         return f"{path}: no demo model build (no {MANIFEST}); {fix}"
     want = model_recipe(seed, SFT.steps)
@@ -303,7 +303,7 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
     format rate and accuracy, seconds) and the files' hashes. Deterministic in ``seed`` on one
     machine (CPU kernels differ between machines). The repository carries the default build as
     ``demo/model/`` (``DEMO_MODEL_DIR``); ``make demo-model-rebuild`` refreshes it. ``steps``
-    defaults to ``SFT.steps`` (with the later stages, 35–50 min on 2 CPU cores); the held-out set is
+    defaults to ``SFT.steps`` (with the later stages, 30–50 min on 2 CPU cores); the held-out set is
     evaluated at a few checkpoints and the best one is kept. A build of fewer than 100 steps is a
     test build: a tenth of the data.
     """
