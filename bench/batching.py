@@ -19,28 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import percentile
-
-
-def _requests(n: int):
-    from rsafe.models.guard import GuardRequest
-    from rsafe.stream.clients import read_messages
-    from rsafe.stream.demo import SAMPLES
-
-    rows = []
-    for m in read_messages(SAMPLES, envelope=True):
-        try:
-            v = json.loads(m.value)
-        except ValueError:
-            continue
-        if isinstance(v, dict) and isinstance(v.get("id"), str) and v.get("prompt", "").strip():
-            rows.append(v)
-    policy = {"chat.general": "rsafe-default", "chat.kids": "kids-platform"}
-    out = []
-    for i, v in zip(range(n), itertools.cycle(rows)):
-        out.append(GuardRequest(prompt=v["prompt"], response=v.get("response"), id=f"{v['id']}-{i}",
-                                policy=policy["chat.kids" if v["id"].startswith("k") else "chat.general"]))
-    return out
+from common import percentile, sample_requests
 
 
 async def _run(guard, requests, size: int, inflight: int) -> tuple[float, list[float]]:
@@ -116,7 +95,7 @@ def main() -> None:
     guard = Guard.from_config(cfg)
     broker = None
     try:
-        requests = _requests(args.events)
+        requests = sample_requests(args.events)
         asyncio.run(_run(guard, requests[:16], 16, 1))  # warm-up
         what = "event" if args.kafka else "batch"
         print(f"| size | in flight | events/s | × one at a time | {what} p50 ms | {what} p99 ms | {what} max ms |")

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import sample_requests
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: What each variant changes (environment of the child process, engine config overrides).
@@ -152,27 +154,6 @@ class ProcessWatcher(threading.Thread):
         self._halt.set()
         self.join(timeout=2)
         return self.seen
-
-
-def sample_requests(n: int) -> list[Any]:
-    """``n`` of the demo's sample messages (cycled), as the demo routes them to policies."""
-    import itertools
-
-    from rsafe.models.guard import GuardRequest
-    from rsafe.stream.clients import read_messages
-    from rsafe.stream.demo import SAMPLES
-
-    rows = []
-    for m in read_messages(SAMPLES, envelope=True):
-        try:
-            v = json.loads(m.value)
-        except ValueError:
-            continue
-        if isinstance(v, dict) and isinstance(v.get("id"), str) and v.get("prompt", "").strip():
-            rows.append(v)
-    return [GuardRequest(prompt=v["prompt"], response=v.get("response"), id=f"{v['id']}-{i}",
-                         policy="kids-platform" if v["id"].startswith("k") else "rsafe-default")
-            for i, v in zip(range(n), itertools.cycle(rows))]
 
 
 def run_child(variant: str, model: str, result_path: Path) -> None:

@@ -31,6 +31,28 @@ def percentile(values: list[float], q: int) -> float:
     return ordered[rank - 1]
 
 
+def sample_requests(n: int) -> list[Any]:
+    """``n`` of the demo's sample messages (cycled; valid ones only), as ``GuardRequest``s with the
+    policy the demo routes them to (``chat.kids`` → ``kids-platform``, else ``rsafe-default``)."""
+    import itertools
+
+    from rsafe.models.guard import GuardRequest
+    from rsafe.stream.clients import read_messages
+    from rsafe.stream.demo import SAMPLES
+
+    rows = []
+    for m in read_messages(SAMPLES, envelope=True):
+        try:
+            v = json.loads(m.value)
+        except ValueError:
+            continue
+        if isinstance(v, dict) and isinstance(v.get("id"), str) and v.get("prompt", "").strip():
+            rows.append(v)
+    return [GuardRequest(prompt=v["prompt"], response=v.get("response"), id=f"{v['id']}-{i}",
+                         policy="kids-platform" if v["id"].startswith("k") else "rsafe-default")
+            for i, v in zip(range(n), itertools.cycle(rows))]
+
+
 def worker_config(bootstrap: str, prefix: str, inputs: list[dict[str, Any]], *, batch: dict[str, Any],
                   engine: Any = None, telemetry: dict[str, Any] | None = None, group_id: str | None = None) -> Any:
     """A ``StreamConfig`` for a benchmark worker: output topics under ``prefix``, and nothing the run
