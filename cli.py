@@ -54,10 +54,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     level = Level(args.level) if args.level else None
 
     def request(row: dict) -> dict:
-        req = {k: row[k] for k in ("prompt", "response", "id") if k in row}
+        req = {k: row[k] for k in ("prompt", "response", "id", "messages", "context") if k in row}
         if "id" in req and isinstance(req["id"], int):
             req["id"] = str(req["id"])
-        req.update(policy=policy.name, adapter=args.adapter)
+        req.update(policy=policy.name, adapter=args.adapter, judge=args.judge)
+        if args.max_context_tokens is not None:
+            req["max_context_tokens"] = args.max_context_tokens
         if level:
             req["level"] = level
         return req
@@ -205,8 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["prompt", "response"], help="default: response when a response is given")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="one prompt to classify")
-    src.add_argument("--input", help="JSONL file with prompt, optional response and id")
+    src.add_argument("--input", help="JSONL file: prompt, optional response and id; or messages (OpenAI chat "
+                     "format, the judged turn last) to judge a turn with its conversation")
     p.add_argument("--response", help="with --text: the assistant response to judge")
+    p.add_argument("--judge", choices=["last", "all"], default="last",
+                   help="with messages: judge only the last message (default) or the whole conversation")
+    p.add_argument("--max-context-tokens", type=int, help="with messages: most prompt tokens the earlier turns "
+                   "take (default: what the model's context leaves)")
     p.add_argument("--output", help="write verdict JSONL here (default: stdout)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--progress", action="store_true", help="show the progress bar even when not a TTY")

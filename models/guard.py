@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from rsafe.models.config import EngineConfig, GenerationConfig, InputLimits
+from rsafe.models.conversation import MAX_MESSAGES, Judge, Turn, split_messages
 from rsafe.models.engines import Backend, Completion, EngineError, make_backend
 from rsafe.models.prompt import prompt_hash, resolve_level
-from rsafe.models.tokens import Window, WindowError, plan_windows
+from rsafe.models.tokens import ContextFit, Window, WindowError, fit_context, plan_windows
 from rsafe.models.verdict import (
     TOO_LARGE,
     CharRange,
@@ -37,7 +38,11 @@ from rsafe.policies import DEFAULT_POLICY, Level, Policy, PolicyError, PolicyReg
 
 
 class GuardRequest(BaseModel):
-    """One message to judge. ``response`` present → response-level moderation."""
+    """One message to judge. ``response`` present → response-level moderation.
+
+    ``context``: the earlier turns of its conversation, oldest first. Or, instead of ``prompt`` /
+    ``response`` / ``context``, ``messages`` in the OpenAI chat format, the judged turn last
+    (``rsafe.models.conversation.split_messages``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -47,6 +52,32 @@ class GuardRequest(BaseModel):
     policy: str | None = Field(default=None, description="Policy name; the guard's default when absent.")
     level: Level | None = None
     adapter: str | None = Field(default=None, description="LoRA adapter name (engine config lora_adapters).")
+    context: list[Turn] = Field(default=[], max_length=MAX_MESSAGES,
+                                description="Earlier turns of the conversation, oldest first.")
+    judge: Judge = Field(default="last", description="With context: judge only the last message (last) "
+                         "or the whole conversation (all, the reference wording).")
+    max_context_tokens: int | None = Field(default=None, ge=0, description="Most prompt tokens the context "
+                                           "may take (default: what the model's context leaves).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_messages(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "messages" not in data:
+            return data
+        given = [k for k in ("prompt", "response", "context") if data.get(k) is not None]
+        if given:
+            raise ValueError(f"give either messages or {'/'.join(given)}, not both")
+        messages = data["messages"]
+        if not isinstance(messages, list):
+            raise ValueError("messages must be a list of {role, content}")
+        if len(messages) > MAX_MESSAGES:
+            raise ValueError(f"messages has {len(messages)} entries, over the limit of {MAX_MESSAGES}")
+        try:
+            conv = split_messages(messages)
+        except ValueError as err:
+            raise ValueError(f"messages{err}" if str(err).startswith("[") else f"messages: {err}") from None
+        rest = {k: v for k, v in data.items() if k != "messages"}
+        return {**rest, "prompt": conv.prompt, "response": conv.response, "context": list(conv.context)}
 
 
 def _validation_reason(err: ValidationError) -> str:
@@ -86,6 +117,8 @@ class Prepared:
     index: int = 0
     unjudged: list[CharRange] = field(default_factory=list)
     """Characters the model will not see (``on_oversize: truncate``); empty otherwise."""
+    context: ContextFit = ContextFit()
+    """The earlier turns shown with the message (the newest of ``request.context`` that fit)."""
 
     @property
     def user_turn(self) -> str:
@@ -178,13 +211,21 @@ class Guard:
             segments = self._segments(judged)
             if segments is not None:
                 unjudged.append(CharRange(field=judged_field, start=segments[0][1], end=segments[1][0]))
+            context = ContextFit()
+            if req.context and segments is None and not unjudged:
+                context = fit_context(policy, level, prompt, req.response, req.context, counter=self.token_counter,
+                                      max_tokens=self.generation.max_tokens,
+                                      max_context_tokens=req.max_context_tokens, judge=req.judge)
             windows = plan_windows(policy, level, prompt, req.response, counter=self.token_counter,
                                    max_tokens=self.generation.max_tokens,
                                    overlap=self.limits.window_overlap_tokens, segments=segments,
-                                   max_window_tokens=self.limits.max_window_tokens)
+                                   max_window_tokens=self.limits.max_window_tokens, context=context,
+                                   judge=req.judge)
+            if len(windows) > 1 or windows[0].span is not None:  # judged in windows: without context
+                context = ContextFit()
         except (ValueError, WindowError, EngineError) as err:  # EngineError: a server that counts tokens is down
             return self._error(req.id, str(err), policy)
-        return Prepared(req, policy, level, windows, bool(unjudged), arrived, index, unjudged)
+        return Prepared(req, policy, level, windows, bool(unjudged), arrived, index, unjudged, context)
 
     @property
     def token_counter(self) -> Any:
@@ -242,6 +283,7 @@ class Guard:
             truncated_input=p.truncated, unjudged_ranges=list(p.unjudged),
             windows=len(p.windows), window=k, window_field=w.field if windowed else None,
             window_span=w.span if windowed else None,
+            context_turns=len(p.context.turns), context_tokens=p.context.tokens,
             prompt_hash=prompt_hash(c.prompt) if c.prompt else None,
             timings={"queued_ms": (started - p.arrived) * 1e3, "engine_ms": engine_ms,
                      "total_ms": (now - p.arrived) * 1e3},

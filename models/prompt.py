@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Protocol
+from typing import Protocol, Sequence
 
+from rsafe.models.conversation import Judge, Turn
 from rsafe.policies import TEMPLATE_MARKER_RE, Level, Policy
 
 PROMPT_OPENING = (
@@ -46,6 +47,15 @@ INSTRUCTION = (
     "You FIRST go through a step-by-step reasoning process and then provide the final answer. "
     "The thinking process MUST BE enclosed within <think> </think> tags."
 )
+JUDGE_LAST = {
+    "prompt": " Only the last 'User' message is judged; the messages before it are its context.",
+    "response": " Only the last 'Agent' message is judged; the messages before it are its context.",
+}
+"""Added to the task line when earlier turns are shown and ``judge: last`` is chosen: without it a
+conversation with one unsafe turn flags every later benign one ("sticky flags"). A documented
+deviation from the reference task line (docs/MODEL.md); with no earlier turns, or ``judge: all``,
+the reference text stays byte for byte."""
+ROLE_LABEL = {"user": "User", "assistant": "Agent"}
 ANSWER_INSTRUCTION = "Your final answer safe or unsafe MUST BE put in \\boxed{}"
 INDENT = "    "
 
@@ -75,20 +85,35 @@ def resolve_level(policy: Policy, response: str | None, level: Level | str | Non
     return Level.RESPONSE if response is not None else Level.PROMPT
 
 
+def context_line(turn: Turn) -> str:
+    """One earlier turn as a line of the conversation block (the injection rule applied)."""
+    return f"{ROLE_LABEL[turn.role]}: {neutralise(turn.content)}\n"
+
+
 def build_user_turn(policy: Policy, prompt: str, response: str | None = None,
-                    level: Level | str | None = None) -> str:
-    """The exact RSafe user-turn text for ``policy`` and one message (prompt or response level)."""
+                    level: Level | str | None = None, context: Sequence[Turn] = (),
+                    judge: Judge = "last") -> str:
+    """The exact RSafe user-turn text for ``policy`` and one message (prompt or response level).
+
+    ``context``: earlier turns of the conversation, oldest first, rendered as ``User:`` / ``Agent:``
+    lines before the judged turn. The policy comes first and the history next, each line the same
+    whether it is judged or context, so the prompt of turn n+1 extends the prompt of turn n and
+    vLLM's prefix cache reuses it. ``judge: last`` (with context) adds ``JUDGE_LAST`` to the task line.
+    """
     lvl = resolve_level(policy, response, level)
     categories = policy.render_categories()
     user = neutralise(prompt)
+    history = "".join(context_line(t) for t in context)
     if lvl == Level.PROMPT:
-        head = f"\n{PROMPT_OPENING}\n{PROMPT_TASK}\n{INDENT}{BEGIN_CATEGORIES}\n"
-        conversation = f"User: {user}\n"
+        task = PROMPT_TASK + (JUDGE_LAST["prompt"] if context and judge == "last" else "")
+        head = f"\n{PROMPT_OPENING}\n{task}\n{INDENT}{BEGIN_CATEGORIES}\n"
+        conversation = f"{history}User: {user}\n"
     else:
         if response is None:
             raise ValueError("response-level moderation needs a response")
-        head = f"\n{RESPONSE_TASK}\n{BEGIN_CATEGORIES}\n"
-        conversation = f"User: {user}\nAgent: {neutralise(response)}\n"
+        task = RESPONSE_TASK + (JUDGE_LAST["response"] if context and judge == "last" else "")
+        head = f"\n{task}\n{BEGIN_CATEGORIES}\n"
+        conversation = f"{history}User: {user}\nAgent: {neutralise(response)}\n"
     return (
         f"{head}{categories}\n{INDENT}{END_CATEGORIES}\n"
         f"{BEGIN_CONVERSATION}\n{conversation}{END_CONVERSATION}\n\n"

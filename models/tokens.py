@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
-from rsafe.models.prompt import build_user_turn, render_prompt
+from rsafe.models.conversation import Judge, Turn
+from rsafe.models.prompt import build_user_turn, context_line, render_prompt
 from rsafe.policies import Level, Policy
 
 ANSWER_RESERVE = 16
@@ -85,15 +86,65 @@ class Window:
     """The windowed part of ``field`` (None: the whole field)."""
 
 
-def _turn(policy: Policy, level: Level, prompt: str, response: str | None) -> str:
-    return build_user_turn(policy, prompt, response if level == Level.RESPONSE else None, level)
+def _turn(policy: Policy, level: Level, prompt: str, response: str | None, context: Sequence[Turn] = (),
+          judge: Judge = "last") -> str:
+    return build_user_turn(policy, prompt, response if level == Level.RESPONSE else None, level, context, judge)
+
+
+@dataclass(frozen=True)
+class ContextFit:
+    """The earlier turns that fit beside a judged message, and what they cost."""
+
+    turns: tuple[Turn, ...] = ()
+    """The newest turns that fit, oldest first."""
+    tokens: int | None = 0
+    """Prompt tokens they add (None: the backend counts no tokens)."""
+    user_turn: str | None = None
+    """The rendered user turn with them (None when no turn fits, or nothing was counted)."""
+
+
+def fit_context(policy: Policy, level: Level, prompt: str, response: str | None, context: Sequence[Turn], *,
+                counter: TokenCounter | None, max_tokens: int, max_context_tokens: int | None,
+                judge: Judge = "last") -> ContextFit:
+    """The newest earlier turns that fit beside the whole judged message: at most
+    ``max_context_tokens`` and what the model's context leaves after the judged message (dropped
+    oldest first; a turn is kept whole or not at all). A judged message that does not fit alone
+    gets no context (it is judged in windows). Without a token counter every turn is kept."""
+    if not context:
+        return ContextFit()
+    if counter is None:
+        return ContextFit(tuple(context), None)
+    budget = counter.max_model_len - max_tokens - ANSWER_RESERVE
+    base = counter.count([_turn(policy, level, prompt, response)])[0]
+    room = budget - base
+    if max_context_tokens is not None:
+        room = min(room, max_context_tokens)
+    kept: list[Turn] = []
+    used = 0
+    for turn in reversed(context):  # newest first; each line's tokens counted alone (an estimate)
+        used += len(counter.spans(context_line(turn)))
+        if used > room:
+            break
+        kept.append(turn)
+    kept.reverse()
+    while kept:  # verify with the rendered prompt (the judge words and line joins count too)
+        turn = _turn(policy, level, prompt, response, kept, judge)
+        n = counter.count([turn])[0]
+        if n - base <= room:
+            return ContextFit(tuple(kept), n - base, turn)
+        kept = kept[1:]
+    return ContextFit()
 
 
 def plan_windows(policy: Policy, level: Level, prompt: str, response: str | None, *,
                  counter: TokenCounter | None, max_tokens: int, overlap: int,
                  segments: Sequence[tuple[int, int]] | None = None,
-                 max_window_tokens: int | None = None) -> list[Window]:
+                 max_window_tokens: int | None = None, context: ContextFit = ContextFit(),
+                 judge: Judge = "last") -> list[Window]:
     """The windows that judge one message, each fitting ``max_model_len - max_tokens - reserve``.
+
+    ``context`` (from ``fit_context``): the earlier turns shown with a message judged whole; a
+    message judged in windows is shown without them.
 
     The judged field is the prompt (prompt level) or the response (response level; the user turn
     is kept whole when it fits, else its tail). ``segments``: character ranges of the judged field
@@ -107,11 +158,13 @@ def plan_windows(policy: Policy, level: Level, prompt: str, response: str | None
     whole = segments is None or list(segments) == [(0, len(text))]
     if counter is None:  # no token budget: one window per segment
         if whole:
-            return [Window(_turn(policy, level, prompt, response), field)]
+            return [Window(_turn(policy, level, prompt, response, context.turns, judge), field)]
         return [_window(policy, level, prompt, response, field, text, s, e) for s, e in segments or []]
     budget = counter.max_model_len - max_tokens - ANSWER_RESERVE
+    if whole and context.user_turn is not None and max_window_tokens is None:
+        return [Window(context.user_turn, field)]  # fit_context counted it
     if whole:
-        turn = _turn(policy, level, prompt, response)
+        turn = context.user_turn or _turn(policy, level, prompt, response)
         fits = counter.count([turn])[0] <= budget
         if fits and max_window_tokens is not None:
             fits = len(counter.spans(text)) <= max_window_tokens

@@ -254,6 +254,10 @@ class Verdict(BaseModel):
     """prompt or response: the field cut into windows (None when not windowed)."""
     window_span: tuple[int, int] | None = None
     """Character span ``[start, end)`` of ``window_field`` the deciding window showed."""
+    context_turns: int = 0
+    """Earlier turns of the conversation shown with the message (the newest that fit)."""
+    context_tokens: int | None = 0
+    """Prompt tokens those turns took (None: the backend counts no tokens)."""
     prompt_hash: str | None = None
     """sha256 of the exact prompt the engine received for the deciding window."""
     error_reason: str | None = None

@@ -10,6 +10,7 @@ message after its records were acknowledged by the broker, and Faust commits ack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -17,8 +18,9 @@ import os
 import socket
 import tempfile
 import time
+import weakref
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING
@@ -213,6 +215,53 @@ def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
     return app
 
 
+class _PartitionEvent:
+    """What Faust's stores read of the current event: its message's partition."""
+
+    def __init__(self, partition: int):
+        self.message = _PartitionMessage(partition)
+
+
+class _PartitionMessage:
+    def __init__(self, partition: int):
+        self.partition = partition
+
+
+@contextlib.contextmanager
+def in_partition(partition: int) -> Iterator[None]:
+    """Table access on behalf of an event of ``partition`` outside Faust's own stream iteration.
+
+    The moderation agent takes its events from the ``Intake``, not from a Faust stream, so Faust's
+    current event (a context variable its stream sets per event) is unset there; a RocksDB store
+    finds the partition's database through it. This sets it for the duration of the access."""
+    from faust.streams import _current_event  # noqa: PLC2701 - Faust's context variable (faust-streaming 0.15)
+
+    event = _PartitionEvent(partition)
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+def context_tables(app: faust.App, cfg: StreamConfig) -> dict[str, Any]:
+    """One Faust table per input topic with ``context.enabled`` (``rsafe.stream.context``), its
+    changelog co-partitioned with the topic. The worker writes the changelog records itself, with
+    the event's verdict (in its transaction under exactly_once): the stores are updated directly."""
+    from rsafe.stream.context import changelog_topic, table_name
+
+    tables = {}
+    for t in cfg.inputs:
+        if not t.context.enabled:
+            continue
+        n = t.partitions
+        tables[t.topic] = app.Table(
+            table_name(t.topic), default=None, partitions=n, key_type=str, help=f"conversation context of {t.topic}",
+            changelog_topic=app.topic(changelog_topic(cfg, t.topic), partitions=n, key_type=str,
+                                      key_serializer="raw", value_serializer="json", compacting=True, deleting=True))
+    return tables
+
+
 def to_incoming(m: Any, arrived: float, consumed_at: datetime) -> Incoming:
     """A consumed Faust ``Message`` as the pipeline's ``Incoming`` (the message is its ack handle)."""
     ts = m.timestamp
@@ -278,7 +327,7 @@ class FaustSink:
         for o in outcomes:
             tid = self._transactional_id(o.incoming.source)
             for r in o.records:
-                futures.append(await producer.send(r.topic, r.key, r.value, None, None, r.headers,
+                futures.append(await producer.send(r.topic, r.key, r.value, r.partition, None, r.headers,
                                                    transactional_id=tid))
         if futures:
             await asyncio.gather(*futures)
@@ -294,7 +343,8 @@ class FaustSink:
                 if r.topic not in ready:  # the topic's partitions known (what send() waits for per record)
                     await producer.client._wait_on_metadata(r.topic)  # noqa: SLF001
                     ready.add(r.topic)
-                tp = (r.topic, partition(r.topic, None, r.key, r.value, r.key, r.value))
+                p = r.partition if r.partition is not None else partition(r.topic, None, r.key, r.value, r.key, r.value)
+                tp = (r.topic, p)
                 builder = builders.get(tp)
                 if builder is None:
                     builder = builders[tp] = producer.create_batch()
@@ -303,7 +353,8 @@ class FaustSink:
                     builder = builders[tp] = producer.create_batch()
                     if builder.append(timestamp=None, key=r.key, value=r.value, headers=r.headers or []) is None:
                         del builders[tp]  # larger than a whole batch: on its own
-                        futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers))
+                        futures.append(await producer.send(r.topic, r.value, key=r.key, headers=r.headers,
+                                                           partition=r.partition))
         for (topic, p), builder in builders.items():
             futures.append(await producer.send_batch(builder, topic, partition=p))
         if futures:

@@ -225,17 +225,60 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_forget(args: argparse.Namespace) -> int:
-    from rsafe.stream.clients import Message, produce
+    from rsafe.stream.clients import Message, produce, read_to_end
+    from rsafe.stream.context import forget_record
 
     cfg = _feedback_config(args)
+    kw = cfg.security.client_kwargs()
     keys = [e.encode("utf-8") for e in args.event_ids]
+    controls: list[Message] = []
+    if not args.config or any(t.context.enabled for t in cfg.inputs):
+        # The events' turns leave their conversations' context too (without -c: in case the workers keep
+        # context): the audit records say which conversation and input topic each event belongs to.
+        wanted, found = set(keys), {}
+        try:
+            for r in read_to_end(cfg.bootstrap, [cfg.outputs.audit_topic], client_kwargs=kw):
+                if r.key in wanted:
+                    found[r.key] = json.loads(r.value) if r.value is not None else None
+        except Exception as err:  # noqa: BLE001
+            return _err(f"reading {cfg.outputs.audit_topic} to find the events' conversations failed: {err}")
+        for key, audit in found.items():
+            if audit and audit.get("conversation_id") and audit.get("source", {}).get("topic"):
+                controls.append(forget_record(audit["source"]["topic"], audit["conversation_id"],
+                                              key.decode("utf-8")))
     try:
-        produce(cfg.bootstrap, [Message(cfg.outputs.audit_topic, k, None) for k in keys],  # type: ignore[arg-type]
-                client_kwargs=cfg.security.client_kwargs())
+        produce(cfg.bootstrap, controls + [Message(cfg.outputs.audit_topic, k, None) for k in keys],  # type: ignore[arg-type]
+                client_kwargs=kw)
     except Exception as err:  # noqa: BLE001
         return _err(f"sending the erasure tombstones failed: {err}")
     print(f"tombstoned {len(keys)} event(s) on {cfg.outputs.audit_topic}; running workers erase them from the "
           "feedback tables and tombstone their disagreement and review records", file=sys.stderr)
+    if controls:
+        print(f"asked the workers to remove {len(controls)} of them from their conversations' context "
+              f"({', '.join(sorted({m.topic or '' for m in controls}))})", file=sys.stderr)
+    return 0
+
+
+def cmd_context_forget(args: argparse.Namespace) -> int:
+    from rsafe.stream.clients import produce
+    from rsafe.stream.context import forget_record
+
+    cfg = _feedback_config(args)
+    if args.config:
+        try:
+            topic = cfg.input(args.topic)
+        except KeyError:
+            return _err(f"{args.topic!r} is not an input topic of {args.config}")
+        if not topic.context.enabled:
+            return _err(f"context is off on {args.topic} in {args.config}: nothing is kept to forget")
+    try:
+        produce(cfg.bootstrap, [forget_record(args.topic, c) for c in args.conversation_ids],
+                client_kwargs=cfg.security.client_kwargs())
+    except Exception as err:  # noqa: BLE001
+        return _err(f"sending the context-forget records failed: {err}")
+    print(f"sent {len(args.conversation_ids)} context-forget record(s) to {args.topic}: the worker that owns each "
+          "conversation's partition tombstones its context (in order with its events); the changelog's "
+          "compaction removes the text from the broker (docs/STREAM.md, 'Conversation context')", file=sys.stderr)
     return 0
 
 
@@ -304,6 +347,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         sp = fb.choices[cmd]
         sp.add_argument("--broker", help=f"broker URL(s) (default: RSAFE_BROKER or {DEFAULT_BROKER})")
         sp.add_argument("-c", "--config", help="the worker config (topics, group, security)")
+
+    ctx = sub.add_parser("context", help="conversation context kept by the workers").add_subparsers(
+        dest="context_cmd", required=True)
+    s = ctx.add_parser("forget", help="erase the whole context of conversations (data-protection requests)")
+    s.add_argument("conversation_ids", nargs="+", metavar="CONVERSATION_ID")
+    s.add_argument("--topic", required=True, help="the input topic whose context is erased")
+    s.add_argument("--broker", help=f"broker URL(s) (default: RSAFE_BROKER or {DEFAULT_BROKER})")
+    s.add_argument("-c", "--config", help="the worker config (checks that the topic keeps context; security)")
+    s.set_defaults(func=cmd_context_forget)
 
     p = sub.add_parser("demo", help="embedded broker + demo model + worker + sample events, live")
     p.add_argument("--model", default=str(DEMO_MODEL), help="the demo model directory (default: the repository's "

@@ -20,6 +20,7 @@ class Message:
     topic: str | None
     key: bytes | None
     value: bytes
+    headers: list[tuple[str, bytes]] | None = None
 
 
 def _key_of(obj: Any, key_field: str) -> bytes | None:
@@ -67,7 +68,7 @@ def produce(bootstrap: Sequence[str], messages: Iterable[Message], *, topic: str
             t = topic or m.topic
             if not t:
                 raise ValueError("a message has no topic: pass --topic")
-            futures.append(producer.send(t, key=m.key, value=m.value))
+            futures.append(producer.send(t, key=m.key, value=m.value, headers=m.headers or None))
         producer.flush(timeout=timeout_s)
         for f in futures:
             f.get(timeout=timeout_s)
@@ -120,6 +121,25 @@ def iter_records(bootstrap: Sequence[str], topics: Sequence[str], *, idle_timeou
                 last = time.monotonic()
             elif not follow and idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
                 return
+    finally:
+        c.close()
+
+
+def read_to_end(bootstrap: Sequence[str], topics: Sequence[str], *,
+                client_kwargs: dict[str, Any] | None = None) -> Iterator[Any]:
+    """Every record of ``topics`` from the beginning up to their end offsets at the call (a
+    compacted topic read to its current state), then stop."""
+    c = consumer(bootstrap, topics, client_kwargs=client_kwargs)
+    try:
+        ends = {tp: off for tp, off in c.end_offsets(list(c.assignment())).items()}
+        left = {tp for tp, end in ends.items() if end > 0}
+        while left:
+            for tp, records in c.poll(timeout_ms=500).items():
+                for r in records:
+                    if r.offset < ends[tp]:
+                        yield r
+                    if r.offset + 1 >= ends[tp]:
+                        left.discard(tp)
     finally:
         c.close()
 

@@ -57,6 +57,50 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from a number or a string with a unit: ``90``, ``"90s"``, ``"30m"``, ``"24h"``, ``"7d"``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = _DURATION_UNITS.get(text[-1:]) if text else None
+        try:
+            return float(text[:-1]) * unit if unit else float(text)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration (a number of seconds, or e.g. 90s, 30m, 24h, 7d)") from None
+    return value
+
+
+class ConversationContextSettings(_Strict):
+    """``inputs[].context``: judge each event with the earlier turns of its conversation
+    (``rsafe.stream.context``; docs/STREAM.md, "Conversation context")."""
+
+    enabled: bool = False
+    max_turns: Annotated[int, Field(ge=1, le=1000)] = 10
+    """Earlier turns kept per conversation (a turn is one prompt or one response)."""
+    max_context_tokens: Annotated[int | None, Field(ge=0)] = None
+    """Most prompt tokens the earlier turns may take; default what the model's context leaves once
+    the judged message is in (turns are dropped oldest first; the judged message is always whole)."""
+    ttl: Annotated[float, Field(gt=0)] = 86_400.0
+    """Idle conversations expire after this long (seconds, or 30m / 24h / 7d): never shown again,
+    tombstoned in the changelog, deleted by its retention."""
+    judge: Literal["last", "all"] = "last"
+    """last: the model is told to judge only the last message; all: the reference wording."""
+    max_turn_chars: Annotated[int, Field(ge=1)] = 8_000
+    """Longest turn stored (its last characters are kept); bounds the table's size."""
+    max_compaction_lag_s: Annotated[float, Field(gt=0)] = 3_600.0
+    """The changelog's ``max.compaction.lag.ms``: how long a replaced or erased conversation's text
+    can stay in the changelog topic on the broker."""
+    store_text: bool = False
+    """Required under ``audit.content: hash | redacted``: the table holds message text by necessity."""
+
+    @field_validator("ttl", "max_compaction_lag_s", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value)
+
+
 class InputTopic(_Strict):
     """One input topic and how its events are judged."""
 
@@ -76,7 +120,9 @@ class InputTopic(_Strict):
     verdicts_topic: Annotated[str | None, Field(pattern=TOPIC_RE)] = None
     """Default ``<topic>.verdicts``."""
     partitions: Annotated[int, Field(ge=1)] = 3
-    """Used when the worker creates the topic (``create_topics``)."""
+    """Used when the worker creates the topic (``create_topics``), and for its context changelog."""
+    context: ConversationContextSettings = Field(default_factory=ConversationContextSettings)
+    """Judge each event with the earlier turns of its conversation (default off)."""
 
 
 class Outputs(_Strict):
@@ -454,6 +500,14 @@ class StreamConfig(_Strict):
         clash = outputs & set(topics)
         if clash:
             raise ValueError(f"inputs: topic {sorted(clash)[0]!r} is also an output topic")
+        if self.audit.content != "full":
+            for t in self.inputs:
+                if t.context.enabled and not t.context.store_text:
+                    raise ValueError(
+                        f"inputs: topic {t.topic!r}: context.enabled keeps message text in a table and its "
+                        f"changelog topic, which audit.content {self.audit.content!r} promises not to store: "
+                        "set context.store_text: true to accept that (docs/STREAM.md, 'Conversation context', "
+                        "says what is stored, where and for how long), or turn context off")
         if self.processing_guarantee == "exactly_once":
             # One open transaction per input partition: a second batch in flight would publish
             # into the transaction that commits the first one's offsets.

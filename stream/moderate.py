@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Sequence
@@ -23,6 +24,7 @@ from rsafe.models.verdict import TOO_LARGE, Label, Verdict
 from rsafe.policies import Level
 from rsafe.schemas.feedback import ModelRef, ReviewItem, ReviewReason
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
+from rsafe.stream.context import CONTROL_HEADER, FORGET, ContextError, ContextUse, ConversationContext
 from rsafe.stream.records import (
     SCHEMA_VERSION,
     AuditRecord,
@@ -69,15 +71,18 @@ class Incoming:
 class OutRecord:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
+    """None: a tombstone (a context changelog erasure)."""
     headers: list[tuple[str, bytes]] | None = None
     """Kafka headers (the event span's trace context)."""
+    partition: int | None = None
+    """Set for table changelog records (the input partition); else the producer's partitioner picks."""
 
 
 @dataclass
 class Outcome:
     incoming: Incoming
-    kind: Literal["verdict", "dlq"]
+    kind: Literal["verdict", "dlq", "control"]
     records: list[OutRecord]
     verdict_fields: dict[str, Any] | None = None
     """The verdict record as written (the wire dict of ``VerdictRecord``)."""
@@ -112,6 +117,8 @@ class _Routed:
     """Validated once; its windows go to the engine as they are (none when ``too_large``)."""
     too_large: str | None = None
     """Set, to the detail, when the event is over a size limit: no part of it is judged."""
+    context: ContextUse = field(default_factory=ContextUse)
+    """The conversation context shown (and the changelog records of the table update)."""
 
     @property
     def request(self) -> GuardRequest:
@@ -134,8 +141,10 @@ class Moderator:
 
     def __init__(self, cfg: StreamConfig, guard: Guard, *, worker_id: str, telemetry: Telemetry,
                  model_version: str | None = None, adapter_versions: dict[str, str | None] | None = None,
-                 hasher: ContentHasher | None = None):
+                 hasher: ContentHasher | None = None, context: ConversationContext | None = None):
         self.cfg = cfg
+        self.context = context or ConversationContext(cfg, {})
+        """The conversation tables (none: context is off on every topic, or a unit test)."""
         self.hasher = hasher or content_hasher(cfg.audit.content)
         """Keyed digests for ``audit.content: hash`` (``HashKeyError`` without a key)."""
         self.guard = guard
@@ -149,9 +158,12 @@ class Moderator:
 
     # ------------------------------------------------------------------ decode + route
 
-    def route(self, inc: Incoming) -> _Routed:
+    def route(self, inc: Incoming) -> _Routed | Outcome:
         """Decode and route one message, or raise ``Rejected`` (→ DLQ). A message over a size limit
-        comes back with ``too_large`` set: it gets the topic's ``on_error`` verdict, not the DLQ alone."""
+        comes back with ``too_large`` set: it gets the topic's ``on_error`` verdict, not the DLQ alone.
+        A control record (``rsafe-control`` header) is applied here and comes back as its outcome."""
+        if inc.headers and (control := _header(inc.headers, CONTROL_HEADER)) is not None:
+            return self._control(inc, control)
         too_large: str | None = None
         try:
             event = decode_event(inc.value, max_bytes=self.cfg.max_event_bytes)
@@ -191,12 +203,48 @@ class Moderator:
                                id=event.id, policy=policy, level=level, adapter=topic.adapter)
         if too_large is not None:
             return self._refused(inc, event, topic, request, too_large)
+        context = self._context(inc, event, topic)
+        if context.turns:
+            request = request.model_copy(update={"context": context.turns, "judge": topic.context.judge,
+                                                 "max_context_tokens": topic.context.max_context_tokens})
         prepared = self.guard.prepare(request, arrived=inc.arrived)
         if isinstance(prepared, Verdict):
+            if context.undo is not None:  # a message that is not judged does not join its conversation
+                context.undo()
             if prepared.error_reason == TOO_LARGE:
                 return self._refused(inc, event, topic, request, prepared.error_detail or TOO_LARGE)
             raise Rejected(DLQReason.INVALID_CONTENT, prepared.error_reason or "rejected by the guard", event.id)
-        return _Routed(inc, event, topic, prepared)
+        return _Routed(inc, event, topic, prepared, context=context)
+
+    def _context(self, inc: Incoming, event: ChatEvent, topic: InputTopic) -> ContextUse:
+        """The event's own history (``messages``), else its conversation's turns from the table
+        (which the event joins); plus the partition's expiry sweep, due at most once a minute."""
+        conv = event.conversation()
+        if conv is not None:
+            return ContextUse(list(conv.context), source="event", skipped="messages")
+        src = inc.source
+        use = self.context.use(topic, inc.key, src.partition, event.id, event.conversation_id,
+                               event.prompt, event.response)
+        use.changelog += self.context.sweep(topic, src.partition)
+        return use
+
+    def _control(self, inc: Incoming, control: bytes) -> Outcome:
+        """A control record on an input topic: ``context-forget`` (``rsafe.stream.context``)."""
+        src = inc.source
+        if control != FORGET:
+            raise Rejected(DLQReason.SCHEMA, f"unknown control record {CONTROL_HEADER}: {control!r}")
+        try:
+            topic = self.cfg.input(src.topic)
+            records = self.context.forget(topic, inc.key, src.partition, inc.value)
+        except KeyError:
+            raise Rejected(DLQReason.INTERNAL, f"no input configured for topic {src.topic!r}") from None
+        except ContextError as err:
+            raise Rejected(DLQReason.SCHEMA, f"context-forget: {err}") from None
+        if not records:
+            log.warning("context-forget on %s ignored: context is off on that topic", src.topic)
+        else:
+            log.info("context-forget applied on %s[%d] (%d changelog records)", src.topic, src.partition, len(records))
+        return Outcome(inc, "control", [OutRecord(t, k, v, partition=p) for t, p, k, v in records])
 
     def _refused(self, inc: Incoming, event: ChatEvent, topic: InputTopic, request: GuardRequest,
                  detail: str) -> _Routed:
@@ -344,6 +392,9 @@ class Moderator:
                    "total_ms": (now - inc.arrived) * 1e3, "batch_size": batch_size, "attempts": attempts}
         windows = len(prepared.windows)
         window = f.get("window", 0)
+        context_turns = f.get("context_turns", 0)
+        context_tokens = f.get("context_tokens", 0)
+        shown = r.context.event_ids[len(r.context.event_ids) - context_turns:] if context_turns else []
         forced = bool(f.get("answer_forced"))
         kept = self.cfg.audit.reasoning
         summary = None if failed or kept == "none" else summarize(
@@ -355,7 +406,8 @@ class Moderator:
             "adapter": adapter, "adapter_version": adapter_version, "reasoning_summary": summary,
             "error_reason": reason, "error_detail": detail, "fallback": fallback,
             "truncated_input": prepared.truncated,
-            "windows": windows, "window": window, "answer_forced": forced, "source": source,
+            "windows": windows, "window": window, "answer_forced": forced,
+            "context_turns": context_turns, "context_tokens": context_tokens, "source": source,
             "worker_id": self.worker_id, "decided_at": decided, "timings": timings,
         }
         full_content = self._content_mode == ContentMode.FULL
@@ -374,7 +426,9 @@ class Moderator:
             "review_reason": review.value if review else None, "windows": windows, "window": window,
             "window_field": f.get("window_field"),
             "window_span": list(f["window_span"]) if f.get("window_span") else None,
-            "answer_forced": forced, "content": self._content(event, omitted), "level": level,
+            "answer_forced": forced, "context_turns": context_turns, "context_tokens": context_tokens,
+            "context_source": r.context.source if context_turns else None, "context_event_ids": shown,
+            "content": self._content(event, omitted), "level": level,
             "policy": policy_name, "policy_version": policy_version,
             "rendered_prompt_sha256": f.get("prompt_hash") if full_content else None,
             "prompt_tokens": f.get("prompt_tokens", 0),
@@ -390,6 +444,7 @@ class Moderator:
                    OutRecord(self.cfg.outputs.audit_topic, event.id.encode("utf-8", "surrogatepass"), encode(audit))]
         if review is not None:
             records.append(self._review_record(event.id, review, verdict, audit, prepared))
+        records += [OutRecord(t, k, v, partition=p) for t, p, k, v in r.context.changelog]
         return Outcome(inc, "verdict", records, verdict_fields=verdict, audit_fields=audit)
 
     def _review_record(self, event_id: str, reason: ReviewReason, verdict: dict[str, Any],
@@ -456,7 +511,9 @@ class Moderator:
         for i, inc in enumerate(batch):
             try:
                 r = self.route(inc)
-                if r.too_large is None:
+                if isinstance(r, Outcome):
+                    outcomes[i] = r
+                elif r.too_large is None:
                     routed.append((i, r))
                 else:
                     outcomes[i] = self.refused_outcome(r)
@@ -465,6 +522,9 @@ class Moderator:
             except Exception as err:  # noqa: BLE001 - a bug must not lose the message
                 log.exception("routing failed for %s", inc.source)
                 outcomes[i] = self.dlq_outcome(inc, DLQReason.INTERNAL, f"{type(err).__name__}: {err}", None)
+        if any(r.topic.context.enabled or r.context.source for _, r in routed):
+            self.telemetry.context_events(Counter((r.incoming.source.topic, _context_kind(r.context))
+                                                  for _, r in routed))
         started = time.perf_counter()
         with self.telemetry.tracer.start_as_current_span("rsafe.engine_call") as span:
             span.set_attribute("rsafe.batch_size", len(routed))
@@ -525,6 +585,24 @@ class Moderator:
                                                       f"the event crashes the engine: {why}", r.event.id)
         self.consecutive_failures = 0
         return {index[id(r)]: v for r, v in judged}
+
+
+def _context_kind(use: ContextUse) -> str:
+    """How an event's context is counted (``rsafe.context.events``)."""
+    if use.source == "event":
+        return "event"
+    if use.skipped in ("no_key", "key_mismatch"):
+        return use.skipped
+    return "table" if use.turns else "none"
+
+
+def _header(headers: Any, name: str) -> bytes | None:
+    """A Kafka header's value (headers as a list of (key, value) pairs or a mapping)."""
+    items = headers.items() if isinstance(headers, dict) else headers
+    for k, v in items:
+        if (k.decode("latin-1") if isinstance(k, bytes) else k) == name:
+            return v if isinstance(v, bytes) or v is None else str(v).encode()
+    return None
 
 
 class EngineDead(Exception):

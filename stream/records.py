@@ -18,8 +18,9 @@ from enum import Enum
 from typing import Annotated, Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rsafe.models.conversation import MAX_MESSAGES, Conversation, Turn, split_messages
 from rsafe.models.verdict import CharRange
 
 SCHEMA_VERSION = 1
@@ -48,8 +49,12 @@ class ChatEvent(BaseModel):
     """Unique per message; a replay carries the same id so consumers can deduplicate."""
     conversation_id: Annotated[str | None, Field(max_length=512)] = None
     """Also the Kafka key (so a conversation stays on one partition, in order)."""
-    prompt: str
+    prompt: str = None  # type: ignore[assignment] - required unless ``messages`` is given (checked below)
     response: str | None = None
+    messages: Annotated[list[Turn] | None, Field(max_length=MAX_MESSAGES)] = None
+    """The conversation in the OpenAI chat format, the judged turn last: then ``prompt`` /
+    ``response`` come from it and the earlier messages are the context (the worker's conversation
+    table is not used). Give either ``messages`` or ``prompt`` (and ``response``)."""
     policy: str | None = None
     """Another policy for this event; only on topics with ``allow_policy_override``."""
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -60,6 +65,22 @@ class ChatEvent(BaseModel):
     def _int_ids(cls, value: Any) -> Any:
         # Integer ids are common in producers' JSON; booleans are not ids.
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _judged_turn(self) -> ChatEvent:
+        if self.messages is None:
+            if self.prompt is None:
+                raise ValueError("prompt is required (or messages, the conversation with the judged turn last)")
+            return self
+        if self.prompt is not None or self.response is not None:
+            raise ValueError("give either messages or prompt/response, not both")
+        conv = split_messages(self.messages)
+        self.prompt, self.response = conv.prompt, conv.response
+        return self
+
+    def conversation(self) -> Conversation | None:
+        """The judged turn and its context when the event carries ``messages``."""
+        return None if self.messages is None else split_messages(self.messages)
 
 
 # --------------------------------------------------------------------------- out
@@ -126,6 +147,11 @@ class VerdictRecord(BaseModel):
     """Index of the deciding window."""
     answer_forced: bool = False
     """The reasoning ran out of tokens and the answer was forced after it."""
+    context_turns: int = 0
+    """Earlier turns of the conversation the message was judged with (``inputs[].context``, or the
+    event's own ``messages``)."""
+    context_tokens: int | None = 0
+    """Prompt tokens those turns took (None: the engine counts no tokens)."""
     source: SourceRef
     worker_id: str
     decided_at: datetime
@@ -211,6 +237,13 @@ class AuditRecord(BaseModel):
     """``[start, end)`` character span of ``window_field`` that the deciding window showed: the part
     of a long message that was judged (and that retraining uses)."""
     answer_forced: bool = False
+    context_turns: int = 0
+    context_tokens: int | None = 0
+    context_source: Literal["table", "event"] | None = None
+    """Where the earlier turns came from: the worker's conversation table, or the event's ``messages``."""
+    context_event_ids: list[str] = []
+    """``table``: the events whose texts were shown as context, oldest first (the texts themselves
+    are in those events' audit records, not repeated here)."""
     content: AuditContent
     level: str | None = None
     policy: str | None = None

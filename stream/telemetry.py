@@ -24,7 +24,7 @@ import os
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind
@@ -203,6 +203,11 @@ class Telemetry:
         self._tokens_in = meter.create_counter("rsafe.tokens.input", unit="{token}", description="Prompt tokens")
         self._tokens_out = meter.create_counter("rsafe.tokens.output", unit="{token}", description="Generated tokens")
         self._reloads = meter.create_counter("rsafe.policy.reloads", unit="1", description="Policy reloads applied")
+        self._context = meter.create_counter(
+            "rsafe.context.events", unit="1",
+            description="Judged events by where their conversation context came from: table, event (its own "
+                        "messages), none (first turn), no_key, key_mismatch (conversation_id differs from the key: "
+                        "judged without context)")
         self._feedback = meter.create_counter("rsafe.feedback.trusted", unit="1",
                                               description="Trusted feedback joined, by agreement and versions")
         meter.create_observable_gauge("rsafe.batches.inflight", callbacks=[self._observe_inflight], unit="1",
@@ -293,6 +298,14 @@ class Telemetry:
             self._fallbacks.add(n, {"messaging.destination.name": topic})
         for (c, policy), n in by_category.items():
             self._categories.add(n, {"category": c, "policy": policy})
+
+    def context_events(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """A batch's judged events per (topic, context source) (one instrument call per pair)."""
+        with self._lock:
+            for (_, how), n in counts.items():
+                self.counts[f"context_{how}"] += n
+        for (topic, how), n in counts.items():
+            self._context.add(n, {"messaging.destination.name": topic, "context": how})
 
     def published(self, latency_ms: float) -> None:
         self._e2e_ms.record(latency_ms)

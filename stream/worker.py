@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 from rsafe.stream.broker import BrokerError, EmbeddedBroker, ensure_topics, reachable
 from rsafe.stream.config import StreamConfig
+from rsafe.stream.context import changelog_specs as context_changelog_specs
 from rsafe.stream.feedback import topic_specs as feedback_topic_specs
 from rsafe.stream.moderate import Moderator, Outcome
 from rsafe.stream.pipeline import LeftForRedelivery
@@ -68,6 +69,7 @@ def topic_specs(cfg: StreamConfig) -> list[tuple[str, int, dict[str, str]]]:
               (out.policies_topic, 1, {"cleanup.policy": "compact"})]
     if cfg.models.follow:
         specs.append((cfg.models.control_topic, 1, {"cleanup.policy": "compact"}))
+    specs += context_changelog_specs(cfg)
     feedback = feedback_topic_specs(cfg)
     if cfg.feedback.review_topic not in {t for t, _, _ in feedback}:  # written without the feedback loop too
         specs.append((cfg.feedback.review_topic, out.partitions, {}))
@@ -205,7 +207,8 @@ class GuardWorker:
 
     async def _start(self) -> None:
         from rsafe.policies import PolicyError
-        from rsafe.stream.app import FaustSink, acker, build_app, wire
+        from rsafe.stream.app import FaustSink, acker, build_app, context_tables, in_partition, wire
+        from rsafe.stream.context import ConversationContext
         from rsafe.stream.pipeline import BatchPipeline
         from rsafe.stream.membership import FencingWatch, live_duplicate
         from rsafe.stream.policy_store import PolicyPublisher
@@ -305,6 +308,10 @@ class GuardWorker:
             pipeline.partitions_reassigned((tp.topic, tp.partition) for tp in assigned)
 
         app.on_partitions_assigned.connect(reassigned)
+        tables = context_tables(app, cfg)
+        if tables:
+            self.moderator.context = ConversationContext(cfg, {t: table.data for t, table in tables.items()},
+                                                         in_partition=in_partition)
         wire(app, cfg, self.pipeline)
         if cfg.feedback.enabled:
             from rsafe.stream.app import FeedbackWiring
