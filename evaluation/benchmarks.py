@@ -21,7 +21,41 @@ saferlhf                    each row → (prompt, response_0) and (prompt, respo
 beavertails                 ``is_safe`` true → safe, false → unsafe
 xstest_response             ``label`` harmful → unsafe, unharmful → safe (split
                             ``response_harmfulness``); rows without a label skipped
+mhj                         every row → unsafe (each is a successful human jailbreak); judged:
+                            the last user message of ``message_0`` … ``message_N``; context:
+                            the user messages before it; system messages dropped
+safedialbench               every dialogue → unsafe (attack dialogues; the files carry no
+                            safe/unsafe label); judged: the last ``history`` turn's ``user``;
+                            context: the earlier turns' ``user`` and ``bot`` messages
 ==========================  ==============================================================
+
+Multi-turn sets (``mhj``, ``safedialbench``) give each example ``context``: the earlier turns of
+its conversation, oldest first, shown to the guard with the judged message (``rsafe eval
+--no-context`` drops them, to compare recall with and without them). They are not in
+``--benchmark all`` (the paper's sets).
+
+Where their schemas were confirmed:
+
+* MHJ (Multi-Turn Human Jailbreaks, Scale AI, arXiv 2408.15221; hub ``ScaleAI/mhj``, gated,
+  CC BY-NC 4.0). Not confirmed from the file itself (gated, not reachable here) but from three
+  public loaders of it, which agree: the data is one CSV, ``harmbench_behaviors.csv``, one
+  conversation per row (537 rows, 2,912 messages, as the dataset card says); columns ``Source``,
+  ``tactic``, ``question_id``, ``submission_message`` and ``message_0`` … ``message_100``, each a
+  JSON object string ``{"role": ..., "body": ...}``, role ``system`` or ``user`` (the model's
+  replies are not in the release), empty after a conversation's last message. One loader reports
+  that the hub's format detection sees only an image in the repository, another names the file
+  explicitly; so does this one (``BenchmarkSpec.data_files``). ``temperature`` and
+  ``time_spent`` were not confirmed and are not read; ``question_id`` is not assumed unique per
+  row (ids are the row number). An ``assistant`` message, should one appear, is kept as context.
+* SafeDialBench (arXiv 2502.11090; GitHub ``drivetosouth/SafeDialBench-Dataset``; no hub
+  copy known). Confirmed from the repository's own files (``data/by_task/chinese/*.jsonl``, 1249
+  dialogues read) and its ``gen_model_answer.py``: JSONL, one dialogue per line, keys ``task``
+  (dimension: Ethics, Fairness, Legality, Privacy, ...), ``method`` (the jailbreak attack, e.g.
+  ``Reference Attack``; spellings as published, ``Scence Construct`` included), ``model_type``,
+  ``scene``, ``id`` (an int, unique across the files read) and ``history``, a list of
+  ``{"user": ..., "bot": ...}`` turns (3 to 10 in the files read). The English files
+  (``data/by_task/english/``, ``data/complete/datasets_en.jsonl``) were not readable in the copy
+  fetched; they are assumed to share the schema.
 """
 
 from __future__ import annotations
@@ -33,12 +67,14 @@ import hashlib
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rsafe.models.conversation import Turn
 from rsafe.policies import Level
 
 Row = Mapping[str, Any]
@@ -73,6 +109,9 @@ class Example(BaseModel):
     source: str = ""
     """Benchmark name."""
     meta: dict[str, Any] = Field(default_factory=dict)
+    context: list[Turn] = []
+    """The earlier turns of the conversation, oldest first, shown with the judged message
+    (multi-turn sets); empty for a single message."""
 
     @model_validator(mode="after")
     def _check(self) -> Example:
@@ -86,8 +125,11 @@ class Example(BaseModel):
 
     @property
     def content_hash(self) -> str:
-        """sha256 of what the guard is shown (level, prompt, response used at that level)."""
-        shown = [self.level, self.prompt, self.response if self.level == "response" else None]
+        """sha256 of what the guard is shown (level, prompt, response used at that level, and the
+        context turns when there are any: a single message hashes as it always did)."""
+        shown: list[Any] = [self.level, self.prompt, self.response if self.level == "response" else None]
+        if self.context:
+            shown.append([[t.role, t.content] for t in self.context])
         blob = json.dumps(shown, ensure_ascii=False).encode("utf-8", "surrogatepass")
         return hashlib.sha256(blob).hexdigest()
 
@@ -264,6 +306,11 @@ class BenchmarkSpec:
     """Where a built set comes from (reported as its source)."""
     local_names: tuple[str, ...] = ()
     """Other file stems accepted for a local copy (both WildGuardTest levels read ``wildguardtest``)."""
+    data_files: str | None = None
+    """The data file of the hub repository, where the hub's format detection would miss it (MHJ);
+    also what is read from a clone of the repository (``<data-dir>/<hub id>/``)."""
+    homepage: str | None = None
+    """Where to get the files of a set that is not on the hub."""
     expected_size: int | None = None
     """Published size of the evaluation split (a sanity note, not enforced)."""
     published: Published = Published()
@@ -312,6 +359,101 @@ def _saferlhf_expand(row: Row, index: int, spec: BenchmarkSpec) -> Iterator[Exam
         yield Example(id=f"{spec.name}-{index}-r{i}", prompt=text(row, "prompt"),
                       response=text(row, f"response_{i}"), label=label, level="response",
                       categories=cats, source=spec.name)
+
+
+MHJ_MESSAGE = re.compile(r"message_(\d+)")
+MHJ_ROLES = ("system", "user", "assistant")
+
+
+def mhj_messages(row: Row) -> list[tuple[str, str]]:
+    """(role, body) of the non-empty ``message_<i>`` cells of an MHJ row, in ``i`` order.
+
+    A cell is a JSON object string ``{"role": ..., "body": ...}`` (a mapping when the row was
+    read from JSON); empty cells (after the last message) and empty bodies are skipped."""
+    columns = sorted((int(m.group(1)), k) for k in row if (m := MHJ_MESSAGE.fullmatch(str(k))))
+    out = []
+    for _, column in columns:
+        cell = row[column]
+        if is_missing(cell):
+            continue
+        message: object = cell
+        if isinstance(cell, str):
+            try:
+                message = json.loads(cell)
+            except json.JSONDecodeError as err:
+                raise BenchmarkError(f"column {column!r}: not valid JSON ({err.msg}): {cell[:80]!r}") from None
+        if not isinstance(message, Mapping):
+            raise BenchmarkError(f"column {column!r}: expected a JSON object with role and body, got {cell!r:.80}")
+        role, body = message.get("role"), message.get("body")
+        if role not in MHJ_ROLES:
+            raise BenchmarkError(f"column {column!r}: role {role!r}; expected one of {', '.join(MHJ_ROLES)}")
+        if not isinstance(body, str):
+            raise BenchmarkError(f"column {column!r}: body must be a string, got {type(body).__name__}")
+        if body.strip():
+            out.append((role, body))
+    return out
+
+
+def _mhj_expand(row: Row, index: int, spec: BenchmarkSpec) -> Iterator[Example | str]:
+    try:
+        messages = mhj_messages(row)
+    except BenchmarkError as err:
+        raise BenchmarkError(f"row {index}: {err}") from None
+    turns = [Turn(role=role, content=body) for role, body in messages if role != "system"]  # type: ignore[arg-type]
+    users = [i for i, t in enumerate(turns) if t.role == "user"]
+    if not users:
+        yield "no user message"
+        return
+    last = users[-1]
+    tactic = row.get("tactic")
+    meta = {c: row[c] for c in ("question_id", "Source") if not is_missing(row.get(c))}
+    yield Example(id=f"{spec.name}-{index}", prompt=turns[last].content, context=turns[:last], label="unsafe",
+                  level="prompt", categories=[] if is_missing(tactic) else [str(tactic)], source=spec.name,
+                  meta={**meta, "system_messages": sum(role == "system" for role, _ in messages)})
+
+
+def safedialbench_history(value: object, column: str = "history") -> list[tuple[str, str | None]]:
+    """(user, bot) of each turn of a SafeDialBench ``history`` (a list, or its JSON in a CSV cell)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise BenchmarkError(f"column {column!r}: not valid JSON ({err.msg})") from None
+    if not isinstance(value, list):
+        raise BenchmarkError(f"column {column!r}: expected a list of {{user, bot}} turns, "
+                             f"got {type(value).__name__}")
+    out = []
+    for j, turn in enumerate(value):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("user"), str):
+            raise BenchmarkError(f"column {column!r}, turn {j}: expected an object with a 'user' string, "
+                                 f"got {turn!r:.80}")
+        bot = turn.get("bot")
+        if not (bot is None or isinstance(bot, str)):
+            raise BenchmarkError(f"column {column!r}, turn {j}: 'bot' must be a string, got {type(bot).__name__}")
+        out.append((turn["user"], bot))
+    return out
+
+
+def _safedialbench_expand(row: Row, index: int, spec: BenchmarkSpec) -> Iterator[Example | str]:
+    try:
+        history = safedialbench_history(row.get("history"))
+    except BenchmarkError as err:
+        raise BenchmarkError(f"row {index}: {err}") from None
+    if not history:
+        yield "empty history"
+        return
+    context: list[Turn] = []
+    for user, bot in history[:-1]:
+        context.append(Turn(role="user", content=user))
+        if not is_missing(bot):
+            context.append(Turn(role="assistant", content=str(bot)))
+    rid = row.get("id")
+    yield Example(
+        id=str(rid) if not is_missing(rid) else f"{spec.name}-{index}", prompt=history[-1][0], context=context,
+        label="unsafe", level="prompt", source=spec.name,
+        categories=[str(row[c]) for c in ("task", "method") if not is_missing(row.get(c))],
+        meta={c: row[c] for c in ("scene", "model_type") if not is_missing(row.get(c))},
+    )
 
 
 # --------------------------------------------------------------------------- registry
@@ -396,6 +538,23 @@ register(BenchmarkSpec(
 PAPER_BENCHMARKS: tuple[str, ...] = tuple(BENCHMARKS)
 """What ``--benchmark all`` runs."""
 
+register(BenchmarkSpec(
+    name="mhj", title="MHJ (Multi-Turn Human Jailbreaks)", level=Level.PROMPT, hub_id="ScaleAI/mhj",
+    config=None, split="train", data_files="harmbench_behaviors.csv", columns=("tactic", "question_id", "message_0"),
+    expand=_mhj_expand, expected_size=537,
+    notes="Gated (CC BY-NC 4.0). One CSV, harmbench_behaviors.csv; every conversation is a successful "
+          "jailbreak (label unsafe). Judged: the last user message; context: the user messages before it "
+          "(the release has no model replies); system messages dropped. Categories: `tactic`.",
+))
+register(BenchmarkSpec(
+    name="safedialbench", title="SafeDialBench", level=Level.PROMPT, hub_id=None, config=None, split=None,
+    columns=("id", "task", "method", "history"), expand=_safedialbench_expand,
+    homepage="https://github.com/drivetosouth/SafeDialBench-Dataset (data/complete/datasets_{en,zh}.jsonl)",
+    notes="Attack dialogues, no safe/unsafe label: every dialogue is unsafe. Judged: the last turn's user "
+          "message; context: the earlier turns (user and bot). Categories: `task` (dimension) and `method` "
+          "(attack). Not on the hub.",
+))
+
 def get_spec(name: str) -> BenchmarkSpec:
     try:
         return BENCHMARKS[name]
@@ -477,17 +636,23 @@ def _read_folder(folder: Path, spec: BenchmarkSpec) -> list[dict]:
     """A folder written by ``save_to_disk``, or a hub-like folder of data files (a local clone)."""
     import datasets
 
+    if spec.data_files and (folder / spec.data_files).is_file():  # a clone of a one-file hub repository
+        return read_rows(folder / spec.data_files)
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         ds = datasets.load_from_disk(str(folder))
+        if isinstance(ds, datasets.DatasetDict) and spec.split is None and len(ds) == 1:
+            ds = next(iter(ds.values()))  # a set published without splits
         if isinstance(ds, datasets.DatasetDict):
             if spec.split not in ds:
                 raise BenchmarkError(f"{folder}: no split {spec.split!r}; splits: {', '.join(ds)}")
             ds = ds[spec.split]
         return ds.to_list()
     try:
-        return datasets.load_dataset(str(folder), spec.config, split=spec.split).to_list()
+        if spec.split is not None:
+            return datasets.load_dataset(str(folder), spec.config, split=spec.split).to_list()
     except ValueError:  # no such config or split: a folder of plain data files
-        splits = datasets.load_dataset(str(folder))
+        pass
+    splits = datasets.load_dataset(str(folder))
     if spec.split in splits:
         return splits[spec.split].to_list()
     if len(splits) == 1:
@@ -508,7 +673,8 @@ def local_candidates(spec: BenchmarkSpec, data_dir: str | Path) -> list[Path]:
 def _hub_rows(spec: BenchmarkSpec) -> list[dict]:
     import datasets
 
-    return datasets.load_dataset(spec.hub_id, spec.config, split=spec.split).to_list()
+    extra = {"data_files": spec.data_files} if spec.data_files else {}
+    return datasets.load_dataset(spec.hub_id, spec.config, split=spec.split, **extra).to_list()
 
 
 def download_benchmark(name: str, data_dir: str | Path) -> Path:
@@ -516,7 +682,8 @@ def download_benchmark(name: str, data_dir: str | Path) -> Path:
     in the published schema (run on a machine with internet; copy the folder to the offline one)."""
     spec = get_spec(name)
     if spec.hub_id is None:
-        raise BenchmarkError(f"benchmark {name!r} is built in process; nothing to download")
+        raise BenchmarkError(f"benchmark {name!r} is built in process; nothing to download" if spec.build else
+                             f"benchmark {name!r} is not on the hub; get its files from {spec.homepage}")
     rows = _hub_rows(spec)
     d = Path(data_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -580,8 +747,12 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
                 break
         if rows is None:
             where = f"config {spec.config}, split {spec.split}" if spec.config else f"split {spec.split}"
+            where += f", file {spec.data_files}" if spec.data_files else ""
             tried = ("no local copy (looked for " + ", ".join(str(p) for p in looked) + ")"
                      if looked else "no --data-dir given")
+            if spec.hub_id is None:
+                raise BenchmarkNotFound(f"benchmark {name!r}: {tried}; it is not on the hub: get its files from "
+                                        f"{spec.homepage} (see docs/EVALUATION.md)")
             if not hub:
                 raise BenchmarkNotFound(f"benchmark {name!r}: {tried}; hub loading is off. "
                                         "See docs/EVALUATION.md for how to save the set locally.")

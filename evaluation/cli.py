@@ -3,6 +3,7 @@
     rsafe eval --model M --benchmark toxicchat --data-dir data/ [--limit N] [--policy P]
     rsafe eval --model demo/model --benchmark demo --engine transformers
     rsafe eval --model M --benchmark all --data-dir data/ --adaptive --robustness
+    rsafe eval --model M --benchmark mhj --benchmark safedialbench --data-dir data/ [--no-context]
 
 Writes results.json, results.md, predictions and plots to ``--out`` and prints the markdown.
 See docs/EVALUATION.md.
@@ -46,6 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="also run jailbreak-wrapped copies of the prompt-level examples")
     p.add_argument("--jailbreak-mode", choices=["cycle", "all"], default="cycle",
                    help="cycle: one wrapper per prompt; all: every wrapper on every prompt")
+    p.add_argument("--no-context", action="store_true",
+                   help="judge the last message of multi-turn examples (mhj, safedialbench) without its "
+                        "earlier turns, to compare recall with and without context")
     p.add_argument("--out", default=None, help="output folder (default: out/eval/<model id>)")
     p.add_argument("--cache-dir", default=".cache/eval", help="verdict cache (resume); default .cache/eval")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the verdict cache")
@@ -80,6 +84,9 @@ def cmd_eval_download(args: argparse.Namespace) -> int:
     done: set[str] = set()
     for name in _benchmarks(args.benchmark):
         spec = BENCHMARKS[name]
+        if spec.hub_id is None and spec.homepage:
+            print(f"rsafe eval-download: {name} is not on the hub; get its files from {spec.homepage}",
+                  file=sys.stderr)
         if spec.hub_id is None or (spec.hub_id, spec.config, spec.split) in done:
             continue
         try:
@@ -144,6 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         d = data[n]
         print(f"rsafe eval: {n}: {len(d)} examples from {d.source}"
               + (f" (sample of {d.total})" if len(d) < d.total else "")
+              + (f", {n_ctx} with earlier turns" + (" (dropped: --no-context)" if args.no_context else "")
+                 if (n_ctx := sum(bool(e.context) for e in d)) else "")
               + ("; skipped " + ", ".join(f"{c} {why}" for why, c in d.skipped.items()) if d.skipped else ""),
               file=sys.stderr)
     if not data:
@@ -152,12 +161,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or Path("out") / "eval" / _slug(args.model_id or args.model))
     guard = make_guard(args, policies, policy.name)
     kw = dict(batch_size=args.batch_size, cache_dir=None if args.no_cache else args.cache_dir,
-              adapter=args.adapter, progress=args.progress or sys.stderr.isatty())
+              adapter=args.adapter, progress=args.progress or sys.stderr.isatty(), context=not args.no_context)
     report = Report(
         model=guard.model_id, engine=args.engine, adapter=args.adapter, policy=policy.name,
         policy_version=policy.version, limit=args.limit,
         settings={"generation": dataclasses.asdict(guard.generation), "limits": guard.limits.model_dump(),
-                  "batch_size": args.batch_size, "data_dir": args.data_dir,
+                  "batch_size": args.batch_size, "data_dir": args.data_dir, "context": not args.no_context,
                   "engine_startup_s": getattr(guard.backend, "startup_s", None)},
     )
     try:

@@ -117,7 +117,9 @@ def markdown_report(report: Report) -> str:
         "",
         f"Policy `{report.policy}` (version `{report.policy_version}`), engine {report.engine or 'n/a'}"
         + (f", adapter `{report.adapter}`" if report.adapter else "")
-        + (f", limit {report.limit} per set" if report.limit else "") + f", {report.created}.",
+        + (f", limit {report.limit} per set" if report.limit else "") + f", {report.created}."
+        + ("" if all(r.context for r in report.runs) else
+           " Multi-turn examples judged without their earlier turns (`--no-context`)."),
         "",
         "## F1 of the unsafe class (%) against published figures",
         "",

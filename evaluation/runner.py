@@ -1,7 +1,8 @@
 """``evaluate(engine, dataset, policy) -> EvalResult``: run a guard over a labelled set.
 
 The engine is a ``Guard`` (or an ``EngineConfig``, from which a guard is started and closed).
-Examples are sent with ``Guard.classify`` in batches (64 by default) at their own level, under
+Examples are sent with ``Guard.classify`` in batches (64 by default) at their own level, with
+their ``context`` (earlier turns of a multi-turn example; ``context=False`` drops it), under
 one policy; verdicts come back in order, are cached per example when a cache directory is given
 (``rsafe.evaluation.cache``) and are scored with ``rsafe.evaluation.metrics``. This is the API
 the retraining gate uses; ``rsafe eval`` is a thin command over it.
@@ -46,6 +47,8 @@ class Prediction(BaseModel):
     format_ok: bool = False
     error_reason: str | None = None
     raw_output: str | None = None
+    context_turns: int = 0
+    """Earlier turns shown with the message (the newest that fit the model's context)."""
 
 
 class Timing(BaseModel):
@@ -86,6 +89,10 @@ class EvalResult(BaseModel):
     """Examples in the set before ``limit``."""
     source: str = ""
     skipped: dict[str, int] = {}
+    context: bool = True
+    """Multi-turn examples were judged with their earlier turns (``False``: ``--no-context``)."""
+    n_context: int = 0
+    """Examples sent with earlier turns."""
     metrics: Metrics
     categories: dict[str, Metrics] = {}
     timing: Timing = Timing()
@@ -128,8 +135,17 @@ def _resolve_policy(guard: Any, policy: Policy | str | None) -> Policy:
 
 
 def _request(ex: Example, policy: Policy, adapter: str | None) -> dict[str, Any]:
-    return {"id": ex.id, "prompt": ex.prompt, "response": ex.response if ex.level == "response" else None,
-            "policy": policy.name, "level": Level(ex.level), "adapter": adapter}
+    req = {"id": ex.id, "prompt": ex.prompt, "response": ex.response if ex.level == "response" else None,
+           "policy": policy.name, "level": Level(ex.level), "adapter": adapter}
+    if ex.context:
+        req["context"] = list(ex.context)
+    return req
+
+
+def without_context(examples: Sequence[Example]) -> list[Example]:
+    """The examples as single messages: earlier turns dropped (their content hash, and so their
+    cache key, is then that of the message alone)."""
+    return [e.model_copy(update={"context": []}) if e.context else e for e in examples]
 
 
 def _prediction(ex: Example, v: Verdict, cached: bool) -> Prediction:
@@ -137,19 +153,22 @@ def _prediction(ex: Example, v: Verdict, cached: bool) -> Prediction:
         id=ex.id, level=ex.level, gold=ex.label, label=v.label.value, unsafe_probability=v.unsafe_probability,
         gold_categories=list(ex.categories), predicted_categories=list(v.categories), cached=cached,
         latency_ms=v.latency_ms, completion_tokens=v.completion_tokens, format_ok=v.format_ok,
-        error_reason=v.error_reason, raw_output=v.raw_output,
+        error_reason=v.error_reason, raw_output=v.raw_output, context_turns=v.context_turns,
     )
 
 
 def evaluate(engine: Any, dataset: BenchmarkData | Sequence[Example] | str, policy: Policy | str | None = None, *,
              batch_size: int = DEFAULT_BATCH_SIZE, cache_dir: str | Path | None = None, adapter: str | None = None,
-             progress: bool = False, variant: str = "clean", benchmark: str | None = None) -> EvalResult:
+             progress: bool = False, variant: str = "clean", benchmark: str | None = None,
+             context: bool = True) -> EvalResult:
     """Judge every example of ``dataset`` with ``engine`` under ``policy``; return the metrics.
 
     ``engine``: a ``Guard`` (kept open) or an ``EngineConfig`` (a guard is started and closed).
     ``dataset``: a benchmark name, a loaded ``BenchmarkData`` or a list of ``Example``.
     ``policy``: a ``Policy``, a registered name or a YAML path; default: the guard's default.
     ``cache_dir``: reuse and store verdicts there, so an interrupted run resumes.
+    ``context``: send multi-turn examples with their earlier turns; ``False`` judges the last
+    message alone (to compare recall with and without context on the same set).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: must be at least 1")
@@ -158,11 +177,11 @@ def evaluate(engine: Any, dataset: BenchmarkData | Sequence[Example] | str, poli
     if isinstance(engine, EngineConfig):
         with Guard.from_config(engine) as guard:
             return evaluate(guard, dataset, policy, batch_size=batch_size, cache_dir=cache_dir, adapter=adapter,
-                            progress=progress, variant=variant, benchmark=benchmark)
+                            progress=progress, variant=variant, benchmark=benchmark, context=context)
     guard = engine
     if isinstance(dataset, str):
         dataset = load_benchmark(dataset)
-    examples = list(dataset)
+    examples = list(dataset) if context else without_context(list(dataset))
     if isinstance(dataset, BenchmarkData):
         name, title, source, skipped, total = (dataset.name, dataset.spec.title, dataset.source,
                                                dict(dataset.skipped), dataset.total)
@@ -213,8 +232,8 @@ def evaluate(engine: Any, dataset: BenchmarkData | Sequence[Example] | str, poli
     return EvalResult(
         benchmark=name, title=title, variant=variant, model=guard.model_id, adapter=adapter, policy=policy.name,
         policy_version=policy.version, n=len(examples), total=total, source=source, skipped=skipped,
-        metrics=metrics, categories=categories, timing=timing,
-        cache_file=str(cache.path) if cache is not None else None, predictions=predictions,
+        context=context, n_context=sum(bool(e.context) for e in examples), metrics=metrics, categories=categories,
+        timing=timing, cache_file=str(cache.path) if cache is not None else None, predictions=predictions,
     )
 
 

@@ -51,6 +51,8 @@ class Completion:
     prompt: str = ""
     """The exact prompt the engine received (rendered chat template, or the user turn for chat APIs)."""
     prompt_tokens: int = 0
+    cached_prompt_tokens: int | None = None
+    """Prompt tokens the engine took from its prefix cache (vLLM; None where the engine does not say)."""
     completion_tokens: int = 0
     finish_reason: str | None = None
     answer_forced: bool = False
@@ -374,6 +376,7 @@ class VLLMBackend:
         c = Completion(
             text=text, token_texts=token_texts, candidates=candidates, prompt=prompt,
             prompt_tokens=len(final.prompt_token_ids or []), completion_tokens=len(o.token_ids),
+            cached_prompt_tokens=getattr(final, "num_cached_tokens", None),
             finish_reason=o.finish_reason, adapter_version=adapter_version,
         )
         if needs_forced_answer(gen, text, o.finish_reason):

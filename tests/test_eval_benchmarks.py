@@ -306,6 +306,8 @@ def test_local_candidates_include_alias_and_hub_folder(tmp_path):
 
 
 def test_limit_is_a_deterministic_ordered_sample():
+    import rsafe.training  # noqa: F401 - registers the demo sets (the test must not rely on an earlier import)
+
     full = load_benchmark("demo")
     a = load_benchmark("demo", limit=30)
     b = load_benchmark("demo", limit=30)
