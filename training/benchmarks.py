@@ -12,7 +12,7 @@ from functools import lru_cache
 
 from rsafe.evaluation.benchmarks import BENCHMARKS, BenchmarkError, BenchmarkSpec, Example, register
 from rsafe.policies import Level
-from rsafe.training.corpus import synthetic_examples
+from rsafe.training.corpus import MULTITURN_KINDS, multiturn_examples, synthetic_examples
 
 DEMO_SEED = 7_000
 """Seed of the demo sets (the demo model trains on seed 0 and selects checkpoints on 10 000)."""
@@ -53,6 +53,24 @@ def demo_examples(policy: str = "rsafe-default", n: int = DEMO_SIZE, seed: int =
     return out
 
 
+def demo_multiturn_examples(n: int = DEMO_SIZE, seed: int = DEMO_SEED) -> list[Example]:
+    """``n`` held-out conversations of the demo corpus (``corpus.multiturn_examples(split="heldout")``:
+    held-out follow-ups and templates, never trained on), each judged on its last user turn with the
+    earlier turns as context. ``meta.kind`` says which kind (``MULTITURN_KINDS``): ``continued`` are the
+    multi-turn attacks (unsafe only with the earlier turn), ``switched`` the benign follow-ups after an
+    unsafe turn."""
+    seen = _demo_training_messages()
+    rows = [e for e in multiturn_examples(4 * n, seed=seed, split="heldout")
+            if e.template not in ("harmful_after_benign", "benign") or (e.policy, e.prompt, None) not in seen]
+    out = [Example(id=f"demo-mt-{seed}-{i}", prompt=e.prompt, context=list(e.context), label=e.label, level="prompt",
+                   categories=[e.category] if e.category else [], source=f"demo-multiturn:{e.policy}",
+                   meta={"policy": e.policy, "kind": e.template})
+           for i, e in enumerate(rows) if e.policy == "rsafe-default"][:n]
+    if len(out) < n:
+        raise BenchmarkError(f"could not build {n} held-out demo conversations")
+    return out
+
+
 def _register(spec: BenchmarkSpec) -> None:
     if spec.name not in BENCHMARKS:  # importing twice (e.g. importlib test mode) is harmless
         register(spec)
@@ -73,4 +91,11 @@ _register(BenchmarkSpec(
     build=lambda: demo_examples("financial-advice"), tailored_policy="financial-advice",
     source="rsafe.training.corpus",
     notes="Labelled under the financial-advice policy: the adaptive-taxonomy demo.",
+))
+_register(BenchmarkSpec(
+    name="demo_multiturn", title="Demo conversations (synthetic, rsafe-default)", level=Level.PROMPT,
+    build=lambda: demo_multiturn_examples(), source="rsafe.training.corpus",
+    notes="Held-out conversations judged on their last user turn: follow-ups that continue a harmful request "
+          "(unsafe only with the context), subject changes after one (safe), harmless chats; kinds: "
+          + ", ".join(k for k, _ in MULTITURN_KINDS) + ".",
 ))

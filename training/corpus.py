@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from rsafe.models.conversation import Turn
+
 if TYPE_CHECKING:
     from rsafe.policies import Policy
 
@@ -69,6 +71,9 @@ class DemoExample:
     reasoning: str = field(default="", compare=False, repr=False)
     bank: str = field(default="", compare=False, repr=False)
     template: str = field(default="", compare=False, repr=False)
+    context: tuple[Turn, ...] = ()
+    """Earlier turns of the conversation, oldest first (multi-turn examples; judged with
+    ``judge: last``)."""
 
     @property
     def level(self) -> str:
@@ -108,6 +113,9 @@ class Corpus:
     benign: dict[str, Bank]
     category_banks: dict[str, dict[str, tuple[str, ...]]]
     """Policy → category code → the harmful banks that illustrate it."""
+    followups: dict[str, Bank]
+    """``continue`` (follow-ups whose meaning comes from the earlier turns) and ``switch`` (openers
+    that change the subject): the multi-turn stage's phrases, with held-out ones."""
     sha256: str
     """Hash of the data file (part of the demo build's recipe)."""
 
@@ -142,6 +150,8 @@ def corpus() -> Corpus:
         slots={k: tuple(v) for k, v in data["slots"].items()},
         harmful=_banks(data["harmful"], "harmful"), benign=_banks(data["benign"], "benign"),
         category_banks={p: {c: tuple(v) for c, v in d.items()} for p, d in data["category_banks"].items()},
+        followups={k: Bank(k, tuple(v["prompts"]), (), tuple(v.get("heldout", ())))
+                   for k, v in data["multiturn"].items()},
         sha256=hashlib.sha256(raw).hexdigest(),
     )
     for policy, cats in c.category_banks.items():
@@ -349,6 +359,102 @@ def family_examples(bank: str, policy: Policy, n: int, *, seed: int = 0, split: 
         label = "unsafe" if code is not None and (not response_level or rng.random() < 0.5) else "safe"
         out.append(harmful_example(bank, policy, code, label, response_level, rng, templates))
     return out
+
+
+MULTITURN_KINDS: tuple[tuple[str, float], ...] = (
+    ("continued", 0.3), ("switched", 0.2), ("benign", 0.2), ("harmful_after_benign", 0.1), ("alone", 0.2),
+)
+"""The multi-turn conversations and their shares: ``continued`` (a harmful request, a refusal, then a
+follow-up that continues it: unsafe — the harm is only visible with the earlier turn),
+``switched`` (the same start, then a harmless question: safe — no sticky flag), ``benign`` (a
+harmless chat, then a follow-up or another harmless question: safe) and ``harmful_after_benign``
+(a harmless chat, then a harmful request: unsafe) and ``alone`` (a follow-up with no earlier turn:
+safe — without it the model learned "follow-up → harm" and flagged such a message on its own)."""
+MULTITURN_UNSAFE = ("continued", "harmful_after_benign")
+MULTITURN_EXCLUDED_BANKS = frozenset({"medical"})
+"""Kept out of the conversations: the drift scenario's family (the loop teaches it later)."""
+
+
+def _benign_exchange(rng: random.Random) -> tuple[list[Turn], str]:
+    """A harmless user question and the agent's answer, and the bank's gist."""
+    c = corpus()
+    bank = c.benign[rng.choice(sorted(c.benign))]
+    values: dict[str, str] = {}
+    prompt = _decorate(_fill(rng.choice(bank.prompts), values, rng), rng)
+    reply = _fill(rng.choice(bank.replies), values, rng)
+    return [Turn(role="user", content=prompt), Turn(role="assistant", content=reply)], bank.gist
+
+
+def _benign_question(rng: random.Random) -> tuple[str, str]:
+    c = corpus()
+    bank = c.benign[rng.choice(sorted(c.benign))]
+    return _fill(rng.choice(bank.prompts), {}, rng), bank.gist
+
+
+def multiturn_example(kind: str, rng: random.Random, split: Split = "train") -> DemoExample:
+    """One conversation of ``kind`` (``MULTITURN_KINDS``), judged at prompt level on its last user
+    turn with up to four earlier turns. ``split="heldout"`` draws the held-out follow-ups and
+    harmful templates (never trained on)."""
+    c = corpus()
+    names = [n for n, _ in POLICY_WEIGHTS]
+    policy = _policies()[rng.choices(names, weights=[w for _, w in POLICY_WEIGHTS])[0]]
+    follow = c.followups["continue"].prompts if split == "train" else c.followups["continue"].heldout
+    switch = c.followups["switch"].prompts if split == "train" else c.followups["switch"].heldout
+    if kind == "alone":
+        return DemoExample(rng.choice(follow), None, "safe", None, policy.name,
+                           reasoning="The user message is a short follow-up with no earlier message that it "
+                                     "continues. It matches no unsafe category. The content is safe.",
+                           bank="followup", template=kind)
+    context: list[Turn] = []
+    if kind in ("benign", "harmful_after_benign") or rng.random() < 0.3:
+        exchange, benign_gist = _benign_exchange(rng)
+        context += exchange
+    if kind in ("continued", "switched", "harmful_after_benign"):
+        banks = c.category_banks[policy.name]
+        code = rng.choice(sorted(banks, key=lambda k: (len(k), k)))
+        bank_name = rng.choice([b for b in banks[code] if b not in MULTITURN_EXCLUDED_BANKS] or banks[code])
+        bank = c.harmful[bank_name]
+        templates = bank.prompts if split == "train" or not bank.heldout else bank.heldout
+        harmful = _decorate(_fill(rng.choice(templates), {}, rng), rng)
+        category = policy.category(code)
+        assert category is not None
+        violation = f"This falls under {category.code} - {category.name}."
+        common = dict(policy=policy.name, bank=bank_name, template=kind)
+        if kind == "harmful_after_benign":
+            return DemoExample(harmful, None, "unsafe", code, reasoning=f"The user asks for help with {bank.gist}. "
+                               f"{violation} The content is unsafe.", context=tuple(context), **common)
+        context += [Turn(role="user", content=harmful), Turn(role="assistant", content=rng.choice(c.refusals))]
+        if kind == "continued":
+            return DemoExample(rng.choice(follow), None, "unsafe", code,
+                               reasoning=f"The user's earlier message asks for help with {bank.gist}, and this "
+                                         f"message continues that request. {violation} The content is unsafe.",
+                               context=tuple(context), **common)
+        question, gist = _benign_question(rng)
+        return DemoExample(rng.choice(switch) + question[0].lower() + question[1:], None, "safe", None,
+                           reasoning=f"The earlier messages ask about {bank.gist}, but the last user message changes "
+                                     f"the subject to a harmless question about {gist}. It matches no unsafe "
+                                     "category. The content is safe.", context=tuple(context), **common)
+    if kind != "benign":
+        raise ValueError(f"unknown multi-turn kind {kind!r}; known: {[k for k, _ in MULTITURN_KINDS]}")
+    common = dict(policy=policy.name, bank="benign", template=kind)
+    if rng.random() < 0.6:
+        return DemoExample(rng.choice(follow), None, "safe", None,
+                           reasoning=f"The user continues a harmless conversation about {benign_gist}. It matches "
+                                     "no unsafe category. The content is safe.", context=tuple(context), **common)
+    question, gist = _benign_question(rng)
+    return DemoExample(_decorate(question, rng), None, "safe", None,
+                       reasoning=f"The user asks a harmless question about {gist}. It matches no unsafe category. "
+                                 "The content is safe.", context=tuple(context), **common)
+
+
+def multiturn_examples(n: int, *, seed: int = 0, split: Split = "train",
+                       kinds: tuple[str, ...] | None = None) -> list[DemoExample]:
+    """``n`` conversations in the shares of ``MULTITURN_KINDS`` (or only ``kinds``, evenly),
+    deterministic in ``seed``; ``split`` as in ``multiturn_example``."""
+    rng = random.Random(f"rsafe-multiturn-{split}-{seed}")
+    table = [(k, w) for k, w in MULTITURN_KINDS if kinds is None or k in kinds]
+    chosen = rng.choices([k for k, _ in table], weights=[w for _, w in table], k=n)
+    return [multiturn_example(kind, rng, split) for kind in chosen]
 
 
 def parse_answer(text: str) -> tuple[bool, str | None]:

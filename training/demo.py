@@ -48,7 +48,14 @@ from pathlib import Path
 from typing import Any
 
 from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, corpus, long_examples, synthetic_examples
+from rsafe.training.corpus import (
+    MULTITURN_KINDS,
+    DemoExample,
+    corpus,
+    long_examples,
+    multiturn_examples,
+    synthetic_examples,
+)
 from rsafe.training.lookup import Ablations, LookupStage, ablation_pair, encode_batch, pair_accuracy, stage_batches
 from rsafe.training.tokenizer import (
     CHAT_TEMPLATE,
@@ -60,12 +67,12 @@ from rsafe.training.tokenizer import (
     verdict_token_ids,
 )
 
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7
 """1: the first demo model (plain byte-level BPE); 2: Qwen2 pre-tokenizer + NFC, corpus as data;
 3: long messages (windows of up to ``WINDOW_TOKENS`` tokens); 4: a second stage on long messages;
 5: two policy-lookup stages (``LOOKUP_STAGES``); 6: the same training, its loss computed in
 length chunks (``sft.length_chunks``: a quarter faster, the same loss up to float rounding, so
-not the same weights as 5)."""
+not the same weights as 5); 7: a last stage on conversations (``MULTITURN_STAGE``)."""
 WINDOW_TOKENS = 128
 """The demo model judges windows of up to this many content tokens (``InputLimits.max_window_tokens``
 in stream/demo.yaml and the tests): it is trained on long messages of about that size."""
@@ -96,6 +103,21 @@ Found with bench/policy_lookup.py (docs/TRAINING.md, section 4, runs e and f); i
 build of 2026-12-01, held-out pairs with both rows right 85 % after the first, 97.5 % after the
 second, in 2,119 s of the build's 2,959 (a slow hour). U13 is never removed, so the drift scenario
 stays a change the model has not been taught (it gets 40 % of the loop's held-out drift right)."""
+MULTITURN_STAGE = {"steps_per_sft_step": 0.75, "learning_rate": 1e-4, "warmup_steps": 10, "n_multiturn": 2400,
+                   "n_short": 1200, "n_long": 900, "n_eval": 40, "conversations": 4, "pairs": 3, "ordinary": 3,
+                   "long": 3}
+"""The last stage: each batch 4 conversations (``corpus.multiturn_examples``: a follow-up that
+continues a harmful request is unsafe, one that changes the subject is safe, harmless chats are
+safe; judged with ``judge: last`` and up to four earlier turns), 3 policy-ablation pairs like the
+last lookup stage's, 3 ordinary rows and 3 long messages, at a low rate, against forgetting.
+Measured on 2026-12-07 (each a run of this stage on the recipe-6 model): conversations alone (16 a
+batch, lr 3e-4) erased the category lookup (held-out pairs both right 97.5 % → 5 %); 6
+conversations, 4 pairs and 2 ordinary rows kept the lookup but cost long messages (a request in
+3,000 tokens of filler found at 4 of 8 places) and single-turn F1 (48 demo messages: 1.0 → 0.86);
+4 / 3 / 4 ordinary / 2 long at lr 2e-4 kept single-turn F1 but flagged a window of filler alone;
+these settings with a tenth of ``alone`` conversations kept everything but flagged a follow-up on
+its own (held-out ``alone`` 0 %): ``MULTITURN_KINDS`` gives them a fifth.
+Held-out conversations (held-out follow-ups and templates) measure the stage."""
 N_TRAIN = 4000
 N_EVAL = 40
 EVAL_SEED_OFFSET = 10_000
@@ -118,6 +140,7 @@ def model_recipe(seed: int, steps: int) -> str:
     return recipe_hash(version=RECIPE_VERSION, corpus=corpus().sha256, shape=MODEL_SHAPE,
                        sft={**asdict(SFT), "steps": steps, "seed": seed}, long_stage=LONG_STAGE,
                        lookup=[asdict(stage) for stage in LOOKUP_STAGES],
+                       multiturn={**MULTITURN_STAGE, "kinds": MULTITURN_KINDS},
                        n_train=N_TRAIN, n_eval=N_EVAL,
                        vocab=VOCAB_SIZE, regex=QWEN2_PRETOKENIZE_REGEX, chat=CHAT_TEMPLATE,
                        template=user_turn(probe))
@@ -258,12 +281,14 @@ def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[
 
 def training_messages(seed: int = 0) -> frozenset[tuple[str, str, str | None]]:
     """Every (policy, prompt, response) a demo build of ``seed`` (default steps) trains on, in every
-    stage: what evaluation sets must leave out (``rsafe.training.benchmarks``). A lookup pair's
+    stage (a conversation's judged turn included): what evaluation sets must leave out (``rsafe.training.benchmarks``). A lookup pair's
     message counts under ``rsafe-default`` too: its policies are that one less a line or two."""
     examples = [*synthetic_examples(N_TRAIN, seed=seed), *long_examples(LONG_STAGE["n_long"], seed=seed),
                 *synthetic_examples(LONG_STAGE["n_short"], seed=seed + 1)]
     seen = {(e.policy, e.prompt, e.response) for e in examples}
-    ordinary, _ = split(seed, N_TRAIN, N_EVAL)
+    ordinary, evals = split(seed, N_TRAIN, N_EVAL)
+    for rows in multiturn_rows(seed, SFT.steps, evals, Ablations()):
+        seen.update((policy, e.prompt, e.response) for e in rows for policy in (e.policy, "rsafe-default"))
     for _stage, _steps, batches in lookup_batches(seed, SFT.steps, Ablations(), ordinary):
         for rows in batches:
             seen.update((policy, e.prompt, e.response) for e in rows for policy in (e.policy, "rsafe-default"))
@@ -368,19 +393,87 @@ def _build_model(tmp: Path, *, seed: int, steps: int, log: Callable[[str], None]
         best["metrics"] = sft.evaluate_answers(model, tokenizer, evals)
         log(f"[demo-model] after the lookup stages: format {best['metrics']['format_rate']:.0%}, "
             f"accuracy {best['metrics']['accuracy']:.0%} on {len(evals)} held-out")
+    multiturn = multiturn_stage(model, tokenizer, seed=seed, steps=steps, evals=evals, log=log)
+    if multiturn:
+        best["metrics"] = sft.evaluate_answers(model, tokenizer, evals)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     summary = {
         "params": n_params, "steps": steps, "best_step": best["step"], "seed": seed,
         "eval_examples": len(evals), "eval_format_rate": best["metrics"].get("format_rate"),
         "eval_accuracy": best["metrics"].get("accuracy"), "vocab_size": len(tokenizer),
-        "verdict_token_ids": verdict_token_ids(tokenizer), "lookup": lookup,
+        "verdict_token_ids": verdict_token_ids(tokenizer), "lookup": lookup, "multiturn": multiturn,
         "seconds": round(time.monotonic() - t0, 1),
         "torch": torch.__version__,
     }
     log(f"[demo-model] built in {summary['seconds']:.0f} s "
         f"(format {summary['eval_format_rate']:.0%}, accuracy {summary['eval_accuracy']:.0%})")
     return summary
+
+
+def multiturn_rows(seed: int, steps: int, evals: list[DemoExample], ablations: Ablations
+                   ) -> Iterator[list[DemoExample]]:
+    """The rows of each batch of the multi-turn stage of a build of ``steps`` SFT steps (see
+    ``MULTITURN_STAGE``); deterministic in ``seed``."""
+    n = int(steps * MULTITURN_STAGE["steps_per_sft_step"])
+    scale = 1 if steps >= 100 else 10
+    held = {(e.policy, e.prompt, e.response) for e in evals}
+    conversations = multiturn_examples(MULTITURN_STAGE["n_multiturn"] // scale, seed=seed)
+    ordinary = [e for e in synthetic_examples(MULTITURN_STAGE["n_short"] // scale, seed=seed + 2)
+                if (e.policy, e.prompt, e.response) not in held]
+    long = long_examples(MULTITURN_STAGE["n_long"] // scale, seed=seed + 3)
+    rng = random.Random(f"rsafe-multiturn-stage-{seed}")
+    last = LOOKUP_STAGES[-1]
+    m = MULTITURN_STAGE
+    for _ in range(n):
+        rows = [e for _ in range(m["pairs"]) for e in ablation_pair(rng, ablations, last.fewest, last.most)]
+        yield (rows + rng.sample(conversations, m["conversations"]) + rng.sample(ordinary, m["ordinary"])
+               + rng.sample(long, m["long"]))
+
+
+def multiturn_stage(model: Any, tokenizer: Any, *, seed: int, steps: int, evals: list[DemoExample],
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    """Run ``MULTITURN_STAGE`` on ``model``; return its steps, seconds and held-out figures
+    (conversations by kind, the single-turn held-out set, policy-ablation pairs)."""
+    n = int(steps * MULTITURN_STAGE["steps_per_sft_step"])
+    if n == 0:
+        return {}
+    t0 = time.monotonic()
+    scale = 1 if steps >= 100 else 10
+    ablations = Ablations()
+    m = MULTITURN_STAGE
+    stage = sft.SFTConfig(steps=n, batch_size=m["conversations"] + 2 * m["pairs"] + m["ordinary"] + m["long"],
+                          learning_rate=m["learning_rate"], warmup_steps=m["warmup_steps"], seed=seed)
+    log(f"[demo-model] multi-turn stage: {n} steps of {m['conversations']} conversations, {m['pairs']} "
+        f"policy-ablation pairs, {m['ordinary']} ordinary rows and {m['long']} long messages")
+    sft.fit(model, (encode_batch(tokenizer, ablations, rows) for rows in multiturn_rows(seed, steps, evals, ablations)),
+            stage, log=log, tag="demo-model multi-turn")
+    conversations = multiturn_examples(m["n_eval"] // scale, seed=seed, split="heldout")
+    out: dict[str, Any] = {"steps": n, "heldout": len(conversations)}
+    texts = sft.generate(model, tokenizer, conversations)
+    for kind, _ in MULTITURN_KINDS:
+        idx = [i for i, e in enumerate(conversations) if e.template == kind]
+        right = sum(parse_answer_label(texts[i]) == conversations[i].label for i in idx)
+        out[f"accuracy_{kind}"] = round(right / len(idx), 4) if idx else None
+    single = sft.evaluate_answers(model, tokenizer, evals)
+    pairs = pair_accuracy(model, tokenizer, ablations, _heldout_pairs(seed, 40 if steps >= 100 else 4, ablations))
+    out.update(single_accuracy=single["accuracy"], pairs=pairs["pairs"], seconds=round(time.monotonic() - t0, 1))
+    log("[demo-model] after the multi-turn stage: " + ", ".join(f"{k} {v}" for k, v in out.items()))
+    return out
+
+
+def _heldout_pairs(seed: int, n: int, ablations: Ablations) -> list[Any]:
+    """``n`` held-out policy-ablation pairs like the last lookup stage's (what a later stage keeps of it)."""
+    rng = random.Random(f"rsafe-multiturn-pairs-{seed}")
+    last = LOOKUP_STAGES[-1]
+    return [ablation_pair(rng, ablations, last.fewest, last.most) for _ in range(n)]
+
+
+def parse_answer_label(text: str) -> str | None:
+    from rsafe.training.corpus import parse_answer
+
+    ok, label = parse_answer(text)
+    return label if ok else None
 
 
 def _lookup_stages(model: Any, tokenizer: Any, *, seed: int, steps: int, train: list[DemoExample],

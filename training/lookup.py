@@ -80,7 +80,7 @@ class Ablations:
 
     def turn(self, e: DemoExample) -> str:
         """The rendered user turn of ``e`` under its (possibly ablated) policy."""
-        return build_user_turn(self.get(e.policy), e.prompt, e.response)
+        return build_user_turn(self.get(e.policy), e.prompt, e.response, context=e.context, judge="last")
 
 
 def ablation_pair(rng: random.Random, ablations: Ablations, fewest: int, most: int,

@@ -57,15 +57,15 @@ def encode_turn(tokenizer: PreTrainedTokenizerBase, turn: str, answer: str) -> E
 
 
 def group_by_prefix(tokenizer: PreTrainedTokenizerBase, examples: Sequence[DemoExample]) -> list[Group]:
-    """Encode ``examples`` and group them by policy and level, which fix the prompt's head.
+    """Encode ``examples`` and group them by policy, level and context, which fix the prompt's head.
 
     Each group is (prefix ids, [(suffix ids, suffix labels)]): the prefix is the group's longest
     common prefix, cut before the last prompt token, so training on prefix + suffix is exactly
     training on the whole sequence.
     """
-    groups: dict[tuple[str, str], list[Encoded]] = {}
-    for ex in examples:
-        groups.setdefault((ex.policy, ex.level), []).append(encode_example(tokenizer, ex))
+    groups: dict[tuple[str, str, bool], list[Encoded]] = {}
+    for ex in examples:  # (a multi-turn example's task line differs: a group of its own)
+        groups.setdefault((ex.policy, ex.level, bool(ex.context)), []).append(encode_example(tokenizer, ex))
     out = []
     for _, items in sorted(groups.items()):
         n = common_prefix(items)

@@ -64,7 +64,8 @@ def user_turn(example: DemoExample) -> str:
     """The RSafe user turn of a demo example, under its policy."""
     from rsafe.models.prompt import build_user_turn
 
-    return build_user_turn(_registry().get(example.policy), example.prompt, example.response)
+    return build_user_turn(_registry().get(example.policy), example.prompt, example.response,
+                           context=example.context, judge="last")
 
 
 @lru_cache(maxsize=1)
