@@ -365,6 +365,16 @@ MHJ_MESSAGE = re.compile(r"message_(\d+)")
 MHJ_ROLES = ("system", "user", "assistant")
 
 
+def json_cell(value: object, column: str) -> object:
+    """A cell that holds JSON as text (a CSV cell) decoded; any other value as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise BenchmarkError(f"column {column!r}: not valid JSON ({err.msg}): {value[:80]!r}") from None
+
+
 def mhj_messages(row: Row) -> list[tuple[str, str]]:
     """(role, body) of the non-empty ``message_<i>`` cells of an MHJ row, in ``i`` order.
 
@@ -376,12 +386,7 @@ def mhj_messages(row: Row) -> list[tuple[str, str]]:
         cell = row[column]
         if is_missing(cell):
             continue
-        message: object = cell
-        if isinstance(cell, str):
-            try:
-                message = json.loads(cell)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"column {column!r}: not valid JSON ({err.msg}): {cell[:80]!r}") from None
+        message = json_cell(cell, column)
         if not isinstance(message, Mapping):
             raise BenchmarkError(f"column {column!r}: expected a JSON object with role and body, got {cell!r:.80}")
         role, body = message.get("role"), message.get("body")
@@ -414,11 +419,7 @@ def _mhj_expand(row: Row, index: int, spec: BenchmarkSpec) -> Iterator[Example |
 
 def safedialbench_history(value: object, column: str = "history") -> list[tuple[str, str | None]]:
     """(user, bot) of each turn of a SafeDialBench ``history`` (a list, or its JSON in a CSV cell)."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise BenchmarkError(f"column {column!r}: not valid JSON ({err.msg})") from None
+    value = json_cell(value, column)
     if not isinstance(value, list):
         raise BenchmarkError(f"column {column!r}: expected a list of {{user, bot}} turns, "
                              f"got {type(value).__name__}")
