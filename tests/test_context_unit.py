@@ -294,3 +294,26 @@ def test_a_forget_control_record_is_applied_in_order():
     assert verdict(outs[2])["context_turns"] == 0
     bad = asyncio.run(m.moderate([inc("a", body, headers=[("rsafe-control", b"explode")])]))
     assert bad[0].kind == "dlq" and "unknown control record" in bad[0].dlq.detail
+
+
+def test_the_table_works_on_a_rocksdb_store(tmp_path):
+    """``feedback.store: rocksdb://`` (large tables): a RocksDB store keeps one database per
+    partition and finds it through Faust's current event, which ``in_partition`` sets (the
+    moderation agent's events do not come through a Faust stream)."""
+    import faust
+
+    from rsafe.stream.app import in_partition
+
+    cfg = ctx_config()
+    app = faust.App("rsafe-ctx-rocksdb", broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(tmp_path))
+    table = app.Table("context-a", default=None, partitions=3, key_type=str,
+                      changelog_topic=app.topic("ctx-changelog", partitions=3, key_type=str, key_serializer="raw",
+                                                value_serializer="json"))
+    ctx = ConversationContext(cfg, {"a": table.data, "b": {}}, in_partition=in_partition, clock=Clock())
+    a = cfg.input("a")
+    ctx.use(a, b"c1", 2, "e1", None, "first", None)
+    assert [t.content for t in ctx.use(a, b"c1", 2, "e2", None, "second", None).turns] == ["first"]
+    assert ctx.use(a, b"c1", 1, "e3", None, "other partition", None).turns == []  # its own database
+    [(_, partition, key, value)] = ctx.forget(a, b"c1", 2, json.dumps({"conversation_id": "c1"}).encode())
+    assert (partition, key, value) == (2, b"c1", None)
+    assert ctx.use(a, b"c1", 2, "e4", None, "after", None).turns == []
