@@ -194,6 +194,11 @@ class Guard:
             problem = _text_problem(name, text)
             if problem:
                 return self._error(req.id, problem, policy)
+        for i, turn in enumerate(req.context):  # an empty earlier turn is harmless; broken unicode is not
+            bad = _SURROGATE_RE.search(turn.content)
+            if bad:
+                return self._error(req.id, f"context[{i}].content is not valid unicode: lone surrogate "
+                                   f"U+{ord(bad.group()):04X} at position {bad.start()}", policy)
         cap = self.limits.max_chars
         over = {name: len(text) for name, text in texts.items() if len(text) > cap}
         if over and self.limits.on_oversize == "reject":  # fail closed: never judge part of a message

@@ -317,3 +317,10 @@ def test_the_table_works_on_a_rocksdb_store(tmp_path):
     [(_, partition, key, value)] = ctx.forget(a, b"c1", 2, json.dumps({"conversation_id": "c1"}).encode())
     assert (partition, key, value) == (2, b"c1", None)
     assert ctx.use(a, b"c1", 2, "e4", None, "after", None).turns == []
+
+
+def test_a_broken_earlier_turn_is_an_error_that_says_where():
+    guard = Guard(Echo(), policies=PolicyRegistry.from_dirs())
+    v = guard.prepare(GuardRequest(prompt="ok", context=[Turn(role="user", content="fine"),
+                                                         Turn(role="assistant", content="bad \ud800")]))
+    assert v.label.value == "error" and "context[1].content is not valid unicode" in v.error_reason
