@@ -325,8 +325,9 @@ def build_demo_model(out_dir: str | Path, *, seed: int = 0, steps: int | None = 
 
     Cached (see ``cached_build``): nothing is done when ``out_dir`` holds a build of the same
     recipe. ``manifest.json`` holds the recipe, the command, the figures (params, steps, held-out
-    format rate and accuracy, seconds) and the files' hashes. Deterministic in ``seed`` on one
-    machine (CPU kernels differ between machines). The repository carries the default build as
+    format rate and accuracy, seconds) and the files' hashes. The data and its order are
+    deterministic in ``seed``; the weights of two full builds are not bit-identical, even on one
+    machine (CPU kernels, thread timing; docs/TRAINING.md). The repository carries the default build as
     ``demo/model/`` (``DEMO_MODEL_DIR``); ``make demo-model-rebuild`` refreshes it. ``steps``
     defaults to ``SFT.steps`` (with the later stages, 30–50 min on 2 CPU cores); the held-out set is
     evaluated at a few checkpoints and the best one is kept. A build of fewer than 100 steps is a
