@@ -22,13 +22,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rsafe.models.config import EngineConfig
 from rsafe.policies import Level
+from rsafe.schemas.topics import (  # re-exported: the worker config's defaults
+    AUDIT_TOPIC,
+    DISAGREEMENTS_TOPIC,
+    DLQ_TOPIC,
+    FEEDBACK_TOPIC,
+    MODELS_TOPIC,
+    POLICIES_TOPIC,
+    REPORTS_TOPIC,
+    REVIEW_TOPIC,
+    VERDICTS_SUFFIX,
+)
 
 ENV_PREFIX = "RSAFE_"
 DEFAULT_BROKER = "kafka://127.0.0.1:9092"
-AUDIT_TOPIC = "rsafe.audit"
-DLQ_TOPIC = "rsafe.dlq"
-POLICIES_TOPIC = "rsafe.policies"
-VERDICTS_SUFFIX = ".verdicts"
 TOPIC_RE = r"^[A-Za-z0-9._-]{1,249}$"
 
 
@@ -278,11 +285,11 @@ class Feedback(_Strict):
     the audit topic, so the join is co-partitioned."""
 
     enabled: bool = False
-    trusted_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.feedback"
-    reports_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.reports"
-    disagreements_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.disagreements"
+    trusted_topic: Annotated[str, Field(pattern=TOPIC_RE)] = FEEDBACK_TOPIC
+    reports_topic: Annotated[str, Field(pattern=TOPIC_RE)] = REPORTS_TOPIC
+    disagreements_topic: Annotated[str, Field(pattern=TOPIC_RE)] = DISAGREEMENTS_TOPIC
     """Trusted labels that differ from the model's: what the retraining job trains on."""
-    review_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.review"
+    review_topic: Annotated[str, Field(pattern=TOPIC_RE)] = REVIEW_TOPIC
     """Decisions a person should look at (the queue humans work from). Written whether or not the
     feedback loop is enabled: the worker itself queues messages over the size limit (``too_large``)
     and messages judged in part (``truncated``)."""
@@ -351,7 +358,7 @@ class Telemetry(_Strict):
 class Models(_Strict):
     """Hot swap: the worker follows the model control topic and serves what was promoted."""
 
-    control_topic: Annotated[str, Field(pattern=TOPIC_RE)] = "rsafe.models"
+    control_topic: Annotated[str, Field(pattern=TOPIC_RE)] = MODELS_TOPIC
     """Compacted; key = adapter (or model) name, value a ``ModelControlRecord``."""
     follow: bool = True
     """Read the control topic at start (the current versions) and apply every promotion after."""

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rsafe.models.options import die
+from rsafe.schemas.topics import MODELS_TOPIC
 
 
 def _log(message: str) -> None:
@@ -232,7 +233,7 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
         return gate_engine(model=path, enable_lora=False, lora_adapters={})
 
     broker = args.broker or settings.get("broker")
-    topic = args.control_topic or settings.get("control_topic") or "rsafe.models"
+    topic = args.control_topic or settings.get("control_topic") or MODELS_TOPIC
     publish = None
     if broker and not args.no_publish:
         servers = broker.split(",") if isinstance(broker, str) else list(broker)

@@ -48,12 +48,13 @@ from rsafe.models.prompt import build_user_turn
 from rsafe.policies import BUNDLED_DIR, Level, Policy, PolicyError, PolicyRegistry, load_policy
 from rsafe.policies.store import PolicyStore, policy_key
 from rsafe.schemas.feedback import DisagreementRecord
+from rsafe.schemas.topics import DISAGREEMENTS_TOPIC, POLICIES_TOPIC
 
 MANIFEST = "manifest.json"
 DATA_DIR = "data"
-DEFAULT_TOPIC = "rsafe.disagreements"
+DEFAULT_TOPIC = DISAGREEMENTS_TOPIC
 DEFAULT_GROUP_ID = "rsafe-train-dataset"
-DEFAULT_POLICIES_TOPIC = "rsafe.policies"
+DEFAULT_POLICIES_TOPIC = POLICIES_TOPIC
 LABELS = ("safe", "unsafe")
 
 PolicyLookup = Callable[[str, str], Policy]
