@@ -25,10 +25,11 @@ from the changelog by its retention (docs/STREAM.md, "Conversation context").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, MutableMapping
+from typing import Any, Callable, Literal, MutableMapping
 
 from rsafe.models.conversation import Turn
 from rsafe.stream.config import InputTopic, StreamConfig
@@ -126,7 +127,7 @@ class ConversationContext:
         return topic.context.enabled and topic.topic in self.tables
 
     def _partition(self, partition: int) -> Any:
-        return self._in_partition(partition) if self._in_partition is not None else _Nothing()
+        return self._in_partition(partition) if self._in_partition is not None else contextlib.nullcontext()
 
     def _record(self, topic: str, partition: int, key: str, value: dict[str, Any] | None) -> tuple:
         data = None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
@@ -217,20 +218,9 @@ class ConversationContext:
         out = []
         with self._partition(partition):
             table = self.tables[topic.topic]
-            expired = [k for k, v in list(_items(table)) if v and v.get("p") == partition and now - v.get("u", 0) > ttl]
+            expired = [k for k, v in list(table.items()) if v and v.get("p") == partition and now - v.get("u", 0) > ttl]
             for k in expired:
                 del table[k]
                 out.append(self._record(topic.topic, partition, k, None))
         return out
 
-
-def _items(table: MutableMapping[str, Any]) -> Iterator[tuple[str, Any]]:
-    return iter(table.items())
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
