@@ -164,7 +164,7 @@ def run_child(variant: str, model: str, result_path: Path) -> None:
     clock: dict[str, float] = {"process_created": started_at(os.getpid(), watcher.boot), "main": main_at}
 
     clock["import_start"] = time.time()
-    import vllm  # noqa: F401 - what the worker's process imports for its engine (models/engines.py)
+    import vllm  # noqa: F401 - what the worker's process imports for its engine (models/engines/vllm.py)
     from vllm import AsyncEngineArgs  # noqa: F401
     from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
     clock["import_done"] = time.time()

@@ -50,7 +50,7 @@ async def run(args: argparse.Namespace) -> dict:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from rsafe.models.config import EngineConfig
-    from rsafe.models.engines import _load_tokenizer
+    from rsafe.models.engines.base import _load_tokenizer
     from rsafe.models.prompt import render_prompt
 
     tok = _load_tokenizer(EngineConfig(model=args.model))

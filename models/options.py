@@ -21,9 +21,12 @@ def die(msg: str, code: int = 2) -> NoReturn:
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs a guard model."""
+    from rsafe.models.engines import BACKENDS  # (imports no engine library: they load when one starts)
+
     g = p.add_argument_group("engine")
     g.add_argument("--model", required=True, help="model dir or HF id (e.g. Qwen/Qwen2.5-7B-Instruct)")
-    g.add_argument("--engine", choices=["vllm", "transformers", "openai"], default="vllm")
+    # every backend but null: a fixed answer, for tests and benchmarks, never offered on the command line
+    g.add_argument("--engine", choices=[name for name in BACKENDS if name != "null"], default="vllm")
     g.add_argument("--base-url", help="openai engine: server URL, e.g. http://127.0.0.1:8000/v1")
     g.add_argument("--model-id", help="name reported in verdicts (default: --model)")
     g.add_argument("--dtype", default=None, help="default: auto on a GPU, float32 on a CPU")

@@ -199,10 +199,41 @@ class CharRange(BaseModel):
     end: Annotated[int, Field(ge=0)]
 
 
-class Verdict(BaseModel):
+class ModelRef(BaseModel):
+    """Which model judged: its id and version, and the LoRA adapter with its version."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = None
+    """The engine's model id."""
+    model_version: str | None = None
+    """Content version of the model's weights, when the server knows it (the worker's ``models`` setting)."""
+    adapter: str | None = None
+    """LoRA adapter name, when one was used."""
+    adapter_version: str | None = None
+    """Content version of that adapter as it judged this message (adapters can be swapped at run time)."""
+
+
+class JudgedBy(ModelRef):
+    """Who judged a message and how it was cut: declared once, inherited by ``Verdict`` and by the
+    worker's ``VerdictRecord`` and ``AuditRecord`` (the feedback records embed ``ModelRef``)."""
+
+    level: str | None = None
+    """prompt or response: which template judged the message."""
+    policy: str | None = None
+    """Name of the policy that judged it."""
+    policy_version: str | None = None
+    """Content hash of that policy (``Policy.version``)."""
+    windows: int = 1
+    """Engine sequences (token windows) the message was judged in; 1 when it fit the context."""
+    window: int = 0
+    """Index of the deciding window (the unsafe one with the highest P(unsafe), else the highest)."""
+
+
+class Verdict(JudgedBy):
     """The guard's decision on one message, with everything needed to review it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     id: str | None = None
     """The request's id (echoed)."""
@@ -219,18 +250,6 @@ class Verdict(BaseModel):
     """The whole generation (of the deciding window)."""
     format_ok: bool = False
     """The output passes the reference format check (``<think>…</think>…\\boxed{…}``)."""
-    level: str | None = None
-    """prompt or response: which template judged the message."""
-    policy: str | None = None
-    """Name of the policy that judged it."""
-    policy_version: str | None = None
-    """Content hash of that policy (``Policy.version``)."""
-    model: str | None = None
-    """The engine's model id."""
-    adapter: str | None = None
-    """LoRA adapter name, when one was used."""
-    adapter_version: str | None = None
-    """Content version of that adapter as it judged this message (adapters can be swapped at run time)."""
     prompt_tokens: int = 0
     """Prompt tokens of the deciding window's engine request."""
     completion_tokens: int = 0
@@ -246,10 +265,6 @@ class Verdict(BaseModel):
     unjudged_ranges: list[CharRange] = []
     """The characters the model never saw (``truncate``): the middle of an over-long field, or the
     head of a long user turn shown as a response's context."""
-    windows: int = 1
-    """Engine sequences (token windows) the message was judged in; 1 when it fit the context."""
-    window: int = 0
-    """Index of the deciding window (the unsafe one with the highest P(unsafe), else the highest)."""
     window_field: str | None = None
     """prompt or response: the field cut into windows (None when not windowed)."""
     window_span: tuple[int, int] | None = None

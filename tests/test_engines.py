@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -215,7 +214,7 @@ def test_cpu_engine_runs_the_model_in_its_engine_core_process(vllm_guard):
 def test_cpu_worker_process_keeps_vllm_cpu_s_own_layout(monkeypatch):
     """``cpu_worker_process: true`` starts vLLM-CPU as it starts itself (``from_engine_args``,
     nothing set around it); the default goes through ``start_cpu_engine``; a GPU never does."""
-    from rsafe.models import engines
+    from rsafe.models.engines import vllm as vllm_backend  # VLLMBackend's module: its names are patched
     from rsafe.models.config import machine_defaults
 
     calls: list[str] = []
@@ -230,19 +229,19 @@ def test_cpu_worker_process_keeps_vllm_cpu_s_own_layout(monkeypatch):
         from_engine_args = staticmethod(started_by("from_engine_args"))
 
     monkeypatch.setattr("vllm.v1.engine.async_llm.AsyncLLM", FakeAsyncLLM)
-    monkeypatch.setattr(engines, "start_cpu_engine", started_by("start_cpu_engine"))
-    monkeypatch.setattr(engines, "_check_model_path", lambda model: None)
-    monkeypatch.setattr(engines, "_load_tokenizer", lambda cfg: None)
-    monkeypatch.setattr(engines, "HFTokenCounter", lambda tokenizer, n: None)
-    monkeypatch.setattr(engines, "apply_engine_environment", lambda cfg: None)
-    monkeypatch.setattr(engines, "vllm_engine_kwargs", lambda cfg: {"model": "m"})
+    monkeypatch.setattr(vllm_backend, "start_cpu_engine", started_by("start_cpu_engine"))
+    monkeypatch.setattr(vllm_backend, "_check_model_path", lambda model: None)
+    monkeypatch.setattr(vllm_backend, "_load_tokenizer", lambda cfg: None)
+    monkeypatch.setattr(vllm_backend, "HFTokenCounter", lambda tokenizer, n: None)
+    monkeypatch.setattr(vllm_backend, "apply_engine_environment", lambda cfg: None)
+    monkeypatch.setattr(vllm_backend, "vllm_engine_kwargs", lambda cfg: {"model": "m"})
     for gpu, field, expected in ((False, False, "start_cpu_engine"), (False, True, "from_engine_args"),
                                  (True, False, "from_engine_args")):
         monkeypatch.setattr("vllm.platforms.current_platform.is_cpu", lambda gpu=gpu: not gpu)
         cfg = EngineConfig(model="m", cpu_worker_process=field, **machine_defaults(gpu))
         calls.clear()
         with pytest.raises(EngineError):
-            engines.VLLMBackend(cfg)
+            vllm_backend.VLLMBackend(cfg)
         assert calls == [expected], (gpu, field)
 
 
@@ -299,7 +298,7 @@ def vllm_server(demo_model_dir):
     """A real OpenAI-compatible vLLM server on the demo model (the `vllm` script fails under vllm-cpu)."""
     port = _free_port()
     # the model in the engine core process (no third process importing vLLM and torch: ~25 s of
-    # its start); vLLM-CPU keeps that layout when this is 0 (rsafe.models.engines.start_cpu_engine)
+    # its start); vLLM-CPU keeps that layout when this is 0 (rsafe.models.engines.vllm.start_cpu_engine)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     log = open(BUILDS / "vllm-server.log", "w")
     proc = subprocess.Popen(
