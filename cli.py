@@ -117,12 +117,12 @@ def _policy_store(args: argparse.Namespace):
     """The policy store read from the broker (``--broker``, ``-c`` config, or RSAFE_BROKER)."""
     from rsafe.stream.cli import client_settings
     from rsafe.stream.config import POLICIES_TOPIC, load_config
-    from rsafe.stream.policy_store import read_store
+    from rsafe.schemas.kafka import read_policy_store
 
     topic = args.topic or (load_config(args.config).outputs.policies_topic if args.config else POLICIES_TOPIC)
     try:
         bootstrap, kw = client_settings(args)
-        return read_store(bootstrap, topic, client_kwargs=kw)
+        return read_policy_store(bootstrap, topic, strict=False, client_kwargs=kw)
     except Exception as err:  # noqa: BLE001 - broker unreachable, bad config
         die(f"cannot read the policy store {topic}: {err}", 1)
 

@@ -27,7 +27,7 @@ def main() -> None:
     from rsafe.policies import PolicyRegistry
     from rsafe.stream.config import load_config
     from rsafe.stream.moderate import Incoming, Moderator
-    from rsafe.stream.records import SourceRef
+    from rsafe.schemas.records import SourceRef
     from rsafe.stream.telemetry import Telemetry
 
     cfg = load_config(data={"inputs": [{"topic": "chat", "policy": "rsafe-default"}]}, env={})

@@ -13,18 +13,14 @@ All are JSON on the wire (UTF-8) with ``schema_version``; new optional fields ke
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-SCHEMA_VERSION = 1
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
+from rsafe.models.verdict import ModelRef
+from rsafe.schemas.common import SCHEMA_VERSION, utcnow
 
 class FeedbackSource(str, Enum):
     REVIEWER = "reviewer"
@@ -78,17 +74,6 @@ class FeedbackEvent(BaseModel):
     @classmethod
     def _int_ids(cls, value: Any) -> Any:
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-class ModelRef(BaseModel):
-    """What judged a decision."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    model: str | None = None
-    model_version: str | None = None
-    adapter: str | None = None
-    adapter_version: str | None = None
 
 
 class DisagreementRecord(BaseModel):

@@ -7,13 +7,12 @@ outside its consumer group, from the start of the topic, so a new worker sees th
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = 1
-
+from rsafe.schemas.common import SCHEMA_VERSION, utcnow
 
 class ModelControlRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -28,7 +27,7 @@ class ModelControlRecord(BaseModel):
     """Where the artifact is: a local path or an fsspec URL of the registry."""
     base_model: str | None = None
     base_version: str | None = None
-    promoted_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    promoted_at: datetime = Field(default_factory=utcnow)
     promoted_by: str | None = None
     rollback: bool = False
     """An earlier version promoted again."""

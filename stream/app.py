@@ -33,7 +33,8 @@ from rsafe.stream.config import StreamConfig
 from rsafe.stream.intake import Intake
 from rsafe.stream.moderate import Incoming, Outcome
 from rsafe.stream.pipeline import BatchPipeline, NotPublishable
-from rsafe.stream.records import SourceRef, utcnow
+from rsafe.schemas.common import utcnow
+from rsafe.schemas.records import SourceRef
 
 log = logging.getLogger("rsafe.stream.app")
 

@@ -225,7 +225,8 @@ def cmd_feedback_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback_forget(args: argparse.Namespace) -> int:
-    from rsafe.stream.clients import Message, produce, read_to_end
+    from rsafe.schemas.kafka import read_to_end
+    from rsafe.stream.clients import Message, produce
     from rsafe.stream.context import forget_record
 
     cfg = _feedback_config(args)
@@ -237,9 +238,11 @@ def cmd_feedback_forget(args: argparse.Namespace) -> int:
         # context): the audit records say which conversation and input topic each event belongs to.
         wanted, found = set(keys), {}
         try:
-            for r in read_to_end(cfg.bootstrap, [cfg.outputs.audit_topic], client_kwargs=kw):
-                if r.key in wanted:
-                    found[r.key] = json.loads(r.value) if r.value is not None else None
+            with read_to_end(cfg.bootstrap, [cfg.outputs.audit_topic], client_kwargs=kw, timeout_s=600,
+                             missing_ok=True) as audit_records:
+                for r in audit_records:
+                    if r.key in wanted:
+                        found[r.key] = json.loads(r.value) if r.value is not None else None
         except Exception as err:  # noqa: BLE001
             return _err(f"reading {cfg.outputs.audit_topic} to find the events' conversations failed: {err}")
         for key, audit in found.items():

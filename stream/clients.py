@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from rsafe.schemas.kafka import Outgoing, send_all
+
 
 @dataclass
 class Message:
@@ -58,23 +60,13 @@ def read_messages(path: str | Path, *, key_field: str = "conversation_id", envel
 def produce(bootstrap: Sequence[str], messages: Iterable[Message], *, topic: str | None = None,
             client_kwargs: dict[str, Any] | None = None, timeout_s: float = 60.0) -> int:
     """Send messages (``topic`` overrides each message's own); returns how many were acknowledged."""
-    from kafka import KafkaProducer
+    def outgoing(m: Message) -> Outgoing:
+        if not (topic or m.topic):
+            raise ValueError("a message has no topic: pass --topic")
+        return (topic or m.topic, m.key, m.value, m.headers)  # type: ignore[return-value]
 
-    producer = KafkaProducer(bootstrap_servers=list(bootstrap), acks="all", linger_ms=5,
-                             client_id="rsafe-produce", **(client_kwargs or {}))
-    try:
-        futures = []
-        for m in messages:
-            t = topic or m.topic
-            if not t:
-                raise ValueError("a message has no topic: pass --topic")
-            futures.append(producer.send(t, key=m.key, value=m.value, headers=m.headers or None))
-        producer.flush(timeout=timeout_s)
-        for f in futures:
-            f.get(timeout=timeout_s)
-        return len(futures)
-    finally:
-        producer.close(timeout=5)
+    return send_all(bootstrap, map(outgoing, messages), client_id="rsafe-produce", client_kwargs=client_kwargs,
+                    timeout_s=timeout_s, linger_ms=5)
 
 
 def consumer(bootstrap: Sequence[str], topics: Sequence[str], *, from_beginning: bool = True,
@@ -121,25 +113,6 @@ def iter_records(bootstrap: Sequence[str], topics: Sequence[str], *, idle_timeou
                 last = time.monotonic()
             elif not follow and idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s:
                 return
-    finally:
-        c.close()
-
-
-def read_to_end(bootstrap: Sequence[str], topics: Sequence[str], *,
-                client_kwargs: dict[str, Any] | None = None) -> Iterator[Any]:
-    """Every record of ``topics`` from the beginning up to their end offsets at the call (a
-    compacted topic read to its current state), then stop."""
-    c = consumer(bootstrap, topics, client_kwargs=client_kwargs)
-    try:
-        ends = {tp: off for tp, off in c.end_offsets(list(c.assignment())).items()}
-        left = {tp for tp, end in ends.items() if end > 0}
-        while left:
-            for tp, records in c.poll(timeout_ms=500).items():
-                for r in records:
-                    if r.offset < ends[tp]:
-                        yield r
-                    if r.offset + 1 >= ends[tp]:
-                        left.discard(tp)
     finally:
         c.close()
 

@@ -36,13 +36,14 @@ from pydantic import ValidationError
 from rsafe.schemas.feedback import (
     DisagreementRecord,
     FeedbackEvent,
-    FeedbackSource,
     ModelRef,
     ReviewItem,
     ReviewReason,
 )
 from rsafe.stream.config import StreamConfig
-from rsafe.stream.records import DLQReason, DLQRecord, SourceRef, b64, dumps, sha256_text, utcnow
+from rsafe.schemas.common import utcnow
+from rsafe.schemas.records import DLQReason, DLQRecord, SourceRef, b64, sha256_text
+from rsafe.stream.records import dumps
 from rsafe.stream.redaction import ContentHasher, content_hasher
 
 log = logging.getLogger("rsafe.stream.feedback")
@@ -114,9 +115,7 @@ def summary(audit: dict[str, Any], source: SourceRef) -> dict[str, Any]:
         "p": audit.get("unsafe_probability"), "threshold": audit.get("unsafe_threshold"),
         "fallback": bool(audit.get("fallback")), "policy": audit.get("policy"),
         "policy_version": audit.get("policy_version"), "level": audit.get("level"),
-        "model": audit.get("model"), "model_version": audit.get("model_version"),
-        "adapter": audit.get("adapter"), "adapter_version": audit.get("adapter_version"),
-        "decided_at": audit.get("decided_at"), "content_mode": content.get("mode"),
+        **{k: audit.get(k) for k in ModelRef.model_fields}, "decided_at": audit.get("decided_at"), "content_mode": content.get("mode"),
         "queued": audit.get("review_reason"),
         "audit": {"topic": source.topic, "partition": source.partition, "offset": source.offset},
     }
@@ -167,8 +166,7 @@ class FeedbackJoin:
 
     @staticmethod
     def _ref(d: dict[str, Any]) -> ModelRef:
-        return ModelRef(model=d.get("model"), model_version=d.get("model_version"), adapter=d.get("adapter"),
-                        adapter_version=d.get("adapter_version"))
+        return ModelRef(**{k: d.get(k) for k in ModelRef.model_fields})
 
     def _count(self, d: dict[str, Any], partition: int, agree: bool) -> None:
         key = (f"{partition}|{d.get('policy')}@{d.get('policy_version')}|{d.get('model')}@{d.get('model_version')}"

@@ -25,23 +25,19 @@ from rsafe.policies import Level
 from rsafe.schemas.feedback import ModelRef, ReviewItem, ReviewReason
 from rsafe.stream.config import InputTopic, OnError, StreamConfig
 from rsafe.stream.context import CONTROL_HEADER, FORGET, ContextError, ContextUse, ConversationContext
-from rsafe.stream.records import (
-    SCHEMA_VERSION,
+from rsafe.schemas.common import SCHEMA_VERSION, utcnow
+from rsafe.schemas.records import (
     AuditRecord,
     ChatEvent,
     ContentMode,
     DLQReason,
     DLQRecord,
-    Rejected,
     SourceRef,
     VerdictRecord,
     b64,
-    decode_event,
-    dumps,
-    encode,
     sha256_text,
-    utcnow,
 )
+from rsafe.stream.records import Rejected, decode_event, dumps, encode
 from rsafe.stream.redaction import ContentHasher, content_hasher
 from rsafe.stream.telemetry import Telemetry
 
@@ -399,21 +395,23 @@ class Moderator:
         kept = self.cfg.audit.reasoning
         summary = None if failed or kept == "none" else summarize(
             f.get("reasoning"), self.cfg.outputs.reasoning_summary_chars)
+        judged = {  # JudgedBy, in its field order (tests/test_stream_unit.py checks both records' shapes)
+            "model": self.guard.model_id, "model_version": self.model_version, "adapter": adapter,
+            "adapter_version": adapter_version, "level": level, "policy": policy_name,
+            "policy_version": policy_version, "windows": windows, "window": window,
+        }
         verdict = {
-            "schema_version": SCHEMA_VERSION, "id": event.id, "conversation_id": conversation_id, "label": label,
-            "unsafe_probability": unsafe_p, "categories": categories, "level": level, "policy": policy_name,
-            "policy_version": policy_version, "model": self.guard.model_id, "model_version": self.model_version,
-            "adapter": adapter, "adapter_version": adapter_version, "reasoning_summary": summary,
+            "schema_version": SCHEMA_VERSION, **judged, "id": event.id, "conversation_id": conversation_id,
+            "label": label, "unsafe_probability": unsafe_p, "categories": categories, "reasoning_summary": summary,
             "error_reason": reason, "error_detail": detail, "fallback": fallback,
-            "truncated_input": prepared.truncated,
-            "windows": windows, "window": window, "answer_forced": forced,
+            "truncated_input": prepared.truncated, "answer_forced": forced,
             "context_turns": context_turns, "context_tokens": context_tokens, "source": source,
             "worker_id": self.worker_id, "decided_at": decided, "timings": timings,
         }
         full_content = self._content_mode == ContentMode.FULL
         omitted = r.too_large if r.too_large is not None and len(inc.value or b"") > self.cfg.max_event_bytes else None
         audit = {
-            "schema_version": SCHEMA_VERSION, "event_id": event.id, "conversation_id": conversation_id,
+            "schema_version": SCHEMA_VERSION, **judged, "event_id": event.id, "conversation_id": conversation_id,
             "label": label, "model_label": None if failed else f["label"].value,
             "unsafe_probability": unsafe_p, "unsafe_threshold": prepared.policy.unsafe_threshold,
             "categories": categories, "fallback": fallback, "error_reason": reason, "error_detail": detail,
@@ -423,18 +421,14 @@ class Moderator:
             "format_ok": bool(f.get("format_ok")), "finish_reason": f.get("finish_reason"),
             "truncated_input": prepared.truncated,
             "unjudged_ranges": [u.model_dump() for u in prepared.unjudged],
-            "review_reason": review.value if review else None, "windows": windows, "window": window,
-            "window_field": f.get("window_field"),
+            "review_reason": review.value if review else None, "window_field": f.get("window_field"),
             "window_span": list(f["window_span"]) if f.get("window_span") else None,
             "answer_forced": forced, "context_turns": context_turns, "context_tokens": context_tokens,
             "context_source": r.context.source if context_turns else None, "context_event_ids": shown,
-            "content": self._content(event, omitted), "level": level,
-            "policy": policy_name, "policy_version": policy_version,
+            "content": self._content(event, omitted),
             "rendered_prompt_sha256": f.get("prompt_hash") if full_content else None,
-            "prompt_tokens": f.get("prompt_tokens", 0),
-            "completion_tokens": f.get("completion_tokens", 0),
-            "model": self.guard.model_id, "model_version": self.model_version, "adapter": adapter,
-            "adapter_version": adapter_version, "sampling": self.sampling, "source": source,
+            "prompt_tokens": f.get("prompt_tokens", 0), "completion_tokens": f.get("completion_tokens", 0),
+            "sampling": self.sampling, "source": source,
             "worker_id": self.worker_id, "processing_guarantee": self.cfg.processing_guarantee,
             "event_created_at": event.created_at, "consumed_at": inc.consumed_at, "decided_at": decided,
             "timings": timings,
@@ -459,8 +453,7 @@ class Moderator:
         item = ReviewItem(event_id=event_id, reason=reason, detail=detail, label=verdict["label"],
                           model_label=audit["model_label"], unsafe_probability=verdict["unsafe_probability"],
                           policy=verdict["policy"], policy_version=verdict["policy_version"],
-                          judged_by=ModelRef(model=verdict["model"], model_version=verdict["model_version"],
-                                             adapter=verdict["adapter"], adapter_version=verdict["adapter_version"]),
+                          judged_by=ModelRef(**{k: verdict[k] for k in ModelRef.model_fields}),
                           audit_ref={"topic": self.cfg.outputs.audit_topic, "key": event_id},
                           queued_at=verdict["decided_at"])
         self.telemetry.review_queued(reason.value, verdict["source"]["topic"])

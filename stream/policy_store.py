@@ -4,7 +4,8 @@
 The worker publishes every policy it loads — at start and on each reload — before it judges with
 it. Publishing is idempotent: a version already on the topic is not written again, so its
 first-seen time and publisher stay those of the first worker that loaded it. Readers keep the
-first record of a key. ``read_store`` builds a ``rsafe.policies.PolicyStore`` from the topic.
+first record of a key. ``rsafe.schemas.kafka.read_policy_store`` builds a ``rsafe.policies.PolicyStore``
+from the topic (``strict=False`` here: an unreadable record is logged and skipped).
 """
 
 from __future__ import annotations
@@ -13,20 +14,10 @@ import logging
 from typing import Any, Sequence
 
 from rsafe.policies import PolicyRegistry
-from rsafe.policies.store import PolicyStore, StoredPolicy
+from rsafe.policies.store import StoredPolicy
+from rsafe.schemas.kafka import publish, read_policy_store
 
 log = logging.getLogger("rsafe.stream.policy_store")
-
-
-def read_store(bootstrap: Sequence[str], topic: str, *, client_kwargs: dict[str, Any] | None = None,
-               idle_timeout_s: float = 1.0) -> PolicyStore:
-    """Every policy version on ``topic`` (unreadable records are logged and skipped)."""
-    from rsafe.stream.clients import iter_records
-
-    records = iter_records(bootstrap, [topic], idle_timeout_s=idle_timeout_s, client_kwargs=client_kwargs)
-    return PolicyStore.from_topic_values(
-        ((f"{r.topic}[{r.partition}]@{r.offset}", r.value) for r in records),
-        on_unreadable=lambda where, err: log.warning("skipping %s: %s", where, err))
 
 
 class PolicyPublisher:
@@ -43,23 +34,14 @@ class PolicyPublisher:
     def publish(self, registry: PolicyRegistry) -> list[str]:
         """Write every version of ``registry`` missing from the topic; returns the keys written.
         Raises on a broker failure (the caller then does not use the new policies)."""
-        from kafka import KafkaProducer
-
         if self.known is None:
-            self.known = set(read_store(self.bootstrap, self.topic, client_kwargs=self.client_kwargs,
-                                        idle_timeout_s=0.5).keys())
+            self.known = set(read_policy_store(self.bootstrap, self.topic, strict=False,
+                                                client_kwargs=self.client_kwargs).keys())
         new = [StoredPolicy.of(registry.get(n), self.worker_id) for n in registry.names()]
         new = [r for r in new if r.key not in self.known]
         if not new:
             return []
-        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", client_id="rsafe-policies",
-                                 **self.client_kwargs)
-        try:
-            futures = [producer.send(self.topic, key=r.key.encode("utf-8"), value=r.to_json()) for r in new]
-            producer.flush(timeout=30)
-            for f in futures:
-                f.get(timeout=30)
-        finally:
-            producer.close(timeout=5)
+        publish(self.bootstrap, self.topic, [(r.key, r.to_json()) for r in new], client_id="rsafe-policies",
+                client_kwargs=self.client_kwargs, timeout_s=30)
         self.known.update(r.key for r in new)
         return [r.key for r in new]

@@ -1,7 +1,8 @@
 """The import rule: data flows one way, and so do imports between the package's rooms.
 
     policies ← models ← {stream, evaluation, training} ← cli (and loop, the loop demo)
-    training → evaluation (the promotion gate)      stream, training → schemas (shared records)
+    training → evaluation (the promotion gate)      stream, training → schemas (the Kafka contract)
+    schemas → policies, models (the policy store's records, the verdict's ``JudgedBy`` and turns)
 
 Every import statement is checked — module level and inside functions, ``import x`` and ``from x
 import y``, relative imports, and ``importlib.import_module("rsafe.…")`` with a literal name.
@@ -18,7 +19,7 @@ ROOMS = ("policies", "schemas", "models", "stream", "evaluation", "training", "i
 #: room → the rooms it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
     "policies": set(),
-    "schemas": set(),
+    "schemas": {"policies", "models"},  # the contract's records reuse the policy store's and the verdict's
     "infra": set(),
     "models": {"policies"},
     "evaluation": {"policies", "models"},

@@ -24,7 +24,7 @@ from rsafe.policies import Level, PolicyRegistry
 from rsafe.stream.config import load_config
 from rsafe.stream.context import FORGET, ConversationContext, changelog_topic
 from rsafe.stream.moderate import Incoming, Moderator
-from rsafe.stream.records import SourceRef
+from rsafe.schemas.records import SourceRef
 from rsafe.stream.telemetry import Telemetry
 
 POLICY = PolicyRegistry.from_dirs().get("rsafe-default")

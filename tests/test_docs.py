@@ -78,8 +78,7 @@ def _field_names() -> set[str]:
     from rsafe.models.config import EngineConfig, GenerationConfig
     from rsafe.models.verdict import Verdict
     from rsafe.policies.policy import Policy
-    from rsafe.schemas import feedback, models
-    from rsafe.stream import records
+    from rsafe.schemas import feedback, models, records
     from rsafe.training.grpo import RSafeGRPOConfig
 
     names: set[str] = set()

@@ -12,7 +12,7 @@ import pytest
 from rsafe.schemas.feedback import DisagreementRecord, FeedbackEvent, ReviewItem
 from rsafe.stream.config import load_config
 from rsafe.stream.feedback import TABLES, FeedbackJoin, partition_of, topic_specs
-from rsafe.stream.records import DLQRecord, SourceRef, sha256_text
+from rsafe.schemas.records import DLQRecord, SourceRef, sha256_text
 from rsafe.stream.redaction import ContentHasher
 
 CFG = load_config(data={"inputs": [{"topic": "chat", "policy": "rsafe-default"}], "group_id": "g",

@@ -24,7 +24,7 @@ from rsafe.policies import PolicyRegistry
 from rsafe.stream.clients import Message, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.moderate import Incoming, Moderator
-from rsafe.stream.records import SourceRef
+from rsafe.schemas.records import SourceRef
 from rsafe.stream.telemetry import Telemetry
 from streamkit import kafka, worker_config  # noqa: F401 - fixture
 

@@ -83,10 +83,11 @@ def test_store_from_topic_values_names_an_unreadable_record_or_hands_it_over():
 def test_worker_publishes_on_start_and_reload_and_the_cli_reads_the_store(tmp_path):
     from rsafe.models.config import local_engine_config
     from rsafe.models.engines import make_backend
+    from rsafe.schemas.kafka import read_policy_store
     from rsafe.stream.broker import EmbeddedBroker
     from rsafe.stream.clients import produce, read_all
     from rsafe.stream.config import load_config
-    from rsafe.stream.policy_store import PolicyPublisher, read_store
+    from rsafe.stream.policy_store import PolicyPublisher
     from rsafe.stream.worker import GuardWorker
 
     prefix = f"ps{uuid.uuid4().hex[:6]}"
@@ -122,7 +123,7 @@ def test_worker_publishes_on_start_and_reload_and_the_cli_reads_the_store(tmp_pa
 
         assert asyncio.run(run()) == 0
         v2 = PolicyRegistry.from_dirs(pdir).get("custom").version
-        store = read_store([broker.bootstrap], cfg.outputs.policies_topic)
+        store = read_policy_store([broker.bootstrap], cfg.outputs.policies_topic, strict=False)
         assert {"rsafe-default", "kids-platform", "custom", "medical-platform"} <= set(store.names())
         assert [r.version for r in store.history("custom")] == [v1, v2]
         assert store.get("custom", v1).unsafe_threshold == 0.3  # the old text, after the file changed
@@ -158,4 +159,9 @@ def test_worker_publishes_on_start_and_reload_and_the_cli_reads_the_store(tmp_pa
         produce([broker.bootstrap], [Message(cfg.outputs.policies_topic, f"evil@{kids.version}".encode(),
                                              json.dumps(bad).encode())])
         with pytest.raises(PolicyIntegrityError):
-            read_store([broker.bootstrap], cfg.outputs.policies_topic).get("evil", kids.version)
+            read_policy_store([broker.bootstrap], cfg.outputs.policies_topic, strict=False).get("evil", kids.version)
+        # an unreadable record: the worker and the CLI skip it, the retraining job (strict) stops on it
+        produce([broker.bootstrap], [Message(cfg.outputs.policies_topic, b"junk@1", b"not json")])
+        assert "custom" in read_policy_store([broker.bootstrap], cfg.outputs.policies_topic, strict=False).names()
+        with pytest.raises(PolicyIntegrityError, match=rf"{cfg.outputs.policies_topic}\[0\]@\d+: unreadable"):
+            read_policy_store([broker.bootstrap], cfg.outputs.policies_topic, strict=True)

@@ -8,17 +8,14 @@ test-reliability`` (marker ``reliability``); their figures are in docs/RELIABILI
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import yaml
 
 from rsafe.stream.broker import ensure_topics
 from rsafe.stream.clients import Message, committed_offsets, end_offsets, produce, read_all

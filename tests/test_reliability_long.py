@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from rsafe.stream.broker import EmbeddedBroker, ensure_topics, free_port
-from rsafe.stream.clients import committed_offsets, end_offsets, produce, read_all
+from rsafe.stream.clients import end_offsets, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import topic_specs
 from streamkit import (ENGINE_STALL_S, REAL_KAFKA, events, kill_group, published, start_worker, wait_caught_up,

@@ -19,7 +19,8 @@ from rsafe.policies import PolicyRegistry
 from rsafe.stream.config import ConfigError, OnError, load_config
 from rsafe.stream.moderate import Incoming, Moderator, Outcome, OutRecord, summarize
 from rsafe.stream.pipeline import BatchPipeline, LeftForRedelivery
-from rsafe.stream.records import DLQReason, Rejected, SourceRef, decode_event, sha256_text
+from rsafe.schemas.records import DLQReason, SourceRef, sha256_text
+from rsafe.stream.records import Rejected, decode_event
 from rsafe.stream.telemetry import Telemetry
 
 STREAM = Path(__file__).resolve().parents[1] / "stream"
@@ -268,7 +269,8 @@ def test_verdict_and_audit_records(mode):
 def assert_wire_records_are_complete(o):
     """The bytes on the wire (built as dicts on the hot path) hold exactly the models' fields, with
     the values the models write (so a consumer validating them with pydantic reads the same)."""
-    from rsafe.stream.records import AuditRecord, VerdictRecord, dumps
+    from rsafe.schemas.records import AuditRecord, VerdictRecord
+    from rsafe.stream.records import dumps
 
     for record, model in zip(o.records, (VerdictRecord, AuditRecord)):
         wire = json.loads(record.value)
@@ -442,7 +444,7 @@ def test_documented_examples_match_the_schemas():
     import re
 
     from rsafe.schemas.models import ModelControlRecord
-    from rsafe.stream.records import AuditRecord, ChatEvent, DLQRecord, VerdictRecord
+    from rsafe.schemas.records import AuditRecord, ChatEvent, DLQRecord, VerdictRecord
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "STREAM.md").read_text()
     blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", doc, re.DOTALL)]

@@ -248,7 +248,7 @@ def test_default_sampling_traces_a_share_of_new_traces_and_every_sampled_produce
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from rsafe.stream.config import DEFAULT_SAMPLING_RATIO, Telemetry as TelemetrySettings
-    from rsafe.stream.records import SourceRef
+    from rsafe.schemas.records import SourceRef
     from rsafe.stream.telemetry import Telemetry, inject_headers
 
     monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)

@@ -53,6 +53,7 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
     from functools import partial
 
     from rsafe.policies import PolicyError
+    from rsafe.schemas.kafka import KafkaReadError, read_policy_store
     from rsafe.training import dataset as ds
 
     out = Path(args.out)
@@ -78,7 +79,7 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
                                     pair_by_message=args.pair_by_message, seed=args.seed)
         store = None
         if args.policies_topic != "none" and (args.from_topic or args.broker_given):
-            store = ds.read_policy_store(args.broker, args.policies_topic)
+            store = read_policy_store(args.broker, args.policies_topic, strict=True)
             _log(f"[dataset] policy store {args.policies_topic}: {len(store)} versions")
         lookup = partial(ds.resolve_policy, policy_dirs=args.policy_dir or (), store=store)
         built = ds.build(records, replay=replay, settings=settings, lookup=lookup, exclude_hashes=exclude,
@@ -88,7 +89,7 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
             replay_source["sha256"] = ds.read_file(args.replay).description["sha256"]
         ds.save(built, out, sources=[source.description, replay_source], settings=settings,
                 extra={"exclude_hashes": {"path": args.exclude_hashes, "count": len(exclude)}})
-    except (ds.DatasetError, PolicyError, ValueError) as err:
+    except (ds.DatasetError, PolicyError, KafkaReadError, ValueError) as err:
         die(str(err), 1)
     source.commit()  # only now: a failed build reads the same records again next time
     c = built.counts

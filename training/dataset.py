@@ -36,7 +36,6 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +46,9 @@ from rsafe.evaluation import Example
 from rsafe.models.prompt import build_user_turn
 from rsafe.policies import BUNDLED_DIR, Level, Policy, PolicyError, PolicyRegistry, load_policy
 from rsafe.policies.store import PolicyStore, policy_key
+from rsafe.schemas.common import utcnow
 from rsafe.schemas.feedback import DisagreementRecord
+from rsafe.schemas.kafka import KafkaReadError, read_to_end, servers
 from rsafe.schemas.topics import DISAGREEMENTS_TOPIC, POLICIES_TOPIC
 
 MANIFEST = "manifest.json"
@@ -106,18 +107,6 @@ def resolve_policy(name: str, version: str, *, policy_dirs: Sequence[str | Path]
             f"{', '.join(known) or 'none'}); is it on the policies topic (--policies-topic)? "
             "or add the YAML it was judged under with --policy-dir")
     return found
-
-
-def read_policy_store(bootstrap: str | Sequence[str], topic: str = DEFAULT_POLICIES_TOPIC, *,
-                      client_kwargs: dict[str, Any] | None = None, timeout_s: float = 60.0) -> PolicyStore:
-    """Every policy version on the compacted policies topic (as the workers published them).
-    Read by hand-assigned partitions from the start, no consumer group; an unreadable or tampered
-    record is an error (a training row must never be rendered from a text that is not its version)."""
-    source = read_topic(bootstrap, topic, group_id=None, client_kwargs=client_kwargs, timeout_s=timeout_s)
-    try:
-        return PolicyStore.from_topic_values(source.lines)
-    except PolicyError as err:
-        raise DatasetError(f"unreadable policy record: {err}") from None
 
 
 # --------------------------------------------------------------------------- rows
@@ -242,50 +231,24 @@ def read_topic(bootstrap: str | Sequence[str], topic: str = DEFAULT_TOPIC, *, gr
     job); the group only stores offsets. ``Source.commit`` commits the read positions: call it
     after the dataset is saved, so a failed run reads the same records again.
     """
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-    from kafka.structs import OffsetAndMetadata
-
-    servers = [bootstrap] if isinstance(bootstrap, str) else list(bootstrap)
-    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group_id, enable_auto_commit=False,
-                             auto_offset_reset="earliest", client_id="rsafe-train-dataset",
-                             **(client_kwargs or {}))
     try:
-        ids = consumer.partitions_for_topic(topic)
-        if not ids:
-            raise DatasetError(f"topic {topic!r} does not exist on {','.join(servers)}")
-        parts = [TopicPartition(topic, p) for p in sorted(ids)]
-        consumer.assign(parts)
-        ends = consumer.end_offsets(parts)
-        starts = {tp: consumer.position(tp) for tp in parts}
-        lines: list[tuple[str, bytes]] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            if time.monotonic() > deadline:
-                raise DatasetError(f"reading {topic!r} took over {timeout_s:g} s; nothing was committed")
-            for tp, records in consumer.poll(timeout_ms=500).items():
-                lines += [(f"{tp.topic}[{tp.partition}]@{r.offset}", r.value) for r in records
-                          if r.offset < ends[tp]]
-        reached = {tp: min(consumer.position(tp), ends[tp]) for tp in parts}
-    except BaseException:
-        consumer.close()
+        reader = read_to_end(bootstrap, [topic], group_id=group_id, client_id="rsafe-train-dataset",
+                             client_kwargs=client_kwargs, timeout_s=timeout_s)
+    except KafkaReadError as err:
+        raise DatasetError(str(err)) from None
+    try:
+        lines = [(f"{r.topic}[{r.partition}]@{r.offset}", r.value) for r in reader]
+    except BaseException as err:
+        reader.close()
+        if isinstance(err, KafkaReadError):
+            raise DatasetError(f"{err}; nothing was committed") from None
         raise
-
-    def commit() -> None:
-        try:
-            if group_id is not None:
-                consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in reached.items()})
-        finally:
-            consumer.close()
-
     if group_id is None:  # nothing to commit: close now
-        commit()
-
-    description = {"kind": "topic", "bootstrap": servers, "topic": topic, "group_id": group_id,
-                   "offsets": {str(tp.partition): [starts[tp], reached[tp]] for tp in parts},
+        reader.close()
+    description = {"kind": "topic", "bootstrap": servers(bootstrap), "topic": topic, "group_id": group_id,
+                   "offsets": {str(p): list(span) for (_, p), span in reader.offsets.items()},
                    "records": len(lines)}
-    return Source(description, lines, commit)
+    return Source(description, lines, reader.commit if group_id is not None else lambda: None)
 
 
 def parse_records(lines: Iterable[tuple[str, str | bytes]], dropped: Dropped) -> Iterator[DisagreementRecord]:
@@ -524,7 +487,7 @@ def save(built: Built, out_dir: str | Path, *, sources: Sequence[dict[str, Any]]
     versions = Counter(f"{r.policy.name}@{r.policy.version}" for r in built.rows)
     manifest = {
         "schema_version": 1,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": utcnow().isoformat(),
         "data": DATA_DIR,
         "columns": list(records[0]),
         "settings": asdict(settings),

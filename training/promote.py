@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rsafe.evaluation.benchmarks import Example
+from rsafe.schemas.kafka import publish
 from rsafe.schemas.models import ModelControlRecord
 from rsafe.training.registry import GateResult, ModelCard, Registry, RegistryError
 
@@ -201,13 +202,8 @@ def no_overlap(card: ModelCard, pset: PromotionSet) -> str | None:
 def publish_control(bootstrap: Sequence[str], topic: str, record: ModelControlRecord,
                     client_kwargs: dict[str, Any] | None = None) -> None:
     """Write the control record (key = the name), waiting for the broker's acknowledgement."""
-    from kafka import KafkaProducer
-
-    p = KafkaProducer(bootstrap_servers=list(bootstrap), acks="all", client_id="rsafe-promote", **(client_kwargs or {}))
-    try:
-        p.send(topic, key=record.name.encode("utf-8"), value=record.model_dump_json().encode("utf-8")).get(timeout=60)
-    finally:
-        p.close(timeout=5)
+    publish(bootstrap, topic, [(record.name, record.model_dump_json().encode("utf-8"))],
+            client_id="rsafe-promote", client_kwargs=client_kwargs)
 
 
 @dataclass

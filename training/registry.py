@@ -15,7 +15,7 @@ same weights register once. Nothing is ever deleted: a rejected candidate stays,
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,12 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rsafe.models.artifacts import local_copy
 from rsafe.models.versions import artifact_version
+from rsafe.schemas.common import utcnow
 
 Status = Literal["candidate", "promoted", "rejected", "retired"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class GateResult(BaseModel):
