@@ -5,36 +5,32 @@ worker and goes to the DLQ instead of failing inside Faust's decoder. The consum
 moderation topics' messages to the agent a fetched batch at a time (``rsafe.stream.intake``); the
 agent micro-batches them into the pipeline and acks nothing itself: ``BatchPipeline`` acks each
 message after its records were acknowledged by the broker, and Faust commits acked offsets.
+
+What this uses of Faust's and aiokafka's insides is in ``rsafe.stream.compat`` (the bulk-delivering
+consumer, the producer internals of the batch sink), with why; the feedback agent's wiring is in
+``rsafe.stream.feedback_agent``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import json
 import logging
 import os
 import socket
 import tempfile
-import time
-import weakref
 from datetime import datetime
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import faust
-from faust.transport.consumer import CONSUMER_FETCHING
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-from faust.transport.drivers.aiokafka import Consumer as AiokafkaConsumer
-from faust.transport.drivers.aiokafka import Transport as AiokafkaTransport
-from faust.types import TP
 
+from rsafe.schemas.records import SourceRef
+from rsafe.stream.compat import internals
+from rsafe.stream.compat.consumer import Transport
 from rsafe.stream.config import StreamConfig
 from rsafe.stream.intake import Intake
 from rsafe.stream.moderate import Incoming, Outcome
 from rsafe.stream.pipeline import BatchPipeline, NotPublishable
-from rsafe.schemas.common import utcnow
-from rsafe.schemas.records import SourceRef
 
 log = logging.getLogger("rsafe.stream.app")
 
@@ -45,138 +41,6 @@ def client_id() -> str:
     """The Kafka client id of this process: ``rsafe-<host>-<pid>`` (how a worker recognises another
     live worker of its own host in the group's member list)."""
     return f"rsafe-{socket.gethostname()}-{os.getpid()}"
-
-
-class ConsumerThread(AIOKafkaConsumerThread):
-    """Faust's consumer thread, without its false alarm on table changelogs.
-
-    Faust's liveness check (``verify_event_path``, every ``stream_processing_timeout``) logs "Stream
-    has not started processing TP(...-changelog)" for an active table's own changelog partitions:
-    the worker *writes* them (each table update), and after recovery nobody reads them on purpose
-    — so their high-water mark always runs ahead of the (unread) position, and a long-running
-    worker with the feedback join logged that error every few seconds. The check still runs on
-    every other partition; fetch liveness (``_verify_aiokafka_event_path``) runs on all.
-    """
-
-    def verify_event_path(self, now: float, tp: TP) -> None:
-        if tp.topic in self.consumer.app.tables.changelog_topics:
-            self._verify_aiokafka_event_path(now, tp)
-            return None
-        return super().verify_event_path(now, tp)
-
-
-class BatchDeliveryConsumer(AiokafkaConsumer):
-    """Faust's aiokafka consumer, delivering each fetched batch in one task, and the moderation
-    topics' messages in bulk.
-
-    Faust's ``Consumer._drain_messages`` hands every message to the conductor inside its own
-    ``wait_first(callback(message), suspend_flow.wait())``: four tasks and an ``asyncio.wait`` per
-    message, ~10 % of the worker's CPU with a fast engine (py-spy, ``bench/pipeline.py``). This is the
-    same loop with that race run once per fetched batch: the whole delivery is what races the flow
-    suspension (a rebalance), and delivery stops before the next message once the flow is suspended
-    — messages not delivered are never acked, so they are fetched again from the committed offsets.
-    Everything else (read offsets, gaps, ``commit_every``, yielding every 100 messages) is Faust's.
-
-    Messages of the topics given to ``attach_intake`` skip the conductor: they go, converted by
-    ``convert``, into the ``Intake`` the moderation agent takes from (a list per fetched batch,
-    at most ``INTAKE_CHUNK`` at a time). Other topics (the feedback agent's) take Faust's path.
-    """
-
-    INTAKE_CHUNK = 512
-    intake: Intake | None = None
-    intake_topics: frozenset[str] = frozenset()
-    convert: Callable[[Any, float, Any], Any] | None = None
-
-    def _new_consumer_thread(self) -> ConsumerThread:
-        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-    def attach_intake(self, topics: Iterable[str], intake: Intake, convert: Callable[[Any, float, Any], Any]) -> None:
-        """Deliver ``topics`` into ``intake``: ``convert(message, arrived, consumed_at)`` per message."""
-        self.intake, self.intake_topics, self.convert = intake, frozenset(topics), convert
-        self.app.flow_control.manage_queue(intake)  # cleared with Faust's buffers when partitions are revoked
-
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - run by every worker test
-        callback = self.callback
-        getmany = self.getmany
-        consumer_should_stop = self._stopped.is_set
-        fetcher_should_stop = fetcher._stopped.is_set
-        suspended = self.suspend_flow.is_set
-        get_read_offset = self._read_offset.__getitem__
-        set_read_offset = self._read_offset.__setitem__
-        set_flag, unset_flag = self.diag.set_flag, self.diag.unset_flag
-        commit_every = self._commit_every
-        acks_enabled_for = self.app.topics.acks_enabled_for
-        since_yield = 0
-
-        intake, intake_topics, convert = self.intake, self.intake_topics, self.convert
-        chunk = self.INTAKE_CHUNK
-        flow_resumed = self.app.flow_control.acquire  # what Faust's conductor awaits per message
-
-        async def put(bulk: list[Any]) -> None:
-            # After a rebalance Faust resumes the flow once the assignment is set up (exactly_once:
-            # the partitions' transactions begun); messages wait for that, as in Faust's own path.
-            await flow_resumed()
-            await intake.put_many(bulk)
-
-        async def deliver(records: Any) -> None:
-            nonlocal since_yield
-            bulk: list[Any] = []
-            arrived: float | None = None  # when the fetch returned (the first message), not when it began
-            consumed_at = None
-            try:
-                async for tp, message in records:
-                    if arrived is None:
-                        arrived, consumed_at = time.perf_counter(), utcnow()
-                    since_yield += 1
-                    if since_yield > 100:
-                        await asyncio.sleep(0)
-                        since_yield = 0
-                    offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is not None and offset < r_offset:
-                        continue  # already delivered (Faust logs these as dropped)
-                    if r_offset and offset - r_offset > 1 and acks_enabled_for(message.topic):
-                        await self._add_gap(tp, r_offset + 1, offset)
-                    if commit_every is not None and self._n_acked >= commit_every:
-                        self._n_acked = 0
-                        await self.commit()
-                    if suspended():
-                        return
-                    if message.topic in intake_topics:
-                        bulk.append(convert(message, arrived, consumed_at))
-                        if len(bulk) >= chunk:
-                            await put(bulk)
-                            bulk = []
-                    else:
-                        await callback(message)
-                    set_read_offset(tp, offset)
-                if bulk and not suspended():
-                    await put(bulk)
-            finally:
-                bulk.clear()  # suspended (a rebalance): not delivered, so fetched again
-
-        try:
-            while not (consumer_should_stop() or fetcher_should_stop()):
-                set_flag(CONSUMER_FETCHING)
-                records = getmany(timeout=1.0)
-                await self.sleep(0)
-                if not self.should_stop:
-                    await self.wait_first(deliver(records), self.suspend_flow.wait())
-                unset_flag(CONSUMER_FETCHING)
-        except self.consumer_stopped_errors:
-            if self.transport.app.should_stop:
-                return
-            raise
-        except asyncio.CancelledError:
-            if self.transport.app.should_stop:
-                return
-            raise
-        finally:
-            unset_flag(CONSUMER_FETCHING)
-
-
-class Transport(AiokafkaTransport):
-    Consumer = BatchDeliveryConsumer
 
 
 def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
@@ -214,35 +78,6 @@ def build_app(cfg: StreamConfig, datadir: str | None = None) -> faust.App:
     # ``app.in_transaction`` (exactly_once needs in_worker) once, when it is built.
     app.in_worker = True
     return app
-
-
-class _PartitionEvent:
-    """What Faust's stores read of the current event: its message's partition."""
-
-    def __init__(self, partition: int):
-        self.message = _PartitionMessage(partition)
-
-
-class _PartitionMessage:
-    def __init__(self, partition: int):
-        self.partition = partition
-
-
-@contextlib.contextmanager
-def in_partition(partition: int) -> Iterator[None]:
-    """Table access on behalf of an event of ``partition`` outside Faust's own stream iteration.
-
-    The moderation agent takes its events from the ``Intake``, not from a Faust stream, so Faust's
-    current event (a context variable its stream sets per event) is unset there; a RocksDB store
-    finds the partition's database through it. This sets it for the duration of the access."""
-    from faust.streams import _current_event  # noqa: PLC2701 - Faust's context variable (faust-streaming 0.15)
-
-    event = _PartitionEvent(partition)
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
 
 
 def context_tables(app: faust.App, cfg: StreamConfig) -> dict[str, Any]:
@@ -306,7 +141,7 @@ class FaustSink:
         self.app = app
         self.transactional = transactional
 
-    def _transactional_id(self, source: SourceRef) -> str | None:
+    def transactional_id(self, source: SourceRef) -> str | None:
         if not self.transactional:
             return None
         try:
@@ -314,7 +149,7 @@ class FaustSink:
         except KeyError:
             raise NotPublishable(f"{source.topic} is not assigned to this worker any more") from None
         tid = f"{self.app.conf.id}-{group}-{source.partition}"
-        if tid not in getattr(self.app.producer, "_transaction_producers", {tid: None}):
+        if not internals.has_transaction(self.app, tid):
             raise NotPublishable(f"no open transaction for {source.topic}[{source.partition}] "
                                  "(partition revoked in a rebalance)")
         return tid
@@ -326,7 +161,7 @@ class FaustSink:
         producer = self.app.producer
         futures = []
         for o in outcomes:
-            tid = self._transactional_id(o.incoming.source)
+            tid = self.transactional_id(o.incoming.source)
             for r in o.records:
                 futures.append(await producer.send(r.topic, r.key, r.value, r.partition, None, r.headers,
                                                    transactional_id=tid))
@@ -334,15 +169,15 @@ class FaustSink:
             await asyncio.gather(*futures)
 
     async def _write_batches(self, outcomes: Sequence[Outcome]) -> None:
-        producer = self.app.producer._ensure_producer()  # noqa: SLF001 - Faust's aiokafka producer
-        partition = producer._partition  # noqa: SLF001 - the configured partitioner, as send() uses it
+        producer = internals.aiokafka_producer(self.app)
+        partition = internals.partitioner(producer)
         builders: dict[tuple[str, int], Any] = {}
         futures = []
         ready: set[str] = set()
         for o in outcomes:
             for r in o.records:
                 if r.topic not in ready:  # the topic's partitions known (what send() waits for per record)
-                    await producer.client._wait_on_metadata(r.topic)  # noqa: SLF001
+                    await internals.wait_on_metadata(producer, r.topic)
                     ready.add(r.topic)
                 p = r.partition if r.partition is not None else partition(r.topic, None, r.key, r.value, r.key, r.value)
                 tp = (r.topic, p)
@@ -379,118 +214,3 @@ def wire(app: faust.App, cfg: StreamConfig, pipeline: BatchPipeline) -> Any:
                             linger_s=cfg.batch.linger_ms / 1000)
     functools.update_wrapper(fun, moderate_agent)
     return app.agent(channel, name=AGENT_NAME, concurrency=1)(fun)
-
-
-# --------------------------------------------------------------------------- feedback
-
-
-class AuditReader:
-    """Reads one audit record back by its pointer (topic, partition, offset), for a disagreement's
-    content and reasoning. A group-less consumer, started on first use."""
-
-    def __init__(self, cfg: StreamConfig):
-        self.cfg = cfg
-        self._consumer: Any = None
-
-    async def fetch(self, ptr: dict) -> dict | None:
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(bootstrap_servers=self.cfg.bootstrap, group_id=None,
-                                              enable_auto_commit=False, client_id="rsafe-audit-reader",
-                                              **self.cfg.security.client_kwargs())
-            await self._consumer.start()
-        tp = TopicPartition(ptr["topic"], ptr["partition"])
-        self._consumer.assign([tp])
-        self._consumer.seek(tp, ptr["offset"])
-        batch = await self._consumer.getmany(tp, timeout_ms=10_000, max_records=1)
-        for r in batch.get(tp, []):
-            if r.offset == ptr["offset"] and r.value is not None:
-                return json.loads(r.value)
-        return None  # compacted away (a later record of the key exists) or erased
-
-    async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-
-
-class FeedbackWiring:
-    """The feedback agent, its tables and the tick timer, in one app (see ``rsafe.stream.feedback``)."""
-
-    def __init__(self, app: faust.App, cfg: StreamConfig, worker_id: str, transactional: bool,
-                 telemetry: Any = None):
-        from rsafe.stream.feedback import TABLES, FeedbackJoin, tick_topic
-
-        self.app, self.cfg = app, cfg
-        fb = cfg.feedback
-        from rsafe.stream.feedback import changelog_topic
-
-        n = cfg.outputs.partitions
-        self.tables = {
-            name: app.Table(name, default=None, partitions=n, key_type=str, help=f"feedback {name}",
-                            changelog_topic=app.topic(changelog_topic(cfg, name), partitions=n, key_type=str,
-                                                      key_serializer="raw", value_serializer="json",
-                                                      compacting=True))
-            for name in TABLES}
-        self.reader = AuditReader(cfg)
-        on_trusted = None
-        if telemetry is not None:
-            def on_trusted(agree: bool, d: dict) -> None:
-                telemetry.feedback(agree, d.get("policy_version"), d.get("model_version"))
-        self.join = FeedbackJoin(cfg, self.tables, self.reader.fetch, worker_id=worker_id, on_trusted=on_trusted)
-        self.sink = FaustSink(app, transactional=transactional)
-        self.topics = {"audit": cfg.outputs.audit_topic, "trusted": fb.trusted_topic,
-                       "reports": fb.reports_topic, "ticks": tick_topic(cfg)}
-        channel = app.topic(*self.topics.values(), key_type=bytes, value_type=bytes,
-                            key_serializer="raw", value_serializer="raw", partitions=cfg.outputs.partitions)
-        fun = functools.partial(self._agent)
-        functools.update_wrapper(fun, FeedbackWiring._agent)
-        app.agent(channel, name="rsafe-feedback", concurrency=1)(fun)
-        self.ticker: asyncio.Task | None = None
-
-    async def _agent(self, stream: Any) -> None:
-        async for event in stream.events():
-            m = event.message
-            source = SourceRef(topic=m.topic, partition=m.partition, offset=m.offset)
-            try:
-                if m.topic == self.topics["audit"]:
-                    outs = await self.join.on_decision(m.key, m.value, source)
-                elif m.topic == self.topics["ticks"]:
-                    outs = self.join.on_tick(m.partition)
-                else:
-                    outs = await self.join.on_feedback(m.key, m.value, source,
-                                                       trusted_topic=m.topic == self.topics["trusted"])
-            except Exception:  # noqa: BLE001 - a bug must not stop the join; the record is logged
-                log.exception("feedback join failed for %s[%d]@%d", m.topic, m.partition, m.offset)
-                continue
-            await self._publish(outs, source)
-
-    async def _publish(self, outs: Sequence[Any], source: SourceRef) -> None:
-        delay = 0.5
-        while outs:
-            try:
-                tid = self.sink._transactional_id(source)
-                futures = [await self.app.producer.send(o.topic, o.key, o.value, None, None, None,
-                                                        transactional_id=tid) for o in outs]
-                await asyncio.gather(*futures)
-                return
-            except NotPublishable as err:
-                log.warning("feedback outputs not published: %s (the record is redelivered)", err)
-                raise
-            except Exception as err:  # noqa: BLE001 - broker trouble: retry, never skip
-                log.warning("publishing %d feedback outputs failed: %s; retrying in %.1f s", len(outs), err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    async def tick_forever(self) -> None:
-        """One tick per assigned tick-topic partition every ``feedback.expiry_interval_s``."""
-        while True:
-            await asyncio.sleep(self.cfg.feedback.expiry_interval_s)
-            try:
-                parts = sorted(tp.partition for tp in self.app.consumer.assignment()
-                               if tp.topic == self.topics["ticks"])
-                for p in parts:
-                    await self.app.producer.send(self.topics["ticks"], None, b"tick", p, None, None)
-            except Exception as err:  # noqa: BLE001 - the next tick tries again
-                log.debug("feedback tick failed: %s", err)

@@ -39,9 +39,9 @@ class HttpServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # noqa: SLF001 - the bound port
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        addresses = self._runner.addresses  # the bound sockets' addresses (port 0: the one chosen)
+        if addresses:
+            self.port = addresses[0][1]
         log.info("http: /healthz /readyz /metrics on http://%s:%d", self.host, self.port)
         return self.port
 

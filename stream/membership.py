@@ -23,9 +23,10 @@ import socket
 import sys
 from typing import Any, Sequence
 
+from rsafe.stream.exit_codes import EXIT_FENCED
+
 log = logging.getLogger("rsafe.stream.membership")
 
-EXIT_FENCED = 5
 _CLIENT_RE = re.compile(r"^rsafe-(?P<host>.+)-(?P<pid>\d+)$")
 _FENCED_PATTERNS = ("member_id was not recognized", "UnknownMemberId", "FencedInstanceId", "FENCED_INSTANCE_ID",
                     "[Error 82]")

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from rsafe.models.artifacts import local_copy
 from rsafe.schemas.models import ModelControlRecord
-from rsafe.stream.config import StreamConfig
+from rsafe.stream.config import Models as ModelsConfig
 
 log = logging.getLogger("rsafe.stream.models")
 
@@ -63,9 +63,11 @@ def _apply_record(current: dict[str, ModelControlRecord], key: bytes | None, val
 class ModelWatcher:
     """Applies promotions to a running worker."""
 
-    def __init__(self, cfg: StreamConfig, backend: Any, adapters_in_use: set[str],
-                 on_restart_required: Callable[[str], None], model_version: str | None):
-        self.cfg = cfg
+    def __init__(self, models: ModelsConfig, backend: Any, adapters_in_use: set[str],
+                 on_restart_required: Callable[[str], None], model_version: str | None, *,
+                 bootstrap: Sequence[str], client_kwargs: dict[str, Any]):
+        self.models = models
+        self.bootstrap, self.client_kwargs = list(bootstrap), client_kwargs
         self.backend = backend
         self.adapters = adapters_in_use
         self.on_restart_required = on_restart_required
@@ -74,7 +76,7 @@ class ModelWatcher:
         """Adapter name → the version being served (after a swap)."""
 
     async def apply(self, rec: ModelControlRecord) -> None:
-        m = self.cfg.models
+        m = self.models
         if rec.kind == "full":
             if rec.name == m.model_name and rec.version != self.model_version:
                 why = (f"model {rec.name} version {rec.version} was promoted"
@@ -100,9 +102,9 @@ class ModelWatcher:
         """Apply the records published after ``ends`` (a group-less consumer), until cancelled."""
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        topic = self.cfg.models.control_topic
-        c = AIOKafkaConsumer(bootstrap_servers=self.cfg.bootstrap, group_id=None, enable_auto_commit=False,
-                             client_id="rsafe-models-watch", **self.cfg.security.client_kwargs())
+        topic = self.models.control_topic
+        c = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+                             client_id="rsafe-models-watch", **self.client_kwargs)
         await c.start()
         try:
             tps = [TopicPartition(topic, p) for p in sorted(ends)]

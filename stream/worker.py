@@ -26,8 +26,10 @@ import time
 from typing import Any, Callable, Sequence
 
 from rsafe.stream.broker import BrokerError, EmbeddedBroker, ensure_topics, reachable
+from rsafe.stream.compat import internals
 from rsafe.stream.config import StreamConfig
 from rsafe.stream.context import changelog_specs as context_changelog_specs
+from rsafe.stream.exit_codes import EXIT_CRASHED, EXIT_ENGINE_DEAD, EXIT_FAILED, EXIT_OK
 from rsafe.stream.feedback import topic_specs as feedback_topic_specs
 from rsafe.stream.moderate import Moderator, Outcome
 from rsafe.stream.pipeline import LeftForRedelivery
@@ -36,11 +38,6 @@ from rsafe.stream.telemetry import Telemetry
 
 log = logging.getLogger("rsafe.stream.worker")
 
-EXIT_OK, EXIT_FAILED, EXIT_CRASHED = 0, 1, 3
-EXIT_ENGINE_DEAD = 4
-"""The engine could not judge anything (failed health probe, or too many failed batches)."""
-EXIT_FENCED = 5
-"""Another member joined the group with this worker's ``group_instance_id`` (``membership``)."""
 
 
 class WorkerError(RuntimeError):
@@ -206,36 +203,63 @@ class GuardWorker:
                                   f"promoted on {self.cfg.models.control_topic} ({', '.join(sorted(known)) or 'none'})")
 
     async def _start(self) -> None:
-        from rsafe.policies import PolicyError
-        from rsafe.stream.app import FaustSink, acker, build_app, context_tables, in_partition, wire
-        from rsafe.stream.context import ConversationContext
-        from rsafe.stream.pipeline import BatchPipeline
-        from rsafe.stream.membership import FencingWatch, live_duplicate
-        from rsafe.stream.policy_store import PolicyPublisher
-        from rsafe.stream.policy_watch import PolicyWatcher, load_registry
-        from rsafe.models.versions import artifact_version
-        from rsafe.stream import long_poll
+        """Start in phases; each returns early (nothing half-started is left running) when a stop
+        arrives while it waits — a SIGTERM during the engine's start, say."""
+        registry = self._check_setup()
+        await self._start_http()
+        await self._prepare_broker(registry)
+        if self._stop.is_set():
+            return
+        current_models, control_ends = await self._read_promoted_models()
+        backend = await self._start_engine(current_models)
+        if self._stop.is_set():  # SIGTERM while the engine was starting
+            return
+        await self._build_moderator(backend, registry, current_models)
+        self._build_app()
+        await self._join_group(control_ends)
 
-        long_poll.install()  # a drained consumer must not spin on a broker without long polling
-        cfg = self.cfg
+    def _check_setup(self) -> Any:
+        """The libraries the worker patches, the policies, the audit hash key: what must hold before
+        anything starts. Returns the policy registry."""
+        from rsafe.policies import PolicyError
+        from rsafe.stream import compat
+        from rsafe.stream.compat import long_poll
+        from rsafe.stream.policy_watch import load_registry
+
         try:
-            registry = load_registry(cfg)
+            compat.check()
+        except compat.UnsupportedVersion as err:
+            raise WorkerError(str(err)) from None
+        long_poll.install()  # a drained consumer must not spin on a broker without long polling
+        try:
+            registry = load_registry(self.cfg)
         except PolicyError as err:
             raise WorkerError(str(err)) from None
         try:  # audit.content: hash needs its key before anything is judged
-            content_hasher(cfg.audit.content)
+            content_hasher(self.cfg.audit.content)
         except HashKeyError as err:
             raise WorkerError(str(err)) from None
-        if cfg.http.enabled:
-            from rsafe.stream.http import HttpServer
+        return registry
 
-            self.http = HttpServer(cfg.http.host, cfg.http.port, self.readiness, self.metrics)
-            try:
-                await self.http.start()
-            except OSError as err:
-                self.http = None
-                raise WorkerError(f"http: cannot listen on {cfg.http.host}:{cfg.http.port}: {err} "
-                                  "(set http.port, or 0 for any free port)") from None
+    async def _start_http(self) -> None:
+        http = self.cfg.http
+        if not http.enabled:
+            return
+        from rsafe.stream.http import HttpServer
+
+        self.http = HttpServer(http.host, http.port, self.readiness, self.metrics)
+        try:
+            await self.http.start()
+        except OSError as err:
+            self.http = None
+            raise WorkerError(f"http: cannot listen on {http.host}:{http.port}: {err} "
+                              "(set http.port, or 0 for any free port)") from None
+
+    async def _prepare_broker(self, registry: Any) -> None:
+        """The broker (the embedded one when none is reachable), the topics, and the policy store
+        holding every version before anything is judged with it."""
+        from rsafe.stream.policy_store import PolicyPublisher
+
         await asyncio.to_thread(self._resolve_broker)
         cfg = self.cfg
         if cfg.create_topics:
@@ -248,33 +272,43 @@ class GuardWorker:
                 log.info("created topics: %s", ", ".join(created))
         self.publisher = PolicyPublisher(cfg.bootstrap, cfg.outputs.policies_topic, self.worker_id,
                                          cfg.security.client_kwargs())
-        try:  # the policy store holds every version before it judges anything
+        try:
             stored = await asyncio.to_thread(self.publisher.publish, registry)
         except Exception as err:  # noqa: BLE001 - broker errors
             raise WorkerError(f"cannot publish the policies to {cfg.outputs.policies_topic}: {err}") from None
         if stored:
             log.info("policy store %s: published %s", cfg.outputs.policies_topic, ", ".join(stored))
-        if self._stop.is_set():
-            return
-        current_models: dict = {}
-        control_ends: dict[int, int] = {}
-        if cfg.models.follow:
-            from rsafe.stream.models_watch import read_current
 
-            try:
-                current_models, control_ends = await asyncio.to_thread(
-                    read_current, cfg.bootstrap, cfg.models.control_topic, cfg.security.client_kwargs())
-            except Exception as err:  # noqa: BLE001
-                raise WorkerError(f"cannot read the model control topic {cfg.models.control_topic}: {err}") from None
-            await asyncio.to_thread(self._use_promoted_model, current_models)
-            cfg = self.cfg
+    async def _read_promoted_models(self) -> tuple[dict, dict[int, int]]:
+        """The model control topic's current records (``models.follow``) and its end offsets; a
+        promoted full-weights model replaces ``engine.model``."""
+        models = self.cfg.models
+        if not models.follow:
+            return {}, {}
+        from rsafe.stream.models_watch import read_current
+
+        try:
+            current, ends = await asyncio.to_thread(read_current, self.cfg.bootstrap, models.control_topic,
+                                                    self.cfg.security.client_kwargs())
+        except Exception as err:  # noqa: BLE001
+            raise WorkerError(f"cannot read the model control topic {models.control_topic}: {err}") from None
+        await asyncio.to_thread(self._use_promoted_model, current)
+        return current, ends
+
+    async def _start_engine(self, current_models: dict) -> Any:
         started = time.perf_counter()
         backend = await asyncio.to_thread(self._engine_backend)
         self._backend = backend
-        if self._stop.is_set():  # SIGTERM while the engine was starting
-            return
-        self._check_adapters(backend, {n for n, r in current_models.items() if r.kind == "lora"})
-        log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, backend.model_id)
+        if not self._stop.is_set():
+            self._check_adapters(backend, {n for n, r in current_models.items() if r.kind == "lora"})
+            log.info("engine ready in %.1f s (%s)", time.perf_counter() - started, backend.model_id)
+        return backend
+
+    async def _build_moderator(self, backend: Any, registry: Any, current_models: dict) -> None:
+        """The guard, the versions it serves (promoted adapters applied) and the moderator."""
+        from rsafe.models.versions import artifact_version
+
+        cfg = self.cfg
         self.guard = self._build_guard(backend, registry)
         engine_cfg = cfg.engine or getattr(backend, "cfg", None)
         model_version = artifact_version(engine_cfg.model) if engine_cfg is not None else None
@@ -282,13 +316,24 @@ class GuardWorker:
         if cfg.models.follow:
             from rsafe.stream.models_watch import ModelWatcher
 
-            self.models = ModelWatcher(cfg, backend, {t.adapter for t in cfg.inputs if t.adapter},
-                                       self._restart_required, model_version)
+            self.models = ModelWatcher(cfg.models, backend, {t.adapter for t in cfg.inputs if t.adapter},
+                                       self._restart_required, model_version, bootstrap=cfg.bootstrap,
+                                       client_kwargs=cfg.security.client_kwargs())
             for rec in current_models.values():
                 await self.models.apply(rec)
             adapters.update(self.models.versions)
         self.moderator = _StoppingModerator(cfg, self.guard, worker_id=self.worker_id, telemetry=self.telemetry,
                                             model_version=model_version, adapter_versions=adapters)
+
+    def _build_app(self) -> None:
+        """The Faust app, the pipeline and its sink, the context tables, the agents, the policy watcher."""
+        from rsafe.stream.app import FaustSink, acker, build_app, context_tables, wire
+        from rsafe.stream.compat.internals import in_partition
+        from rsafe.stream.context import ConversationContext
+        from rsafe.stream.pipeline import BatchPipeline
+        from rsafe.stream.policy_watch import PolicyWatcher
+
+        cfg = self.cfg
         self._datadir = tempfile.mkdtemp(prefix="rsafe-faust-")  # Faust's state dir; removed at exit
         app = self.app = build_app(cfg, datadir=self._datadir)
         eos = cfg.processing_guarantee == "exactly_once"
@@ -314,13 +359,19 @@ class GuardWorker:
                                                          in_partition=in_partition)
         wire(app, cfg, self.pipeline)
         if cfg.feedback.enabled:
-            from rsafe.stream.app import FeedbackWiring
+            from rsafe.stream.feedback_agent import FeedbackWiring
 
             self.feedback = FeedbackWiring(app, cfg, self.worker_id, transactional=eos, telemetry=self.telemetry)
         self.watcher = PolicyWatcher(cfg, self.guard, on_reload=self._count_reload,
                                      before_use=self._publish_policies)
         if self._reload_requested:
             self.watcher.request_reload()
+
+    async def _join_group(self, control_ends: dict[int, int]) -> None:
+        """Static membership's guards, then the app joins the group and the background tasks start."""
+        from rsafe.stream.membership import FencingWatch, live_duplicate
+
+        cfg, app = self.cfg, self.app
         instance = cfg.resolved_group_instance_id
         if instance is not None:
             try:
@@ -363,7 +414,7 @@ class GuardWorker:
             if tp.topic not in inputs:
                 continue
             high = consumer.highwater(tp)
-            read = consumer._read_offset.get(tp)  # noqa: SLF001 - Faust keeps the position there
+            read = internals.read_offset(consumer, tp)
             if high is None:
                 continue
             out.append((tp.topic, tp.partition, max(0, high - (read + 1 if read is not None else 0))))
@@ -372,10 +423,9 @@ class GuardWorker:
     def stats(self) -> dict[str, Any]:
         """Telemetry counters plus how often delivery paused because the agent's buffer was full."""
         out = self.telemetry.snapshot()
-        monitor = getattr(self.app, "_monitor", None) if self.app is not None else None
-        full = getattr(monitor, "topic_buffer_full", None) if monitor is not None else None
         intake = getattr(self.app, "intake", None) if self.app is not None else None
-        out["fetch_pauses"] = (sum(full.values()) if full else 0) + (intake.full_waits if intake is not None else 0)
+        out["fetch_pauses"] = ((internals.buffer_full_count(self.app) if self.app is not None else 0)
+                               + (intake.full_waits if intake is not None else 0))
         return out
 
     # ------------------------------------------------------------------ run

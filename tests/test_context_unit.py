@@ -302,7 +302,7 @@ def test_the_table_works_on_a_rocksdb_store(tmp_path):
     moderation agent's events do not come through a Faust stream)."""
     import faust
 
-    from rsafe.stream.app import in_partition
+    from rsafe.stream.compat.internals import in_partition
 
     cfg = ctx_config()
     app = faust.App("rsafe-ctx-rocksdb", broker="kafka://127.0.0.1:1", store="rocksdb://", datadir=str(tmp_path))

@@ -1,4 +1,4 @@
-"""Client-side long polling (``rsafe.stream.long_poll``): an idle aiokafka consumer stops spinning on a
+"""Client-side long polling (``rsafe.stream.compat.long_poll``): an idle aiokafka consumer stops spinning on a
 broker that answers empty fetches at once, and a record that arrives is still fetched promptly."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from rsafe.stream import long_poll
+from rsafe.stream.compat import long_poll
 from rsafe.stream.broker import ensure_topics
 from streamkit import kafka  # noqa: F401 - fixture
 

@@ -163,7 +163,8 @@ def test_redacted_content_with_full_reasoning_still_carries_fragments(kafka, mon
 
 
 def test_hash_mode_refuses_to_start_without_a_key(kafka, monkeypatch, caplog):
-    from rsafe.stream.worker import EXIT_FAILED, GuardWorker
+    from rsafe.stream.exit_codes import EXIT_FAILED
+    from rsafe.stream.worker import GuardWorker
 
     monkeypatch.delenv("RSAFE_AUDIT_HASH_KEY", raising=False)
     cfg = load_config(data=worker_config(kafka, f"nokey{uuid.uuid4().hex[:6]}", audit={"content": "hash"}), env={})

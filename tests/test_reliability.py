@@ -161,7 +161,7 @@ def test_an_error_no_guard_catches_crashes_the_faust_app_and_the_worker_exits_wi
     guards; injected with ``faults.consumer_crash_marker``) crashes the Faust app: the worker stops
     with ``EXIT_CRASHED``, the event that crashed it stays uncommitted, and a restart without the
     fault judges it (nothing lost)."""
-    from rsafe.stream.worker import EXIT_CRASHED
+    from rsafe.stream.exit_codes import EXIT_CRASHED
 
     prefix = f"crash{uuid.uuid4().hex[:6]}"
     raw = worker_config(kafka, prefix, group_instance_id=f"{prefix}-w", faults={"consumer_crash_marker": "CRASH-ME"})

@@ -496,7 +496,8 @@ def test_the_app_delivers_fetched_batches_with_the_worker_consumer(tmp_path):
     it overrides Faust's ``_drain_messages``, so a Faust upgrade that renames it must fail here."""
     import faust.transport.consumer
 
-    from rsafe.stream.app import BatchDeliveryConsumer, build_app
+    from rsafe.stream.app import build_app
+    from rsafe.stream.compat.consumer import BatchDeliveryConsumer
 
     assert callable(getattr(faust.transport.consumer.Consumer, "_drain_messages", None))
     app = build_app(cfg_of(broker=["127.0.0.1:9"]), datadir=str(tmp_path))
