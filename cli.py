@@ -109,7 +109,7 @@ def cmd_policy_validate(args: argparse.Namespace) -> int:
             print(f"INVALID {err}", file=sys.stderr)
             bad += 1
             continue
-        print(f"OK {f}: {p.name} v{p.version}, {len(p.categories)} categories, level {p.level.value}")
+        print(f"OK {f}: {p.name} version {p.version}, {len(p.categories)} categories, level {p.level.value}")
     return 1 if bad else 0
 
 
@@ -168,7 +168,7 @@ def cmd_policy_list(args: argparse.Namespace) -> int:
     policies = policy_registry(args.policy_dir)
     for name in policies.names():
         p = policies.get(name)
-        print(f"{name}\tv{p.version}\t{len(p.categories)} categories\t{policies.source(name)}")
+        print(f"{name}\t{p.version}\t{len(p.categories)} categories\t{policies.source(name)}")
     return 0
 
 

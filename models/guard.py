@@ -12,6 +12,7 @@ the same engine batch — and combine each message's windows into one verdict. `
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from rsafe.models.verdict import (
     parse_output,
     unsafe_probability,
 )
+from rsafe.models.versions import artifact_version
 from rsafe.policies import DEFAULT_POLICY, Level, Policy, PolicyError, PolicyRegistry
 
 
@@ -159,11 +161,17 @@ class Guard:
     def model_id(self) -> str:
         return self.backend.model_id
 
+    @functools.cached_property
+    def model_version(self) -> str | None:
+        """Content version of the weights when the engine runs a local directory (else None)."""
+        cfg = getattr(self.backend, "cfg", None)
+        return artifact_version(cfg.model) if cfg is not None and cfg.backend != "openai" else None
+
     # ------------------------------------------------------------------ preparation
 
     def _error(self, index_id: str | None, reason: str, policy: Policy | None = None, **extra: Any) -> Verdict:
         return Verdict(id=index_id, label=Label.ERROR, error_reason=reason, model=self.model_id,
-                       policy=policy.name if policy else None,
+                       model_version=self.model_version, policy=policy.name if policy else None,
                        policy_version=policy.version if policy else None, **extra)
 
     def _segments(self, text: str) -> list[tuple[int, int]] | None:
@@ -284,7 +292,8 @@ class Guard:
         windowed = len(p.windows) > 1 or w.span is not None
         common = dict(
             id=p.request.id, level=p.level.value, policy=p.policy.name, policy_version=p.policy.version,
-            model=self.model_id, adapter=p.request.adapter, adapter_version=c.adapter_version,
+            model=self.model_id, model_version=self.model_version, adapter=p.request.adapter,
+            adapter_version=c.adapter_version,
             truncated_input=p.truncated, unjudged_ranges=list(p.unjudged),
             windows=len(p.windows), window=k, window_field=w.field if windowed else None,
             window_span=w.span if windowed else None,

@@ -83,7 +83,7 @@ class PolicyWatcher:
         self.guard.policies = registry
         self.reloads += 1
         log.info("policies reloaded (%s): %s", why,
-                 ", ".join(f"{n} v{v}" for n, v in sorted(changed.items())) or "no version changed")
+                 ", ".join(f"{n}@{v}" for n, v in sorted(changed.items())) or "no version changed")
         if self.on_reload is not None:
             self.on_reload(changed)
         return True

@@ -17,6 +17,14 @@ def test_cli_policy_commands(tmp_path):
     bad.write_text("name: x\ncategories: [{code: A, name: a}, {code: A, name: b}]\n")
     res = run("policy", "validate", str(bad))
     assert res.returncode == 1 and f"{bad}: categories.1.code: duplicate code 'A'" in res.stderr
+    # the version printed is the bare hash that records carry (policy_version), no "v" prefix
+    from rsafe.policies import BUNDLED_DIR, load_policy
+
+    version = load_policy(BUNDLED_DIR / "kids-platform.yaml").version
+    ok = run("policy", "validate", str(BUNDLED_DIR / "kids-platform.yaml"))
+    assert ok.returncode == 0 and f"kids-platform version {version}," in ok.stdout
+    listed = run("policy", "list")
+    assert f"kids-platform\t{version}\t" in listed.stdout
 
 
 def test_cli_classify_needs_input():

@@ -299,12 +299,14 @@ def vllm_server(demo_model_dir):
     port = _free_port()
     # the model in the engine core process (no third process importing vLLM and torch: ~25 s of
     # its start); vLLM-CPU keeps that layout when this is 0 (rsafe.models.engines.vllm.start_cpu_engine)
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "true"}  # as deployed: adapters loaded at run time
     log = open(BUILDS / "vllm-server.log", "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(demo_model_dir),
          "--served-model-name", "rsafe-demo", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--gpu-memory-utilization", "0.5", "--max-model-len", "1024", "--enforce-eager"],
+         "--gpu-memory-utilization", "0.5", "--max-model-len", "1024", "--enforce-eager",
+         "--enable-lora", "--max-lora-rank", "8"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # its EngineCore: same group
     url = f"http://127.0.0.1:{port}"
     try:
@@ -356,6 +358,23 @@ def test_openai_backend_against_a_real_vllm_server(vllm_server, vllm_guard):
         assert b.unsafe_probability == pytest.approx(r.unsafe_probability, abs=0.02)
 
 
+def test_openai_backend_loads_a_configured_adapter_into_the_server(vllm_server, vllm_guard, demo_lora_dir):
+    """``--lora guard=PATH --adapter guard`` against ``vllm serve --enable-lora`` with run-time
+    LoRA updating: the guard loads the adapter into the server at start, and the adapter judges."""
+    guard = Guard.from_config(EngineConfig(backend="openai", model="rsafe-demo", base_url=vllm_server,
+                                           enable_lora=True, lora_adapters={"guard": str(demo_lora_dir)},
+                                           generation=GenerationConfig(max_tokens=128)))
+    served = [m["id"] for m in httpx.get(f"{vllm_server}/models", timeout=10).json()["data"]]
+    assert "guard" in served
+    remote = guard.classify([{"id": "1", "prompt": HARMFUL, "adapter": "guard"}])
+    local = vllm_guard.classify([{"id": "1", "prompt": HARMFUL, "adapter": "demo-lora"}])
+    assert remote[0].label != Label.ERROR, remote[0].error_reason
+    assert remote[0].adapter == "guard" and remote[0].raw_output == local[0].raw_output
+    again = Guard.from_config(EngineConfig(backend="openai", model="rsafe-demo", base_url=vllm_server,
+                                           enable_lora=True, lora_adapters={"guard": str(demo_lora_dir)}))
+    assert again.backend._adapters["guard"][0] == "guard"  # already served: nothing loaded twice
+
+
 def test_cli_classify_jsonl(tmp_path, demo_model_dir):
     inp = tmp_path / "in.jsonl"
     rows = [{"id": "a", "prompt": BENIGN}, {"id": "b", "prompt": HARMFUL, "response": "Sure, here is how..."},
@@ -370,6 +389,9 @@ def test_cli_classify_jsonl(tmp_path, demo_model_dir):
     verdicts = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(verdicts) == 5
     assert verdicts[0]["id"] == "a" and verdicts[0]["label"] in ("safe", "unsafe")
+    from rsafe.models.versions import artifact_version
+
+    assert verdicts[0]["model_version"] == artifact_version(demo_model_dir) is not None  # which weights judged
     assert verdicts[1]["level"] == "response"
     assert verdicts[2]["label"] == "error" and "line 3: not valid JSON" in verdicts[2]["error_reason"]
     assert verdicts[3]["label"] == "error" and "prompt is empty" in verdicts[3]["error_reason"]

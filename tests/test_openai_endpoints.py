@@ -306,3 +306,20 @@ def test_server_context_length_and_token_counts_fail_over(servers):
     a = servers("a")
     backend = _backend([_dead_url(), a.url])
     assert backend._server_max_model_len() == 2048
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_a_configured_adapter_the_server_cannot_serve_fails_at_start_with_what_to_do(servers, tmp_path):
+    """``--lora NAME=PATH`` with ``--engine openai``: a server that neither lists the adapter nor
+    loads it at run time (this one answers 404 to ``/v1/load_lora_adapter``) stops the engine before
+    the first request, instead of an error verdict ("model does not exist") for every message."""
+    a = servers("a")
+    with pytest.raises(EngineError, match=r"adapter 'mine' is not served and could not be loaded \(the server does "
+                                          r"not allow loading adapters at run time\).*--lora-modules mine=/srv/mine"):
+        _backend([a.url], enable_lora=True, lora_adapters={"mine": "/srv/mine"})
+    backend = _backend([a.url], enable_lora=True, lora_adapters={"guard": "/srv/guard"})  # listed: served as it is
+    assert backend._adapters["guard"][0] == "guard"
+    with pytest.raises(EngineError, match="cannot list its models"):
+        _backend([_dead_url()], enable_lora=True, lora_adapters={"guard": "/srv/guard"})

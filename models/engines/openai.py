@@ -186,6 +186,48 @@ class OpenAIBackend:
             name: (name, v) for name, v in adapter_versions(cfg).items()}
         """name → (the name the server serves it under, version): static adapters are served under
         their names; an adapter loaded at run time under ``<name>-<version>`` (a new LoRA id)."""
+        if cfg.lora_adapters:
+            self._serve_static_adapters()
+
+    def _serve_static_adapters(self) -> None:
+        """Every configured adapter (``--lora NAME=PATH``, ``engine.lora_adapters``) is served by every
+        server before the first request: a server that lists it (``--lora-modules``) is left alone;
+        otherwise it is loaded under its name through ``/v1/load_lora_adapter`` (the server needs
+        ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=true``; ``PATH`` is read by the
+        server, so it must be a path the server sees). Any server that can do neither is an error
+        that says what to do, not 404s ("model does not exist") on every request."""
+        import httpx
+
+        errors = []
+        for ep in self.endpoints:
+            try:
+                r = httpx.get(f"{ep.base}/models", headers=self._headers, timeout=10.0)
+                r.raise_for_status()
+                served = {m.get("id") for m in r.json().get("data", [])}
+            except (httpx.HTTPError, ValueError, AttributeError) as err:
+                errors.append(f"{ep.base}: cannot list its models to check the adapters: {err!r}")
+                continue
+            for name, path in self.cfg.lora_adapters.items():
+                if name in served:
+                    continue
+                try:
+                    r = httpx.post(f"{ep.base}/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)},
+                                   headers=self._headers, timeout=self.cfg.request_timeout_s)
+                except httpx.HTTPError as err:
+                    errors.append(f"{ep.base}: loading adapter {name!r} failed: {err!r}")
+                    continue
+                if r.status_code < 400 or "already been loaded" in r.text:
+                    _openai_log.info("loaded adapter %s from %s into %s", name, path, ep.base)
+                    continue
+                how = ("the server does not allow loading adapters at run time" if r.status_code in (404, 405)
+                       else f"the server answered {r.status_code} {r.text[:200]}")
+                errors.append(f"{ep.base}: adapter {name!r} is not served and could not be loaded ({how})")
+        if errors:
+            fix = ("start each server with --enable-lora --lora-modules "
+                   + " ".join(f"{n}={p}" for n, p in self.cfg.lora_adapters.items())
+                   + ", or with --enable-lora and VLLM_ALLOW_RUNTIME_LORA_UPDATING=true so that the guard loads "
+                   "them (the path must be readable by the server)")
+            raise EngineError("; ".join(errors) + f". To serve the adapters: {fix}")
 
     def load_adapter(self, name: str, path: str, version: str) -> None:
         """Load the adapter into every server at run time (vLLM ``/v1/load_lora_adapter``; the server
