@@ -2,7 +2,7 @@
 
 Layout (one import package, data flows one way):
 ``rsafe.policies`` → ``rsafe.models`` → ``rsafe.stream`` / ``rsafe.training`` /
-``rsafe.evaluation`` → ``rsafe.cli``.
+``rsafe.evaluation`` → ``rsafe.demo`` (the toy demo model) → ``rsafe.cli``.
 """
 
 __version__ = "0.1.0"

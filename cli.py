@@ -1,8 +1,9 @@
-"""The ``rsafe`` command. The only module that wires stream, training and evaluation together.
+"""The ``rsafe`` command. The only module that wires stream, training, evaluation and the demo together.
 
 Each area adds its own sub-commands through an ``add_commands(subparsers)`` function:
-``rsafe.stream.cli`` (broker, worker, produce, tail, demo), ``rsafe.training.cli`` (demo-model,
-train) and ``rsafe.evaluation.cli`` (eval). Shared engine options live in ``rsafe.models.options``.
+``rsafe.stream.cli`` (broker, worker, produce, tail, demo), ``rsafe.demo.cli`` (demo-model),
+``rsafe.training.cli`` (train, models) and ``rsafe.evaluation.cli`` (eval). Shared engine options
+live in ``rsafe.models.options``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Iterator
 
 from rsafe.models.options import add_engine_args, die, make_guard, policy_registry
 
-#: Each adds its sub-commands. ``rsafe.training`` comes before ``rsafe.evaluation``: importing it
-#: registers the synthetic demo sets that ``rsafe eval`` lists.
-COMMAND_MODULES = ["rsafe.stream.cli", "rsafe.training.cli", "rsafe.evaluation.cli"]
+#: Each adds its sub-commands. ``rsafe.demo.cli`` comes before ``rsafe.evaluation.cli``: its
+#: ``add_commands`` registers the synthetic demo sets that ``rsafe eval`` lists (nothing registers
+#: them on import); and before ``rsafe.training.cli``, which is handed the demo's part of
+#: ``rsafe train`` (``train_extension``: training does not import the demo).
+COMMAND_MODULES = ["rsafe.stream.cli", "rsafe.demo.cli", "rsafe.training.cli", "rsafe.evaluation.cli"]
 
 
 # --------------------------------------------------------------------------- classify
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shuffle the training rows freely (default: a message's rows share a GRPO step)")
     ld.set_defaults(func=cmd_loop_demo)
 
+    loaded = {}
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -260,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name != name:
                 raise
             continue
-        module.add_commands(sub)
+        if name == "rsafe.training.cli" and "rsafe.demo.cli" in loaded:
+            module.add_commands(sub, loaded["rsafe.demo.cli"].train_extension())
+        else:
+            module.add_commands(sub)
+        loaded[name] = module
     return parser
 
 

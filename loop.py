@@ -7,7 +7,7 @@ join publishes disagreements → ``train dataset`` from the topic → GRPO → t
 a control record → the *same* worker hot-swaps the adapter and judges held-out drift messages
 correctly. Prints before/after accuracy, the versions and the time of each step.
 
-Like the CLI, this module wires stream and training together (the one other place that may).
+Like the CLI, this module wires stream, training and the demo together (the one other place that may).
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ async def _wait(pred, timeout_s: float, what: str, interval: float = 0.5) -> Non
 
 
 async def run_loop(s: LoopSettings) -> int:
+    from rsafe.demo import drift
+    from rsafe.demo.build import DEMO_MODEL_DIR, build_demo_lora, check_demo_model, read_manifest
+    from rsafe.demo.corpus import family_examples, synthetic_examples
+    from rsafe.demo.drift import demo_promotion_set
     from rsafe.policies import PolicyRegistry
     from rsafe.schemas.feedback import FeedbackEvent, FeedbackSource
     from rsafe.stream.broker import EmbeddedBroker, ensure_topics
@@ -82,11 +86,9 @@ async def run_loop(s: LoopSettings) -> int:
     from rsafe.stream.config import load_config
     from rsafe.stream.worker import GuardWorker, topic_specs
     from rsafe.training import dataset as ds
-    from rsafe.training import drift, grpo
-    from rsafe.training.corpus import family_examples, synthetic_examples
-    from rsafe.training.demo import DEMO_MODEL_DIR, build_demo_lora, check_demo_model, read_manifest
+    from rsafe.training import grpo
     from rsafe.training.lora_extract import extract_lora
-    from rsafe.training.promote import demo_promotion_set, publish_control
+    from rsafe.training.promote import publish_control
     from rsafe.training.registry import Registry
 
     steps = Steps()

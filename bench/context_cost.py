@@ -33,7 +33,7 @@ REPORT_DEPTHS = (0, 1, 4, 8)
 
 def conversations(n: int, turns: int, seed: int) -> list[list[str]]:
     """``n`` conversations of ``turns + 1`` harmless user messages of the demo corpus."""
-    from rsafe.training.corpus import corpus
+    from rsafe.demo.corpus import corpus
 
     c = corpus()
     rng = random.Random(seed)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/common.py --out docs/bench-results/context-eval-DATE.json -- \\
         .venv/bin/python bench/context_eval.py --model demo/model [--baseline OLD_MODEL_DIR]
 
-On the held-out ``demo_multiturn`` set (``training/benchmarks.py``: conversations judged on their
+On the held-out ``demo_multiturn`` set (``demo/benchmarks.py``: conversations judged on their
 last user turn) the guard judges every example three ways: with its earlier turns and ``judge:
 last`` (what the worker does), with them and ``judge: all`` (the reference wording), and without
 them (the message alone, what a per-message guard sees). Per kind (``corpus.MULTITURN_KINDS``):
@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=str(ROOT / "demo" / "model"))
     ap.add_argument("--baseline", help="another model directory whose single-turn F1 is measured too")
     args = ap.parse_args(argv)
-    import rsafe.training  # noqa: F401 - registers the demo sets
-    from rsafe.training.benchmarks import demo_multiturn_examples
+    from rsafe.demo.benchmarks import demo_multiturn_examples, register_demo_benchmarks
+
+    register_demo_benchmarks()  # the single-turn `demo` set is evaluated by name
 
     examples = demo_multiturn_examples()
     results: dict[str, Any] = {"model": args.model, "examples": len(examples), "multiturn": {}}

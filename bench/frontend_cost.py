@@ -37,7 +37,7 @@ def user_turns(n: int) -> list[str]:
     """``n`` prompt-level messages of the synthetic corpus, as ``rsafe-default`` user turns."""
     from rsafe.models.prompt import build_user_turn
     from rsafe.policies import PolicyRegistry
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     policy = PolicyRegistry.from_dirs().get("rsafe-default")
     rows = [e for e in synthetic_examples(4 * n, seed=7100) if e.response is None][:n]

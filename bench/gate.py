@@ -37,8 +37,8 @@ def log(msg: str) -> None:
 def promotion_set(seed: int, n_general: int, n_slice: int) -> Any:
     from rsafe.evaluation.benchmarks import Example
     from rsafe.policies import PolicyRegistry
-    from rsafe.training.benchmarks import demo_examples
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.benchmarks import demo_examples
+    from rsafe.demo.corpus import family_examples
     from rsafe.training.promote import PromotionSet
 
     policy = PolicyRegistry.from_dirs().get("medical-platform")
@@ -65,7 +65,7 @@ def main() -> int:
 
     from rsafe.models import Guard
     from rsafe.models.config import GenerationConfig, InputLimits, local_engine_config
-    from rsafe.training.demo import build_demo_lora
+    from rsafe.demo.build import build_demo_lora
     from rsafe.training.promote import GateSettings, measure, measure_versions
 
     adapter = str(build_demo_lora(args.model, ".cache/demo-lora"))

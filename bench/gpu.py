@@ -97,7 +97,7 @@ def prompts(model: Path, n: int) -> list[str]:
 
     from rsafe.models.prompt import build_user_turn, render_prompt
     from rsafe.policies import PolicyRegistry
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     tok = AutoTokenizer.from_pretrained(str(model))
     policy = PolicyRegistry.from_dirs().get("rsafe-default")

@@ -28,8 +28,8 @@ def log(msg: str) -> None:
 
 
 def dataset(work: Path) -> Path:
+    from rsafe.demo import drift
     from rsafe.training import dataset as ds
-    from rsafe.training import drift
 
     s = drift.DriftScenario()
     built = ds.build(drift.disagreement_records(s), replay=drift.replay_examples(s),

@@ -6,7 +6,7 @@
 Builds the scenario's dataset once (``rsafe train drift-data`` + ``rsafe train dataset``), measures
 the base model once (``before.json``), then for each setting of ``SWEEP`` (over the ``demo-cpu``
 preset): trains with ``rsafe.training.grpo.train`` and evaluates the result and its checkpoints with
-``rsafe.training.drift.evaluate_run``. Results accumulate in ``WORK/results.json`` (a run already
+``rsafe.demo.drift.evaluate_run``. Results accumulate in ``WORK/results.json`` (a run already
 there is skipped), so the sweep can be run one setting at a time. Run one training at a time: the
 timings are the point.
 """
@@ -44,8 +44,8 @@ def prepare(work: Path, model: str, ablation: int, replay_ratio: float, paired: 
     """The scenario's dataset and the base model's scores (made once per work directory)."""
     from functools import partial
 
+    from rsafe.demo import drift
     from rsafe.training import dataset as ds
-    from rsafe.training import drift
 
     data = work / "dataset"
     if not (data / ds.MANIFEST).exists():
@@ -67,7 +67,8 @@ def prepare(work: Path, model: str, ablation: int, replay_ratio: float, paired: 
 
 
 def run_one(name: str, model: str, data: Path, work: Path, before: dict[str, Any]) -> dict[str, Any]:
-    from rsafe.training import drift, grpo
+    from rsafe.demo import drift
+    from rsafe.training import grpo
 
     out = work / "runs" / name
     if not (out / grpo.SUMMARY).exists():  # trained already when only the evaluation failed
@@ -131,7 +132,7 @@ def main() -> int:
         print(table(results, before))
         return 0
     if args.rescore:  # the base model measured again (e.g. the evaluation sets changed): new targets
-        from rsafe.training import drift
+        from rsafe.demo import drift
 
         (work / "before.json").unlink(missing_ok=True)
         _, before = prepare(work, args.model, args.ablation, args.replay_ratio, args.pair_by_message)

@@ -6,7 +6,7 @@
 Apache Kafka holds an empty fetch for ``fetch.max.wait.ms`` (long polling): an idle consumer
 sends ~1–2 fetches/s. A broker that answers at once makes aiokafka's fetch loop spin
 (docs/RELIABILITY.md, "The embedded broker is not Kafka"). Each setting is measured as aiokafka
-ships and with the worker's client-side long polling (``rsafe.stream.long_poll``).
+ships and with the worker's client-side long polling (``rsafe.stream.compat.long_poll``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import uuid
 async def probe(bootstrap: str, topic: str, wait_ms: int, seconds: float) -> tuple[int, float]:
     from aiokafka import AIOKafkaConsumer
 
-    from rsafe.stream.long_poll import counting_fetches
+    from rsafe.stream.compat.long_poll import counting_fetches
 
     with counting_fetches() as count:
         consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=wait_ms,
@@ -54,7 +54,7 @@ def main() -> None:
     bootstrap = args.broker or broker.bootstrap
     try:
         ensure_topics([bootstrap], [(topic, 1, {})])
-        from rsafe.stream import long_poll
+        from rsafe.stream.compat import long_poll
 
         print("| client | fetch_max_wait_ms | fetch requests/s | CPU (share of one core) |")
         print("|---|---|---|---|")

@@ -34,7 +34,7 @@ from common import percentile, worker_config
 
 
 def messages(n: int, seed: int) -> list[tuple[str, bytes]]:
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     out = []
     for i, e in enumerate(synthetic_examples(n, seed=seed)):

@@ -15,7 +15,7 @@ Prints events/s of each and the ratios (the performance issue's target: worker /
 the CPU each run cost per event — this process (all its threads) and the broker process — over the
 same window as the rate (first event to last): throughput on the shared 2-core VM varies ±25 %
 from run to run, CPU per event much less. ``--profile`` writes a pyinstrument profile of the worker
-run. Both sides run with the worker's client-side long polling (``rsafe.stream.long_poll``;
+run. Both sides run with the worker's client-side long polling (``rsafe.stream.compat.long_poll``;
 ``--no-long-poll``: aiokafka as it ships, the embedded broker's empty fetches spinning).
 """
 
@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, default=INFLIGHT, help="the worker's batch.max_inflight")
     ap.add_argument("--no-long-poll", action="store_true", help="aiokafka as it ships (empty fetches spin)")
     args = ap.parse_args()
-    from rsafe.stream import long_poll
+    from rsafe.stream.compat import long_poll
     from rsafe.stream.broker import EmbeddedBroker
 
     if args.no_long_poll:

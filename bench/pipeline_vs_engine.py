@@ -30,7 +30,7 @@ from common import worker_config
 
 def requests(n: int):
     from rsafe.models.guard import GuardRequest
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     return [GuardRequest(prompt=e.prompt, response=e.response, policy=e.policy, id=f"m{i}")
             for i, e in enumerate(synthetic_examples(n, seed=7))]

@@ -4,8 +4,8 @@ to read the category list").
     .venv/bin/python bench/policy_lookup.py --model demo/model --steps 800 --fewest 2 --most 10
 
 The drift scenario needs a guard whose verdict depends on *one line* of the policy (U13). The
-demo build (recipe 5) runs two such stages itself (``rsafe.training.demo.LOOKUP_STAGES``); this
-script is the experiment that found them (``rsafe.training.lookup``). It trains a copy of the demo
+demo build (recipe 5) runs two such stages itself (``rsafe.demo.build.LOOKUP_STAGES``); this
+script is the experiment that found them (``rsafe.demo.lookup``). It trains a copy of the demo
 model (or a fresh one, ``--fresh``) with supervised *policy-ablation pairs*: one harmful message
 of category C judged under ``rsafe-default`` without C (safe: the policy does not list it) and
 under ``rsafe-default`` without another category (unsafe), both rows of a pair in the same batch,
@@ -35,9 +35,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, family_examples, synthetic_examples
-from rsafe.training.lookup import (
+from rsafe.demo import sft
+from rsafe.demo.corpus import DemoExample, family_examples, synthetic_examples
+from rsafe.demo.lookup import (
     Ablations,
     LookupStage,
     ablation_pair,
@@ -46,7 +46,7 @@ from rsafe.training.lookup import (
     stage_batches,
     verdicts,
 )
-from rsafe.training.tokenizer import load_tokenizer
+from rsafe.demo.tokenizer import load_tokenizer
 
 
 def log(msg: str) -> None:
@@ -72,7 +72,7 @@ def main() -> None:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from rsafe.training.demo import MODEL_SHAPE
+    from rsafe.demo.build import MODEL_SHAPE
 
     torch.set_num_threads(2)
     tok = load_tokenizer(args.model)

@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     from rsafe.models import GenerationConfig, Guard, Label
     from rsafe.models.config import cuda_available, local_engine_config
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     on_gpu = cuda_available()
     cfg = local_engine_config(args.model, model_id="bench", max_model_len=1024,

@@ -29,11 +29,11 @@ def main() -> None:
     import torch
     from transformers import Qwen2ForCausalLM
 
-    from rsafe.training import sft
-    from rsafe.training.corpus import long_examples, synthetic_examples
-    from rsafe.training.demo import LONG_STAGE, LOOKUP_STAGES, N_EVAL, N_TRAIN, SFT, split
-    from rsafe.training.lookup import Ablations, encode_batch, stage_batches
-    from rsafe.training.tokenizer import load_tokenizer
+    from rsafe.demo import sft
+    from rsafe.demo.build import LONG_STAGE, LOOKUP_STAGES, N_EVAL, N_TRAIN, SFT, split
+    from rsafe.demo.corpus import long_examples, synthetic_examples
+    from rsafe.demo.lookup import Ablations, encode_batch, stage_batches
+    from rsafe.demo.tokenizer import load_tokenizer
 
     tok = load_tokenizer(args.model)
     model = Qwen2ForCausalLM.from_pretrained(args.model, dtype=torch.float32)

@@ -26,7 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     from rsafe.models import GenerationConfig, Guard, InputLimits
     from rsafe.models.config import local_engine_config
-    from rsafe.training.corpus import filler_text
+    from rsafe.demo.corpus import filler_text
 
     cfg = local_engine_config(args.model, model_id="bench", generation=GenerationConfig(max_tokens=128),
                               limits=InputLimits(max_window_tokens=args.max_window_tokens))

@@ -463,7 +463,7 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {}
 
 
 def register(spec: BenchmarkSpec) -> BenchmarkSpec:
-    """Add a benchmark (other rooms register their own sets, e.g. ``rsafe.training`` the demo sets)."""
+    """Add a benchmark (other rooms register their own sets, e.g. ``rsafe.demo`` the demo sets)."""
     if spec.name in BENCHMARKS:
         raise ValueError(f"benchmark {spec.name!r} is already registered")
     BENCHMARKS[spec.name] = spec
@@ -561,7 +561,8 @@ def get_spec(name: str) -> BenchmarkSpec:
         return BENCHMARKS[name]
     except KeyError:
         raise BenchmarkError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (the synthetic "
-                             "demo sets are registered by importing rsafe.training)") from None
+                             "demo sets are registered by rsafe.demo.benchmarks.register_demo_benchmarks, "
+                             "which the rsafe command calls)") from None
 
 
 # --------------------------------------------------------------------------- reading

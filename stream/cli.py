@@ -16,7 +16,7 @@ from rsafe.stream.config import DEFAULT_BROKER
 
 BUNDLED_CONFIG = Path(__file__).parent / "demo.yaml"
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "demo" / "model"
-"""The demo model the repository carries (``rsafe.training.demo.DEMO_MODEL_DIR``; not installed with the package)."""
+"""The demo model the repository carries (``rsafe.demo.build.DEMO_MODEL_DIR``; not installed with the package)."""
 
 
 def _err(msg: str) -> int:

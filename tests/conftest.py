@@ -24,8 +24,17 @@ def _end_the_tests_processes():
         kit.end_started()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _demo_benchmarks() -> None:
+    """The synthetic demo evaluation sets by name (``load_benchmark("demo")``): the ``rsafe`` command
+    registers them, nothing does on import, so the tests do it here."""
+    from rsafe.demo.benchmarks import register_demo_benchmarks
+
+    register_demo_benchmarks()
+
+
 DEMO_WINDOW_TOKENS = 128
-"""The demo model judges windows of up to this many content tokens (``rsafe.training.demo.WINDOW_TOKENS``;
+"""The demo model judges windows of up to this many content tokens (``rsafe.demo.build.WINDOW_TOKENS``;
 stream/demo.yaml sets the same)."""
 
 
@@ -37,7 +46,7 @@ BUILDS = ROOT / ".cache"
 def demo_model_dir() -> Path:
     """The demo guard model as committed (``demo/model``; ``RSAFE_DEMO_MODEL`` names another build),
     used as it is: nothing is trained on the way (``test_demo_model.py`` checks it matches its recipe)."""
-    from rsafe.training.demo import DEMO_MODEL_DIR, read_manifest
+    from rsafe.demo.build import DEMO_MODEL_DIR, read_manifest
 
     path = Path(os.environ.get("RSAFE_DEMO_MODEL", DEMO_MODEL_DIR))
     if read_manifest(path) is None:
@@ -48,7 +57,7 @@ def demo_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_lora_dir(demo_model_dir: Path) -> Path:
-    from rsafe.training.demo import build_demo_lora
+    from rsafe.demo.build import build_demo_lora
 
     return build_demo_lora(demo_model_dir, BUILDS / "demo-lora")
 
@@ -58,7 +67,7 @@ def flipped_lora(demo_model_dir: Path) -> Path:
     """A deliberately bad adapter: the demo corpus with opposite labels (gate and hot-swap tests).
     40 steps at 3e-3 (19 s) flip 34 of the 55 rsafe-default prompts of test_hotswap against the
     corpus adapter; the 200 steps at 5e-4 used before (94 s) flipped 27."""
-    from rsafe.training.demo import build_demo_lora
+    from rsafe.demo.build import build_demo_lora
 
     return build_demo_lora(demo_model_dir, BUILDS / "demo-lora-flipped", variant="flipped", steps=40, lr=3e-3)
 

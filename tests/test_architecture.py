@@ -1,8 +1,11 @@
 """The import rule: data flows one way, and so do imports between the package's rooms.
 
-    policies ← models ← {stream, evaluation, training} ← cli (and loop, the loop demo)
+    policies ← models ← {stream, evaluation, training} ← demo ← cli (and loop, the loop demo)
     training → evaluation (the promotion gate)      stream, training → schemas (the Kafka contract)
     schemas → policies, models (the policy store's records, the verdict's ``JudgedBy`` and turns)
+    demo → every room below it; only cli and loop import demo    bench → anything; nothing imports bench
+
+Importing a room registers nothing (the demo evaluation sets are registered by the command).
 
 Every import statement is checked — module level and inside functions, ``import x`` and ``from x
 import y``, relative imports, and ``importlib.import_module("rsafe.…")`` with a literal name.
@@ -11,10 +14,12 @@ import y``, relative imports, and ``importlib.import_module("rsafe.…")`` with 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROOMS = ("policies", "schemas", "models", "stream", "evaluation", "training", "infra")
+ROOMS = ("policies", "schemas", "models", "stream", "evaluation", "training", "demo", "infra", "bench")
 
 #: room → the rooms it may import (itself always allowed).
 ALLOWED: dict[str, set[str]] = {
@@ -25,8 +30,11 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"policies", "models"},
     "stream": {"policies", "models", "schemas"},
     "training": {"policies", "models", "schemas", "evaluation"},
-    "cli": {"policies", "schemas", "models", "stream", "evaluation", "training", "infra", "loop"},
-    "loop": {"policies", "schemas", "models", "stream", "evaluation", "training"},  # the loop demo wires both sides
+    "demo": {"policies", "schemas", "models", "stream", "evaluation", "training"},  # the toy model and its scenario
+    "cli": {"policies", "schemas", "models", "stream", "evaluation", "training", "demo", "infra", "loop"},
+    "loop": {"policies", "schemas", "models", "stream", "evaluation", "training", "demo"},  # wires both sides
+    "bench": {"policies", "schemas", "models", "stream", "evaluation", "training", "demo", "infra", "cli", "loop",
+              "package"},  # benchmark scripts: they measure everything, nothing imports them
     "package": set(),  # rsafe/__init__.py
 }
 
@@ -100,11 +108,27 @@ def test_every_import_follows_the_allowed_edges():
 def test_the_checker_sees_function_level_and_relative_imports(tmp_path):
     code = ("import os\n"
             "def f():\n    from rsafe.stream.config import load_config\n"
-            "    import importlib\n    importlib.import_module('rsafe.training.demo')\n"
+            "    import importlib\n    importlib.import_module('rsafe.demo.build')\n"
             "from ..evaluation import runner\n")
     tree_path = tmp_path / "models" / "probe.py"
     tree_path.parent.mkdir()
     tree_path.write_text(code)
     found = {m for _, m in imported(tree_path, tmp_path)}
-    assert found == {"rsafe.stream.config", "rsafe.training.demo", "rsafe.evaluation"}
-    assert {target_room(m) for m in found} == {"stream", "training", "evaluation"}
+    assert found == {"rsafe.stream.config", "rsafe.demo.build", "rsafe.evaluation"}
+    assert {target_room(m) for m in found} == {"stream", "demo", "evaluation"}
+
+
+def test_only_the_command_and_the_loop_import_the_demo_and_nothing_imports_bench():
+    assert {room for room, allowed in ALLOWED.items() if "demo" in allowed} == {"cli", "loop", "bench"}
+    assert not [room for room, allowed in ALLOWED.items() if "bench" in allowed]
+    assert (ROOT / "demo" / "__init__.py").is_file() and list((ROOT / "bench").glob("*.py"))  # both are checked
+
+
+def test_importing_the_rooms_registers_no_benchmark():
+    """The demo evaluation sets are registered by the command (``rsafe.demo.cli``), not on import."""
+    code = ("import rsafe.training, rsafe.training.cli, rsafe.demo, rsafe.demo.drift, rsafe.demo.benchmarks\n"
+            "from rsafe.evaluation.benchmarks import BENCHMARKS\n"
+            "print(sorted(n for n in BENCHMARKS if n.startswith('demo')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -233,7 +233,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_from_file(tmp_path: Path) -> None:
-    from rsafe.training import drift
+    from rsafe.demo import drift
 
     paths = drift.write_data(tmp_path / "drift", drift.DriftScenario(n_feedback=20, n_contrast=10, n_general=20))
     res = _cli("--from-file", str(paths["disagreements.jsonl"]), "--replay", str(paths["replay.jsonl"]),
@@ -314,8 +314,8 @@ def test_topic_resumes_from_its_consumer_group(tmp_path: Path) -> None:
 
 
 def test_drift_scenario_data_is_template_disjoint_from_its_evaluation(tmp_path: Path) -> None:
-    from rsafe.training import drift
-    from rsafe.training.corpus import corpus
+    from rsafe.demo import drift
+    from rsafe.demo.corpus import corpus
 
     s = drift.DriftScenario(n_feedback=40, n_contrast=40, n_general=40, n_platform=40, n_ablation=2)
     records = drift.disagreement_records(s)
@@ -349,7 +349,7 @@ def test_drift_scenario_data_is_template_disjoint_from_its_evaluation(tmp_path: 
 
 
 def test_paired_contrast_rows_are_the_reviewed_messages() -> None:
-    from rsafe.training import drift
+    from rsafe.demo import drift
 
     s = drift.DriftScenario(n_feedback=10, n_contrast=10, n_general=0, n_platform=0)
     reviewed = [r.prompt for r in drift.disagreement_records(s) if r.prompt]
@@ -361,7 +361,7 @@ def test_paired_contrast_rows_are_the_reviewed_messages() -> None:
 def test_kept_family_rows_rehearse_every_other_category_under_both_policies() -> None:
     from collections import Counter
 
-    from rsafe.training import drift
+    from rsafe.demo import drift
 
     s = drift.DriftScenario(n_feedback=10, n_contrast=10, n_general=0, n_platform=0, n_kept=2)
     kept = [e for e in drift.replay_examples(s) if e.id and e.id.startswith("kept-")]
@@ -376,7 +376,7 @@ def test_kept_family_rows_rehearse_every_other_category_under_both_policies() ->
 
 
 def test_targets() -> None:
-    from rsafe.training import drift
+    from rsafe.demo import drift
 
     def scores(drift_acc: float, contrast: float, general: float, fmt: float = 1.0) -> dict:
         return {k: {"accuracy": a, "format_rate": fmt} for k, a in

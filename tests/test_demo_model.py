@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from rsafe.demo import build, sft
+from rsafe.demo.build import build_demo_model
+from rsafe.demo.corpus import DemoExample, corpus, family_examples, parse_answer, synthetic_examples
+from rsafe.demo.tokenizer import train_tokenizer, training_texts, verdict_token_ids
 from rsafe.models.prompt import build_user_turn, render_prompt
 from rsafe.policies import PolicyRegistry
-from rsafe.training import demo, sft
-from rsafe.training.corpus import DemoExample, corpus, family_examples, parse_answer, synthetic_examples
-from rsafe.training.demo import build_demo_model
-from rsafe.training.tokenizer import train_tokenizer, training_texts, verdict_token_ids
 
 # --------------------------------------------------------------------------------------------
 # corpus
@@ -202,7 +202,7 @@ def test_shared_prefix_loss_equals_full_sequence_loss(tokenizer):
 
     groups = sft.group_by_prefix(tokenizer, synthetic_examples(64, seed=0))
     assert 1 < len(groups) <= 6
-    model = sft.make_qwen2_model(demo.MODEL_SHAPE, tokenizer, 0)
+    model = sft.make_qwen2_model(build.MODEL_SHAPE, tokenizer, 0)
     prefix, ids, labels = next(sft.batches(groups, tokenizer.pad_token_id, 1, 16, random.Random(0)))
     assert prefix.shape[1] > 100
     shared = sft.loss_on_answers(model, prefix, ids, labels)
@@ -236,18 +236,18 @@ def test_short_build_is_deterministic_and_cached(tmp_path):
     summary = json.loads((a / "manifest.json").read_text())
     assert summary["steps"] == 2 and summary["params"] > 1_000_000 and summary["build_seconds"] > 0
     assert summary["command"].startswith("rsafe demo-model build") and "model.safetensors" in summary["files"]
-    assert demo.check_demo_model(a, seed=1) is not None  # a short build is not the demo model's recipe
+    assert build.check_demo_model(a, seed=1) is not None  # a short build is not the demo model's recipe
     # cached: returns at once without logging; no temporary directories left behind
     start, before = time.monotonic(), len(logs)
     assert build_demo_model(tmp_path / "a", seed=1, steps=2, log=logs.append) == tmp_path / "a"
     assert time.monotonic() - start < 1.0 and len(logs) == before
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["a", "b"]
-    assert summary["recipe"] == demo.model_recipe(1, 2)
+    assert summary["recipe"] == build.model_recipe(1, 2)
     # a build from another recipe is rebuilt, not silently reused
     ok = json.loads((a / "manifest.json").read_text())
     (a / "manifest.json").write_text(json.dumps({**ok, "recipe": "an-old-recipe"}))
     build_demo_model(tmp_path / "a", seed=1, steps=2, log=logs.append)
-    assert any("rebuilding" in m for m in logs[before:]) and demo.built_recipe(a) == demo.model_recipe(1, 2)
+    assert any("rebuilding" in m for m in logs[before:]) and build.built_recipe(a) == build.model_recipe(1, 2)
     generation = json.loads((a / "generation_config.json").read_text())
     from transformers import AutoTokenizer
 
@@ -261,11 +261,11 @@ def test_short_build_is_deterministic_and_cached(tmp_path):
 def test_the_committed_demo_model_is_what_the_code_builds():
     """``demo/model/`` may never drift from the code that claims to make it: same recipe hash, the
     files its manifest lists. When this fails, the message says how to rebuild and refresh it."""
-    problem = demo.check_demo_model(demo.DEMO_MODEL_DIR)
+    problem = build.check_demo_model(build.DEMO_MODEL_DIR)
     assert problem is None, problem
-    manifest = demo.read_manifest(demo.DEMO_MODEL_DIR)
+    manifest = build.read_manifest(build.DEMO_MODEL_DIR)
     assert manifest["command"] and manifest["build_seconds"] > 0 and manifest["params"] > 1_000_000
-    size = sum(f.stat().st_size for f in demo.DEMO_MODEL_DIR.iterdir())
+    size = sum(f.stat().st_size for f in build.DEMO_MODEL_DIR.iterdir())
     assert size <= 16 * 2**20, f"demo/model is {size / 2**20:.1f} MB (≤ 16 MB)"
 
 
@@ -278,7 +278,8 @@ def test_the_demo_model_stays_out_of_the_package_and_the_images():
     shipped = [p for patterns in setuptools.get("package-data", {}).values() for p in patterns]
     assert not [p for p in shipped if "model" in p or "safetensors" in p], shipped
     for ignore in (root / "infra" / "docker").glob("*.dockerignore"):
-        assert "demo" in ignore.read_text().split(), f"{ignore.name} must exclude demo/ from the image's context"
+        assert "demo/model" in ignore.read_text().split(), \
+            f"{ignore.name} must exclude demo/model/ from the image's context (the demo's code, demo/, is copied)"
 
 
 @pytest.mark.slow
@@ -331,7 +332,7 @@ def test_built_model_reads_its_category_list(demo_model_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rsafe.training.lookup import Ablations, ablation_pair, pair_accuracy
+    from rsafe.demo.lookup import Ablations, ablation_pair, pair_accuracy
 
     summary = json.loads((demo_model_dir / "manifest.json").read_text())
     assert [(s["stage"], s["pairs"]) for s in summary["lookup"]] == [(1, 0.475), (2, 0.975)]  # as built
@@ -352,10 +353,10 @@ def test_the_demo_window_size_is_the_same_everywhere():
     from rsafe.stream.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "stream" / "demo.yaml", env={})
-    assert cfg.engine.limits.max_window_tokens == demo.WINDOW_TOKENS
+    assert cfg.engine.limits.max_window_tokens == build.WINDOW_TOKENS
     from conftest import DEMO_WINDOW_TOKENS
 
-    assert DEMO_WINDOW_TOKENS == demo.WINDOW_TOKENS
+    assert DEMO_WINDOW_TOKENS == build.WINDOW_TOKENS
 
 
 @pytest.mark.slow

@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
+from rsafe.demo.corpus import synthetic_examples
 from rsafe.models import EngineConfig, EngineError, GenerationConfig, Guard, Label, make_backend
-from rsafe.training.corpus import synthetic_examples
 from rsafe.policies import default_policy
 from conftest import BUILDS
 

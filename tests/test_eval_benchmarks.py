@@ -306,8 +306,9 @@ def test_local_candidates_include_alias_and_hub_folder(tmp_path):
 
 
 def test_limit_is_a_deterministic_ordered_sample():
-    import rsafe.training  # noqa: F401 - registers the demo sets (the test must not rely on an earlier import)
+    from rsafe.demo.benchmarks import register_demo_benchmarks
 
+    register_demo_benchmarks()  # the test must not rely on an earlier registration
     full = load_benchmark("demo")
     a = load_benchmark("demo", limit=30)
     b = load_benchmark("demo", limit=30)
@@ -320,7 +321,7 @@ def test_limit_is_a_deterministic_ordered_sample():
 
 
 def test_demo_sets():
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     demo = load_benchmark("demo")
     assert len(demo) == 400 and {e.level for e in demo} == {"prompt", "response"}

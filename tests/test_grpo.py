@@ -225,8 +225,8 @@ def _train_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def grpo_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rsafe.demo import drift
     from rsafe.training import dataset as ds
-    from rsafe.training import drift
 
     s = drift.DriftScenario(n_feedback=8, missing_every=0, n_contrast=8, n_general=8)
     built = ds.build(drift.disagreement_records(s), replay=drift.replay_examples(s),

@@ -10,13 +10,13 @@ import uuid
 
 import pytest
 
+from rsafe.demo.corpus import synthetic_examples
 from rsafe.models.versions import artifact_version
 from rsafe.schemas.models import ModelControlRecord
 from rsafe.stream.broker import ensure_topics
 from rsafe.stream.clients import Message, produce, read_all
 from rsafe.stream.config import load_config
 from rsafe.stream.worker import GuardWorker, topic_specs
-from rsafe.training.corpus import synthetic_examples
 from rsafe.training.promote import publish_control
 from streamkit import kafka, progress, worker_config  # noqa: F401 - fixture
 

@@ -1,4 +1,4 @@
-"""Policy-ablation pairs (rsafe.training.lookup): what the demo build's lookup stages train on."""
+"""Policy-ablation pairs (rsafe.demo.lookup): what the demo build's lookup stages train on."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import random
 
 import pytest
 
+from rsafe.demo import build, sft
+from rsafe.demo.corpus import synthetic_examples
+from rsafe.demo.lookup import KEPT, Ablations, LookupStage, ablation_pair, encode_batch, stage_batches
+from rsafe.demo.tokenizer import train_tokenizer
 from rsafe.models.prompt import build_user_turn
-from rsafe.training import demo, sft
-from rsafe.training.corpus import synthetic_examples
-from rsafe.training.lookup import KEPT, Ablations, LookupStage, ablation_pair, encode_batch, stage_batches
-from rsafe.training.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_policy_lengths_follow_the_stage(ablations):
 
 def test_stage_batches_are_deterministic_and_mix_ordinary_rows(ablations):
     stage = LookupStage(steps_per_sft_step=1.0, fewest=0, most=7, pairs=3, ordinary=2)
-    ordinary = demo.split(0, 50, 4)[0]
+    ordinary = build.split(0, 50, 4)[0]
     a = list(stage_batches(stage, 4, ablations, ordinary, random.Random("x")))
     b = list(stage_batches(stage, 4, ablations, ordinary, random.Random("x")))
     assert a == b and len(a) == 4 and all(len(rows) == 8 for rows in a)
@@ -66,8 +66,8 @@ def test_encode_batch_loss_equals_full_sequence_loss(ablations, tokenizer):
     import torch
 
     rows = next(stage_batches(LookupStage(1.0, 0, 15, pairs=3, ordinary=2), 1, ablations,
-                              demo.split(0, 50, 4)[0], random.Random(0)))
-    model = sft.make_qwen2_model(demo.MODEL_SHAPE, tokenizer, 0)
+                              build.split(0, 50, 4)[0], random.Random(0)))
+    model = sft.make_qwen2_model(build.MODEL_SHAPE, tokenizer, 0)
     prefix, ids, labels = encode_batch(tokenizer, ablations, rows)
     assert prefix.shape[1] > 20  # the template's shared opening runs once
     shared = sft.loss_on_answers(model, prefix, ids, labels)
@@ -80,9 +80,9 @@ def test_encode_batch_loss_equals_full_sequence_loss(ablations, tokenizer):
 
 
 def test_training_messages_cover_the_lookup_stages(ablations):
-    seen = demo.training_messages(0)
-    stage, n, batches = next(demo.lookup_batches(0, demo.SFT.steps, Ablations(), demo.split(0, demo.N_TRAIN, demo.N_EVAL)[0]))
-    assert stage == demo.LOOKUP_STAGES[0] and n == int(demo.SFT.steps * stage.steps_per_sft_step)
+    seen = build.training_messages(0)
+    stage, n, batches = next(build.lookup_batches(0, build.SFT.steps, Ablations(), build.split(0, build.N_TRAIN, build.N_EVAL)[0]))
+    assert stage == build.LOOKUP_STAGES[0] and n == int(build.SFT.steps * stage.steps_per_sft_step)
     rows = next(batches)
     # a pair's message counts as trained on under its own policy and under rsafe-default
     assert all((e.policy, e.prompt, e.response) in seen and ("rsafe-default", e.prompt, e.response) in seen

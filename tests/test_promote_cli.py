@@ -28,8 +28,8 @@ def rsafe(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir, demo_lora_dir, flipped_lora):  # noqa: F811
+    from rsafe.demo.benchmarks import demo_examples
     from rsafe.stream.clients import read_all
-    from rsafe.training.benchmarks import demo_examples
     from rsafe.training.promote import PromotionSet, save_promotion_set
 
     reg = tmp_path / "registry"
@@ -81,8 +81,8 @@ def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir,
 def test_the_demo_promotion_set():
     """The gate's default set: the registered ``demo`` general set under rsafe-default and ≥ 50 held-out
     drift messages under medical-platform (safe there), sharing no row."""
-    from rsafe.training.benchmarks import demo_examples
-    from rsafe.training.promote import demo_promotion_set
+    from rsafe.demo.benchmarks import demo_examples
+    from rsafe.demo.drift import demo_promotion_set
 
     pset = demo_promotion_set()
     assert (pset.general_policy, pset.slice_policy) == ("rsafe-default", "medical-platform")
@@ -94,7 +94,7 @@ def test_the_demo_promotion_set():
 def test_promote_refuses_the_demo_set_for_a_model_that_is_not_the_demo_model(tmp_path, demo_model_dir):
     """Toy data stays off production paths: without ``--promotion-set`` only the demo model is gated
     (on the demo's synthetic set); a real model is refused before any engine starts."""
-    from rsafe.training.demo import is_demo_model
+    from rsafe.demo.build import is_demo_model
 
     real = tmp_path / "real-model"
     real.mkdir()

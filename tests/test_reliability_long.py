@@ -94,7 +94,7 @@ def fresh_prefix(name: str) -> str:
 
 def test_worker_sigkill_mid_batch_real_engine(tmp_path, demo_model_dir):
     """Scenario 1 with the demo model on vLLM: 0 lost, duplicates within the bound, 0 flipped."""
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     with _broker(tmp_path) as bootstrap:
         prefix = fresh_prefix("s1")

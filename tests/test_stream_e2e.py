@@ -81,7 +81,7 @@ def stream_config(bootstrap: str, prefix: str, model_dir: Path, **over) -> dict:
 
 def make_events(prefix: str, n_valid: int, seed: int) -> tuple[list[Message], dict[str, dict], list[Message]]:
     """Valid events over two topics (a few with the failure marker) + malformed messages."""
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     general, kids = f"{prefix}.general", f"{prefix}.kids"
     msgs, meta = [], {}

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rsafe.demo.corpus import filler_text
 from rsafe.models import Label
 from rsafe.models.tokens import ANSWER_RESERVE, WindowError, plan_windows
 from rsafe.policies import Level, PolicyRegistry
-from rsafe.training.corpus import filler_text
 
 pytestmark = pytest.mark.slow
 

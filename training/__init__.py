@@ -1,7 +1,7 @@
-"""Everything that trains: the demo corpus, tokenizer and SFT, the demo model build, GRPO, registry.
+"""The retraining job, what a user of a real model runs: the training set (``dataset``), GRPO with
+the RSafe rule reward (``grpo``, ``rewards``), the promotion gate (``promote``), the model registry
+(``registry``) and ``rsafe train`` / ``rsafe models`` (``cli``).
 
-Importing this package registers the synthetic demo evaluation sets with ``rsafe.evaluation``
-(``rsafe.training.benchmarks``).
+The toy demo model, its corpus and its drift scenario live in ``rsafe.demo``, which this package
+never imports. Importing it registers nothing.
 """
-
-from rsafe.training import benchmarks as _benchmarks  # noqa: F401 - registers the demo sets

@@ -1,9 +1,13 @@
-"""Training sub-commands of ``rsafe``: ``demo-model build`` and the retraining job (``train …``).
+"""Training sub-commands of ``rsafe``: the retraining job (``train …``) and the registry (``models …``).
 
 * ``rsafe train dataset --from-topic rsafe.disagreements | --from-file F --out D``
 * ``rsafe train grpo --model BASE --dataset D --output DIR [--preset demo-cpu] [--config C]``
-* ``rsafe train drift-data --out DIR`` and ``rsafe train drift-eval …``: the drift scenario
-  (``rsafe.training.drift``, docs/TRAINING.md)
+* ``rsafe train promote CANDIDATE --model BASE --promotion-set DIR …``
+* ``rsafe models list|show``
+
+The demo's part of ``rsafe train`` (``drift-data``, ``drift-eval``, ``--replay demo`` and the demo
+model's promotion set) is handed in by the root command as a ``TrainExtension``
+(``rsafe.demo.cli.train_extension``): this room never imports ``rsafe.demo``.
 
 Heavy imports (torch, transformers, TRL, datasets, kafka) happen inside the command functions, so
 ``rsafe --help`` stays fast. Exit codes: 0 done, 1 runtime failure, 2 usage error.
@@ -15,6 +19,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +32,20 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cmd_demo_model_build(args: argparse.Namespace) -> int:
-    from rsafe.training.demo import build_demo_model
+@dataclass
+class TrainExtension:
+    """What another room plugs into ``rsafe train`` without this one importing it: the root command
+    passes the demo's (``rsafe.demo.cli.train_extension``)."""
 
-    path = build_demo_model(args.dir, seed=args.seed, force=args.force, log=_log)
-    print(path)
-    return 0
-
-
-def cmd_demo_model_check(args: argparse.Namespace) -> int:
-    from rsafe.training.demo import check_demo_model, read_manifest
-
-    problem = check_demo_model(args.dir)
-    if problem:
-        die(problem, 1)
-    manifest = read_manifest(args.dir) or {}
-    print(f"{args.dir}: the demo model of recipe {manifest.get('recipe')} ({manifest.get('params', 0) / 1e6:.1f}M "
-          f"parameters, built by `{manifest.get('command')}` in {manifest.get('build_seconds', 0):,.0f} s)")
-    return 0
+    add_commands: Callable[[argparse._SubParsersAction], None] | None = None
+    """Adds more ``rsafe train`` sub-commands, after ``grpo`` (the demo's ``drift-data``, ``drift-eval``)."""
+    replay_pools: dict[str, Callable[[int, int], list[Any]]] = field(default_factory=dict)
+    """``--replay NAME`` → a function of (``--replay-pool`` size, ``--seed``) → replay rows (the demo's
+    ``demo``: the synthetic corpus's training messages)."""
+    default_promotion_set: Callable[[str, str], Callable[[], Any]] | None = None
+    """Without ``--promotion-set``: a function of (base model, candidate) → the loader of the set to
+    gate on; it raises ``ValueError``, saying why, when that set may not gate this candidate (the
+    demo's synthetic set gates the demo model only). None: ``--promotion-set`` is required."""
 
 
 # --------------------------------------------------------------------------- train dataset
@@ -70,8 +72,8 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
         records = list(ds.parse_records(source.lines, dropped))
         if args.replay is None:
             replay = []
-        elif args.replay == "demo":
-            replay = ds.demo_replay(args.replay_pool, seed=args.seed)
+        elif args.replay in args.replay_pools:
+            replay = args.replay_pools[args.replay](args.replay_pool, args.seed)
         else:
             replay = ds.read_replay(args.replay)
         exclude = ds.read_hashes(args.exclude_hashes) if args.exclude_hashes else set()
@@ -85,7 +87,7 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
         built = ds.build(records, replay=replay, settings=settings, lookup=lookup, exclude_hashes=exclude,
                          dropped=dropped)
         replay_source = {"kind": "replay", "path": args.replay, "pool": len(replay)}
-        if args.replay not in (None, "demo"):
+        if args.replay is not None and args.replay not in args.replay_pools:
             replay_source["sha256"] = ds.read_file(args.replay).description["sha256"]
         ds.save(built, out, sources=[source.description, replay_source], settings=settings,
                 extra={"exclude_hashes": {"path": args.exclude_hashes, "count": len(exclude)}})
@@ -133,48 +135,6 @@ def cmd_train_grpo(args: argparse.Namespace) -> int:
     except (grpo.TrainingError, ValueError) as err:
         die(str(err), 1)
     print(args.output)
-    return 0
-
-
-# --------------------------------------------------------------------------- drift scenario
-
-
-def cmd_drift_data(args: argparse.Namespace) -> int:
-    from rsafe.training import drift
-
-    scenario = drift.DriftScenario(n_feedback=args.n_feedback, n_contrast=args.n_contrast,
-                                   n_general=args.n_general, n_platform=args.n_platform, n_kept=args.n_kept,
-                                   seed=args.seed)
-    for path in drift.write_data(args.out, scenario).values():
-        print(path)
-    return 0
-
-
-def cmd_drift_eval(args: argparse.Namespace) -> int:
-    from rsafe.training import drift, grpo
-
-    sets = args.sets.split(",") if args.sets else list(drift.SETS)
-    if args.run:
-        report = drift.evaluate_run(args.run, args.model, sets=sets, every=args.every, log=_log)
-        report["metrics"] = grpo.read_metrics(args.run)
-        summary = Path(args.run) / grpo.SUMMARY
-        report["training_summary"] = json.loads(summary.read_text()) if summary.exists() else None
-    else:
-        report = {"final": drift.evaluate_model(args.model, adapter_dir=args.adapter, sets=sets)}
-    if args.before:
-        before = json.loads(Path(args.before).read_text())["final"]
-        report["before"] = before
-        if set(drift.SETS) <= set(before) and set(drift.SETS) <= set(report["final"]):
-            report["targets"] = drift.targets(before, report["final"])
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    if args.plot and args.run:
-        drift.plot_run(report["metrics"], report["checkpoints"], args.plot, before=report.get("before"))
-    for name, m in report["final"].items():
-        _log(f"[drift] {name}: accuracy {m['accuracy']:.1%}, format {m['format_rate']:.1%} (n={m['n']})")
-    for name, t in report.get("targets", {}).items():
-        _log(f"[drift] target {name}: {t['value']:+.3f} {'ok' if t['ok'] else 'NOT MET'}")
-    print(args.out)
     return 0
 
 
@@ -239,17 +199,22 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
     if broker and not args.no_publish:
         servers = broker.split(",") if isinstance(broker, str) else list(broker)
         publish = lambda record: publish_control(servers, topic, record)  # noqa: E731
-    if not args.promotion_set and not args.rollback:
-        refused = _demo_set_refused(args.model, args.candidate)
-        if refused:
-            die(refused, 2)
-    gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
-    promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
-                          model_guard_factory=model_guard_factory)
+    promotion_set = None  # a rollback is not gated
     if args.promotion_set:
         from rsafe.training.promote import load_promotion_set
 
-        promotion.promotion_set = lambda: load_promotion_set(args.promotion_set)
+        promotion_set = lambda: load_promotion_set(args.promotion_set)  # noqa: E731
+    elif not args.rollback:
+        if args.default_promotion_set is None:
+            die("no --promotion-set given: a promotion set is a folder of held-out, labelled rows from your own "
+                "traffic that no training set contains; docs/TRAINING.md section 5 says how to make one", 2)
+        try:
+            promotion_set = args.default_promotion_set(args.model, args.candidate)
+        except ValueError as refused:
+            die(str(refused), 2)
+    gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
+    promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
+                          model_guard_factory=model_guard_factory, promotion_set=promotion_set)
     try:
         card = promotion.run(args.candidate, args.against, args.approver, publish, rollback=args.rollback)
     except (RegistryError, ValueError, OSError) as err:
@@ -259,28 +224,6 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
                       "reasons": card.gate.reasons if card.gate and not args.rollback else [],
                       "control_topic": topic if publish else None}))
     return 0 if card.status == "promoted" else 3
-
-
-def _demo_set_refused(base_model: str, candidate: str) -> str | None:
-    """Why the demo's promotion set may not gate this candidate (its base is not the demo model), or None."""
-    from rsafe.training.demo import is_demo_model
-
-    bases = [base_model]
-    summary = Path(candidate) / "training_summary.json"
-    if summary.is_file():
-        try:
-            bases.append(json.loads(summary.read_text(encoding="utf-8")).get("base_model") or base_model)
-        except ValueError:
-            pass
-    other = next((b for b in bases if not is_demo_model(b)), None)
-    if other is None:
-        return None
-    return (f"no --promotion-set given and the base model {other!r} is not the demo model: the demo's promotion "
-            "set is synthetic and says nothing about a real model. A promotion set is a folder of held-out, "
-            "labelled rows from your own traffic that no training set contains (general.jsonl under your "
-            "general policy, slice.jsonl for the change being trained, promotion_set.json naming both "
-            "policies); docs/TRAINING.md section 5 says how to make one. Then: rsafe train promote ... "
-            "--promotion-set DIR")
 
 
 def cmd_models_list(args: argparse.Namespace) -> int:
@@ -330,7 +273,7 @@ def _add_registry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a worker config YAML: its models: section gives defaults")
 
 
-def _add_promote(train: argparse._SubParsersAction) -> None:
+def _add_promote(train: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from rsafe.models.options import add_engine_args
     from rsafe.training.promote import GateSettings
 
@@ -361,12 +304,13 @@ def _add_promote(train: argparse._SubParsersAction) -> None:
     _add_registry_args(p)
     add_engine_args(p)  # the gate's engine on the base model: --model BASE --engine …
     p.set_defaults(func=cmd_train_promote, structured=False)
+    return p
 
 
 # --------------------------------------------------------------------------- wiring
 
 
-def _add_dataset(train: argparse._SubParsersAction) -> None:
+def _add_dataset(train: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from rsafe.training.dataset import DEFAULT_GROUP_ID, DEFAULT_POLICIES_TOPIC, DEFAULT_TOPIC
 
     p = train.add_parser("dataset", help="disagreements (+ replay) → a rendered GRPO training set with a manifest")
@@ -399,6 +343,7 @@ def _add_dataset(train: argparse._SubParsersAction) -> None:
                    help="extra folder of policy YAMLs (older versions judged decisions may refer to)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_dataset)
+    return p
 
 
 def _add_grpo(train: argparse._SubParsersAction) -> None:
@@ -426,52 +371,16 @@ def _add_grpo(train: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_grpo)
 
 
-def _add_drift(train: argparse._SubParsersAction) -> None:
-    from rsafe.training.drift import SETS, DriftScenario
-
-    d = DriftScenario()
-    p = train.add_parser("drift-data", help="the drift scenario's disagreements, replay pool and evaluation hashes")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n-feedback", type=int, default=d.n_feedback)
-    p.add_argument("--n-contrast", type=int, default=d.n_contrast)
-    p.add_argument("--n-general", type=int, default=d.n_general)
-    p.add_argument("--n-platform", type=int, default=d.n_platform)
-    p.add_argument("--n-kept", type=int, default=d.n_kept,
-                   help="messages of every other harmful family under both policies (the loop demo uses 2)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.set_defaults(func=cmd_drift_data)
-
-    e = train.add_parser("drift-eval", help="accuracy / format rate on the drift scenario's held-out sets")
-    e.add_argument("--model", required=True, help="the (base) model directory")
-    which = e.add_mutually_exclusive_group()
-    which.add_argument("--adapter", help="a LoRA adapter directory on --model")
-    which.add_argument("--run", help="a GRPO output directory: its result and every checkpoint")
-    e.add_argument("--sets", help=f"comma-separated subset of {','.join(SETS)}")
-    e.add_argument("--before", help="a report of the base model: adds the targets check")
-    e.add_argument("--out", required=True, help="report JSON")
-    e.add_argument("--every", type=int, default=1, help="with --run: checkpoints whose step is a multiple of this")
-    e.add_argument("--plot", help="with --run: PNG of reward and held-out accuracy per step")
-    e.set_defaults(func=cmd_drift_eval)
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    dm = sub.add_parser("demo-model", help="the bundled tiny demo model").add_subparsers(dest="dm_cmd", required=True)
-    b = dm.add_parser("build", help="build (or reuse the cached) demo model into DIR (the repository carries "
-                      "the default build in demo/model: make demo-model-rebuild refreshes it)")
-    b.add_argument("dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--force", action="store_true", help="rebuild even when DIR holds a build of this recipe")
-    b.set_defaults(func=cmd_demo_model_build)
-    c = dm.add_parser("check", help="is DIR the demo model the code's recipe makes? (exit 1 with how to rebuild)")
-    c.add_argument("dir", nargs="?", default="demo/model")
-    c.set_defaults(func=cmd_demo_model_check)
-
+def add_commands(sub: argparse._SubParsersAction, extension: TrainExtension | None = None) -> None:
+    """``rsafe train …`` and ``rsafe models …``; ``extension``: what another room adds to ``train``."""
+    extension = extension or TrainExtension()
     train = sub.add_parser("train", help="the retraining job: dataset, GRPO, drift scenario").add_subparsers(
         dest="train_cmd", required=True)
-    _add_dataset(train)
+    _add_dataset(train).set_defaults(replay_pools=extension.replay_pools)
     _add_grpo(train)
-    _add_drift(train)
-    _add_promote(train)
+    if extension.add_commands is not None:
+        extension.add_commands(train)
+    _add_promote(train).set_defaults(default_promotion_set=extension.default_promotion_set)
 
     models = sub.add_parser("models", help="the model registry: versions, cards, gate decisions").add_subparsers(
         dest="models_cmd", required=True)

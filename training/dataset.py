@@ -14,9 +14,10 @@
    same policy text counts once (``duplicate``); when trusted labels for it disagree, none is used
    (``conflicting_labels``);
 4. **mix in replay** rows from a base training set (``--replay FILE``, or ``demo``: the synthetic
-   corpus's training templates) to avoid forgetting, ``replay_ratio`` × as many as disagreements,
-   chosen by class so that the whole set is **balanced** (when the replay sample cannot balance it,
-   the majority class is sampled down, counted as ``class_balance``);
+   corpus's training templates, ``rsafe.demo.drift.demo_replay``, which the ``rsafe`` command plugs in)
+   to avoid forgetting, ``replay_ratio`` × as many as disagreements, chosen by class so that the
+   whole set is **balanced** (when the replay sample cannot balance it, the majority class is sampled
+   down, counted as ``class_balance``);
 5. **render** every row with the exact RSafe user turn of the policy version it was judged under
    (``rsafe.models.prompt.build_user_turn``), as a one-message conversation — the model's own chat
    template completes the prompt at training time, exactly as ``render_prompt`` does at inference.
@@ -270,15 +271,6 @@ def read_replay(path: str | Path) -> list[ReplayExample]:
         except ValidationError as err:
             raise DatasetError(f"{where}: not a replay example: {err.errors()[0]['msg']}") from None
     return out
-
-
-def demo_replay(n: int, *, seed: int = 0) -> list[ReplayExample]:
-    """Replay rows for the demo: synthetic examples of the corpus's *training* templates, by
-    default the demo model's own SFT seed (the demo benchmarks leave every such message out)."""
-    from rsafe.training.corpus import synthetic_examples
-
-    return [ReplayExample(prompt=e.prompt, response=e.response, label=e.label, policy=e.policy, level=e.level,
-                          id=f"demo-replay-{seed}-{i}") for i, e in enumerate(synthetic_examples(n, seed=seed))]
 
 
 # --------------------------------------------------------------------------- building

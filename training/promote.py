@@ -61,22 +61,6 @@ class PromotionSet:
         return {e.content_hash for e in (*self.general, *self.slice)}
 
 
-def demo_promotion_set(n_slice: int = 60) -> PromotionSet:
-    """The demo's promotion set: the registered ``demo`` set (held out from the demo build) and the
-    medical family's held-out *templates* under ``medical-platform`` (never in any training set)."""
-    from rsafe.policies import PolicyRegistry
-    from rsafe.training.benchmarks import demo_examples
-    from rsafe.training.corpus import family_examples
-
-    policy = PolicyRegistry.from_dirs().get("medical-platform")
-    drift = [Example(id=f"drift-heldout-{i}", prompt=e.prompt, response=e.response, label=e.label,  # type: ignore[arg-type]
-                     level=e.level, categories=[e.category] if e.category else [], source="drift")  # type: ignore[arg-type]
-             for i, e in enumerate(family_examples("medical", policy, n_slice, seed=991, split="heldout"))]
-    return PromotionSet(demo_examples("rsafe-default"), "rsafe-default", drift, "medical-platform",
-                        {"general": "demo (rsafe.training.benchmarks, seed 7000)",
-                         "slice": "medical family, held-out templates, medical-platform, seed 991"})
-
-
 def load_promotion_set(folder: str | Path) -> PromotionSet:
     """An operator's promotion set: ``general.jsonl`` and ``slice.jsonl`` (rows of
     ``rsafe.evaluation.Example``: ``id``, ``prompt``, optional ``response``, ``label``, ``categories``)
@@ -217,7 +201,9 @@ class Promotion:
     guard_factory: Callable[[dict[str, str]], Any]
     """Starts a ``Guard`` on the base model with these adapters (name → path), structured off."""
     settings: GateSettings = field(default_factory=GateSettings)
-    promotion_set: Callable[[], PromotionSet] = demo_promotion_set
+    promotion_set: Callable[[], PromotionSet] | None = None
+    """Loads the set the gate measures on (``load_promotion_set``; the demo model's:
+    ``rsafe.demo.drift.demo_promotion_set``). Only a rollback does without one."""
     model_guard_factory: Callable[[str], Any] | None = None
     """Starts a ``Guard`` on other full weights (a directory), structured off: gates a full-weights
     candidate (a second engine, measured one after the other)."""
@@ -239,6 +225,8 @@ class Promotion:
 
     def run(self, candidate_ref: str, against: str | None = None, approver: str | None = None,
             publish: Callable[[ModelControlRecord], None] | None = None, rollback: bool = False) -> ModelCard:
+        if self.promotion_set is None and not rollback:
+            raise RegistryError("no promotion set to gate on (Promotion.promotion_set)")
         card = self.candidate(candidate_ref)
         if rollback:
             if not any(h.get("event") in ("promoted", "rolled back to") for h in card.history):

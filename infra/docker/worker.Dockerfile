@@ -30,6 +30,7 @@ COPY models/ models/
 COPY stream/ stream/
 COPY training/ training/
 COPY evaluation/ evaluation/
+COPY demo/ demo/
 COPY infra/__init__.py infra/__init__.py
 RUN uv pip install --python /opt/rsafe/bin/python --no-deps . \
     && /opt/rsafe/bin/python -c "import rsafe.stream.worker, rsafe.cli; print('rsafe image ok')"

@@ -8,7 +8,7 @@ under ``rsafe-default`` without another category (unsafe), both rows in the same
 thing that tells them apart is the missing line. Other categories may be removed from both rows
 (``fewest``/``most`` other lines kept): short policies make the lookup easier to find first.
 
-``KEPT`` (U13) is never removed: the drift scenario (``rsafe.training.drift``) is a policy change
+``KEPT`` (U13) is never removed: the drift scenario (``rsafe.demo.drift``) is a policy change
 the model has never seen, which the retraining loop then teaches it.
 
 The reasoning names the topic just before the decision (``fmt="name"``)::
@@ -29,10 +29,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rsafe.demo import sft
+from rsafe.demo.corpus import DemoExample, corpus, harmful_example, parse_answer
 from rsafe.models.prompt import build_user_turn
 from rsafe.policies import Policy, PolicyRegistry
-from rsafe.training import sft
-from rsafe.training.corpus import DemoExample, corpus, harmful_example, parse_answer
 
 KEPT = "U13"
 """Never removed from a pair's policies: the drift scenario's category stays unseen."""

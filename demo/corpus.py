@@ -1,6 +1,6 @@
 """The demo corpus: templated synthetic chat messages labelled under the bundled policies.
 
-The template banks are data (``training/data/demo_corpus.yaml``); this module fills them. A
+The template banks are data (``demo/data/demo_corpus.yaml``); this module fills them. A
 message is a prompt template (optionally decorated with a prefix/suffix) whose ``{slot}`` fields
 draw from the slot lists; a response-level example adds a reply from the same bank (harmful banks)
 or a refusal. Labels follow the policy the example is judged under, and the target reasoning
@@ -139,7 +139,7 @@ def _banks(data: dict, where: str) -> dict[str, Bank]:
 
 @lru_cache(maxsize=1)
 def corpus() -> Corpus:
-    """The demo corpus, read once from ``training/data/demo_corpus.yaml``."""
+    """The demo corpus, read once from ``demo/data/demo_corpus.yaml``."""
     import yaml
 
     raw = CORPUS_FILE.read_bytes()
@@ -322,7 +322,7 @@ def synthetic_examples(n: int, *, seed: int = 0) -> list[DemoExample]:
 def long_examples(n: int, *, seed: int = 0, safe_share: float = 2 / 3) -> list[DemoExample]:
     """``n`` prompt-level long messages (what one window of a long message looks like): a request
     inside benign filler, or — ``FILLER_ALONE`` of the safe ones — filler alone. The demo build's
-    second stage trains on these (``rsafe.training.demo.LONG_STAGE``)."""
+    second stage trains on these (``rsafe.demo.build.LONG_STAGE``)."""
     rng = random.Random(f"rsafe-demo-long-{seed}")
     out: list[DemoExample] = []
     while len(out) < n:

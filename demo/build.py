@@ -1,9 +1,9 @@
 """The bundled demo guard model: a tiny Qwen2 that answers in the RSafe format, built on CPU.
 
-No model hub is needed: the tokenizer (byte-level BPE, ``rsafe.training.tokenizer``) and the model
-(Qwen2 architecture, ~3.9M parameters) are trained here, by SFT (``rsafe.training.sft``) on the
-templated synthetic corpus (``rsafe.training.corpus``) with the project's real prompt template,
-then on long messages, then on *policy-ablation pairs* (``rsafe.training.lookup``) so that its
+No model hub is needed: the tokenizer (byte-level BPE, ``rsafe.demo.tokenizer``) and the model
+(Qwen2 architecture, ~3.9M parameters) are trained here, by SFT (``rsafe.demo.sft``) on the
+templated synthetic corpus (``rsafe.demo.corpus``) with the project's real prompt template,
+then on long messages, then on *policy-ablation pairs* (``rsafe.demo.lookup``) so that its
 verdict follows the category list it is given, not only the message. The result loads with
 ``transformers`` and with vLLM exactly like a real RSafe checkpoint, so the whole product
 (engine, streaming worker, evaluation, retraining) runs end to end on a laptop. It is a demo, not
@@ -47,8 +47,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rsafe.training import sft
-from rsafe.training.corpus import (
+from rsafe.demo import sft
+from rsafe.demo.corpus import (
     MULTITURN_KINDS,
     DemoExample,
     corpus,
@@ -56,8 +56,8 @@ from rsafe.training.corpus import (
     multiturn_examples,
     synthetic_examples,
 )
-from rsafe.training.lookup import Ablations, LookupStage, ablation_pair, encode_batch, pair_accuracy, stage_batches
-from rsafe.training.tokenizer import (
+from rsafe.demo.lookup import Ablations, LookupStage, ablation_pair, encode_batch, pair_accuracy, stage_batches
+from rsafe.demo.tokenizer import (
     CHAT_TEMPLATE,
     QWEN2_PRETOKENIZE_REGEX,
     VOCAB_SIZE,
@@ -97,7 +97,7 @@ LOOKUP_STAGES = (
     LookupStage(steps_per_sft_step=2.0, fewest=0, most=7),
     LookupStage(steps_per_sft_step=1.5, fewest=2, most=15),
 )
-"""Policy-ablation pairs (``rsafe.training.lookup``) after the long-message stage, so the model reads
+"""Policy-ablation pairs (``rsafe.demo.lookup``) after the long-message stage, so the model reads
 its category list: short policies first (0–7 lines besides the pair's), then every length.
 Found with bench/policy_lookup.py (docs/TRAINING.md, section 4, runs e and f); in the recipe-6
 build of 2026-12-01, held-out pairs with both rows right 85 % after the first, 97.5 % after the
@@ -281,7 +281,7 @@ def cached_build(out_dir: str | Path, recipe: str, build: Callable[[Path], dict[
 
 def training_messages(seed: int = 0) -> frozenset[tuple[str, str, str | None]]:
     """Every (policy, prompt, response) a demo build of ``seed`` (default steps) trains on, in every
-    stage (a conversation's judged turn included): what evaluation sets must leave out (``rsafe.training.benchmarks``). A lookup pair's
+    stage (a conversation's judged turn included): what evaluation sets must leave out (``rsafe.demo.benchmarks``). A lookup pair's
     message counts under ``rsafe-default`` too: its policies are that one less a line or two."""
     examples = [*synthetic_examples(N_TRAIN, seed=seed), *long_examples(LONG_STAGE["n_long"], seed=seed),
                 *synthetic_examples(LONG_STAGE["n_short"], seed=seed + 1)]
@@ -471,7 +471,7 @@ def _heldout_pairs(seed: int, n: int, ablations: Ablations) -> list[Any]:
 
 
 def parse_answer_label(text: str) -> str | None:
-    from rsafe.training.corpus import parse_answer
+    from rsafe.demo.corpus import parse_answer
 
     ok, label = parse_answer(text)
     return label if ok else None
@@ -521,7 +521,7 @@ def lora_examples(variant: LoraVariant, seed: int) -> list[DemoExample]:
         return flipped(train)
     if variant == "drift":
         from rsafe.policies import PolicyRegistry
-        from rsafe.training.corpus import family_examples
+        from rsafe.demo.corpus import family_examples
 
         registry = PolicyRegistry.from_dirs()
         drift = family_examples("medical", registry.get("medical-platform"), 160, seed=seed + 5)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
-    from rsafe.training.corpus import DemoExample
+    from rsafe.demo.corpus import DemoExample
 
 DEFAULT_SYSTEM_MESSAGE = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 PAD_TOKEN = "<|endoftext|>"
@@ -77,8 +77,8 @@ def _registry() -> Any:
 
 def training_texts(examples: Sequence[DemoExample]) -> list[str]:
     """What the tokenizer is trained on: rendered prompts with answers, plus every template."""
+    from rsafe.demo.corpus import corpus
     from rsafe.models.prompt import render_prompt
-    from rsafe.training.corpus import corpus
 
     plain = PlainChat()
     texts = []

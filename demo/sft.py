@@ -3,7 +3,8 @@
 Loss on the answer tokens only; examples that share a prompt head (same policy and level) are
 batched together and their common prefix runs once (its KV cache is repeated over the batch),
 and the rows run in chunks of similar length, which makes the demo build several times faster on
-a CPU than padding whole prompts.
+a CPU than padding whole prompts. It trains on the demo corpus's examples (``DemoExample``): the
+demo model's build (``rsafe.demo.build``) and its LoRA adapters are made with it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rsafe.training.corpus import DemoExample, parse_answer
-from rsafe.training.tokenizer import user_turn
+from rsafe.demo.corpus import DemoExample, parse_answer
+from rsafe.demo.tokenizer import user_turn
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

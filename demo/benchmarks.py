@@ -1,18 +1,20 @@
-"""The synthetic demo evaluation sets, registered with ``rsafe.evaluation`` on import.
+"""The synthetic demo evaluation sets: ``register_demo_benchmarks()`` adds them to ``rsafe.evaluation``.
 
-``rsafe eval --benchmark demo`` (and ``demo_kids``, ``demo_financial``) judges held-out messages of
-the demo corpus: the easy templated messages the demo model knows, so its numbers mean something
-on a machine without the public benchmarks. They live here, next to the corpus, because
-``rsafe.evaluation`` must not import ``rsafe.training``; importing ``rsafe.training`` registers them.
+``rsafe eval --benchmark demo`` (and ``demo_kids``, ``demo_financial``, ``demo_multiturn``) judges
+held-out messages of the demo corpus: the easy templated messages the demo model knows, so its
+numbers mean something on a machine without the public benchmarks. They live here, next to the
+corpus, because ``rsafe.evaluation`` must not import ``rsafe.demo``. Nothing registers them on
+import: the ``rsafe`` command does (``rsafe.demo.cli``), and so does any other caller that wants them
+by name.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from rsafe.demo.corpus import MULTITURN_KINDS, multiturn_examples, synthetic_examples
 from rsafe.evaluation.benchmarks import BENCHMARKS, BenchmarkError, BenchmarkSpec, Example, register
 from rsafe.policies import Level
-from rsafe.training.corpus import MULTITURN_KINDS, multiturn_examples, synthetic_examples
 
 DEMO_SEED = 7_000
 """Seed of the demo sets (the demo model trains on seed 0 and selects checkpoints on 10 000)."""
@@ -21,7 +23,7 @@ DEMO_SIZE = 400
 
 @lru_cache(maxsize=1)
 def _demo_training_messages() -> frozenset[tuple[str, str, str | None]]:
-    from rsafe.training.demo import training_messages
+    from rsafe.demo.build import training_messages
 
     return training_messages(seed=0)
 
@@ -72,30 +74,32 @@ def demo_multiturn_examples(n: int = DEMO_SIZE, seed: int = DEMO_SEED) -> list[E
 
 
 def _register(spec: BenchmarkSpec) -> None:
-    if spec.name not in BENCHMARKS:  # importing twice (e.g. importlib test mode) is harmless
+    if spec.name not in BENCHMARKS:  # registering twice is harmless
         register(spec)
 
 
-_register(BenchmarkSpec(
-    name="demo", title="Demo (synthetic, rsafe-default)", level=Level.BOTH,
-    build=lambda: demo_examples("rsafe-default"), source="rsafe.training.corpus",
-    notes="Synthetic held-out messages the demo model can judge; mixed prompt/response level.",
-))
-_register(BenchmarkSpec(
-    name="demo_kids", title="Demo (synthetic, kids-platform labels)", level=Level.BOTH,
-    build=lambda: demo_examples("kids-platform"), tailored_policy="kids-platform", source="rsafe.training.corpus",
-    notes="Labelled under the kids-platform policy: the adaptive-taxonomy demo.",
-))
-_register(BenchmarkSpec(
-    name="demo_financial", title="Demo (synthetic, financial-advice labels)", level=Level.BOTH,
-    build=lambda: demo_examples("financial-advice"), tailored_policy="financial-advice",
-    source="rsafe.training.corpus",
-    notes="Labelled under the financial-advice policy: the adaptive-taxonomy demo.",
-))
-_register(BenchmarkSpec(
-    name="demo_multiturn", title="Demo conversations (synthetic, rsafe-default)", level=Level.PROMPT,
-    build=lambda: demo_multiturn_examples(), source="rsafe.training.corpus",
-    notes="Held-out conversations judged on their last user turn: follow-ups that continue a harmful request "
-          "(unsafe only with the context), subject changes after one (safe), harmless chats; kinds: "
-          + ", ".join(k for k, _ in MULTITURN_KINDS) + ".",
-))
+def register_demo_benchmarks() -> None:
+    """Register ``demo``, ``demo_kids``, ``demo_financial`` and ``demo_multiturn`` (again: nothing happens)."""
+    _register(BenchmarkSpec(
+        name="demo", title="Demo (synthetic, rsafe-default)", level=Level.BOTH,
+        build=lambda: demo_examples("rsafe-default"), source="rsafe.demo.corpus",
+        notes="Synthetic held-out messages the demo model can judge; mixed prompt/response level.",
+    ))
+    _register(BenchmarkSpec(
+        name="demo_kids", title="Demo (synthetic, kids-platform labels)", level=Level.BOTH,
+        build=lambda: demo_examples("kids-platform"), tailored_policy="kids-platform", source="rsafe.demo.corpus",
+        notes="Labelled under the kids-platform policy: the adaptive-taxonomy demo.",
+    ))
+    _register(BenchmarkSpec(
+        name="demo_financial", title="Demo (synthetic, financial-advice labels)", level=Level.BOTH,
+        build=lambda: demo_examples("financial-advice"), tailored_policy="financial-advice",
+        source="rsafe.demo.corpus",
+        notes="Labelled under the financial-advice policy: the adaptive-taxonomy demo.",
+    ))
+    _register(BenchmarkSpec(
+        name="demo_multiturn", title="Demo conversations (synthetic, rsafe-default)", level=Level.PROMPT,
+        build=lambda: demo_multiturn_examples(), source="rsafe.demo.corpus",
+        notes="Held-out conversations judged on their last user turn: follow-ups that continue a harmful request "
+              "(unsafe only with the context), subject changes after one (safe), harmless chats; kinds: "
+              + ", ".join(k for k, _ in MULTITURN_KINDS) + ".",
+    ))

@@ -17,10 +17,12 @@ This module makes the scenario's data and measures it:
   *platform* rows (the platform's other traffic under ``medical-platform``, labels unchanged) and
   *kept* rows (every other harmful family under both policies, unsafe under both), so that the
   model learns the policy difference rather than "medical is safe" or "this platform allows
-  everything";
+  everything"; its general part is ``demo_replay`` (also ``rsafe train dataset --replay demo``);
 * ``eval_sets``: template-disjoint held-out sets — the family's **held-out** templates under both
   policies, and the registered ``demo`` benchmark for general accuracy; ``eval_hashes`` lists their
   message hashes so the dataset builder can prove none of them is trained on;
+* ``demo_promotion_set``: what ``rsafe train promote`` gates the demo model's candidates on when no
+  ``--promotion-set`` is given (the ``demo`` set and the family's held-out templates);
 * ``evaluate_model`` / ``evaluate_run``: accuracy, strict format rate (structured decoding off)
   and unknown rate of a model, an adapter, or every checkpoint of a GRPO run, through the
   project's own ``Guard`` (transformers engine) and ``rsafe.evaluation.evaluate``;
@@ -35,12 +37,15 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rsafe.evaluation import Example
 from rsafe.policies import Policy, PolicyRegistry
 from rsafe.schemas.feedback import DisagreementRecord, FeedbackSource, ModelRef
-from rsafe.training.dataset import ReplayExample, demo_replay
+from rsafe.training.dataset import ReplayExample
+
+if TYPE_CHECKING:
+    from rsafe.training.promote import PromotionSet
 
 DRIFT_BANK = "medical"
 DRIFT_POLICY = "medical-platform"
@@ -103,7 +108,7 @@ def _policies() -> PolicyRegistry:
 
 def disagreement_records(s: DriftScenario = DriftScenario()) -> list[DisagreementRecord]:
     """The reviewers' corrections of the drift family, as the feedback path publishes them."""
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.corpus import family_examples
 
     policy = _policies().get(DRIFT_POLICY)
     out = []
@@ -122,6 +127,15 @@ def disagreement_records(s: DriftScenario = DriftScenario()) -> list[Disagreemen
     return out
 
 
+def demo_replay(n: int, *, seed: int = 0) -> list[ReplayExample]:
+    """Replay rows for the demo: synthetic examples of the corpus's *training* templates, by
+    default the demo model's own SFT seed (the demo benchmarks leave every such message out)."""
+    from rsafe.demo.corpus import synthetic_examples
+
+    return [ReplayExample(prompt=e.prompt, response=e.response, label=e.label, policy=e.policy, level=e.level,
+                          id=f"demo-replay-{seed}-{i}") for i, e in enumerate(synthetic_examples(n, seed=seed))]
+
+
 def replay_examples(s: DriftScenario = DriftScenario()) -> list[ReplayExample]:
     """The replay pool: contrast rows (the family under rsafe-default) and general messages.
 
@@ -129,7 +143,7 @@ def replay_examples(s: DriftScenario = DriftScenario()) -> list[ReplayExample]:
     (where the demo model is right), so the only difference between a safe and an unsafe medical
     row is the policy text; otherwise other messages of the family's training templates.
     """
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.corpus import family_examples
 
     base = _policies().get(BASE_POLICY)
     if s.paired_contrast:
@@ -158,13 +172,13 @@ def ablation_policies() -> dict[str, Policy]:
 
 def corpus_code(bank: str) -> str | None:
     """The base policy's category code the corpus bank illustrates."""
-    from rsafe.training.corpus import corpus
+    from rsafe.demo.corpus import corpus
 
     return corpus().bank_category(BASE_POLICY, bank)
 
 
 def _ablation_replay(s: DriftScenario) -> list[ReplayExample]:
-    from rsafe.training.corpus import corpus, family_examples
+    from rsafe.demo.corpus import corpus, family_examples
 
     if not s.n_ablation:
         return []
@@ -185,7 +199,7 @@ def _ablation_replay(s: DriftScenario) -> list[ReplayExample]:
 
 def _other_banks() -> list[str]:
     """The base policy's harmful banks other than the drift family's."""
-    from rsafe.training.corpus import corpus
+    from rsafe.demo.corpus import corpus
 
     return sorted(b for bs in corpus().category_banks[BASE_POLICY].values() for b in bs if b != DRIFT_BANK)
 
@@ -193,7 +207,7 @@ def _other_banks() -> list[str]:
 def _kept_replay(s: DriftScenario) -> list[ReplayExample]:
     """``n_kept`` messages of every other harmful family, each under the base policy and under the
     platform's (side by side: ``pair_by_message`` puts both in one GRPO step); unsafe under both."""
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.corpus import family_examples
 
     registry = _policies()
     base, platform = registry.get(BASE_POLICY), registry.get(DRIFT_POLICY)
@@ -210,7 +224,7 @@ def _kept_replay(s: DriftScenario) -> list[ReplayExample]:
 def _platform_replay(s: DriftScenario) -> list[ReplayExample]:
     """General messages of the base policy outside the drift family, judged under the platform's
     policy: the labels carry over (the platform drops U13 only)."""
-    from rsafe.training.corpus import synthetic_examples
+    from rsafe.demo.corpus import synthetic_examples
 
     platform = _policies().get(DRIFT_POLICY)
     out: list[ReplayExample] = []
@@ -224,7 +238,7 @@ def _platform_replay(s: DriftScenario) -> list[ReplayExample]:
 
 
 def _family_eval(policy_name: str, s: DriftScenario) -> list[Example]:
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.corpus import family_examples
 
     policy = _policies().get(policy_name)
     rows = family_examples(DRIFT_BANK, policy, s.n_eval_family, seed=s.seed + 100, split="heldout")
@@ -232,7 +246,7 @@ def _family_eval(policy_name: str, s: DriftScenario) -> list[Example]:
 
 
 def _platform_other(s: DriftScenario) -> list[Example]:
-    from rsafe.training.corpus import family_examples
+    from rsafe.demo.corpus import family_examples
 
     policy = _policies().get(DRIFT_POLICY)
     rows = [e for b in _other_banks() for e in family_examples(b, policy, s.n_eval_other, seed=s.seed + 200)]
@@ -246,7 +260,7 @@ def _example(e: Any, id_: str, source: str) -> Example:
 
 def eval_sets(s: DriftScenario = DriftScenario()) -> dict[str, tuple[str, list[Example]]]:
     """Set name → (policy, examples); see ``SETS``."""
-    from rsafe.training.benchmarks import demo_examples
+    from rsafe.demo.benchmarks import demo_examples
 
     return {
         "drift_heldout": (DRIFT_POLICY, _family_eval(DRIFT_POLICY, s)),
@@ -259,6 +273,22 @@ def eval_sets(s: DriftScenario = DriftScenario()) -> dict[str, tuple[str, list[E
 def eval_hashes(s: DriftScenario = DriftScenario()) -> list[str]:
     """Message hashes of every evaluation row (``rsafe train dataset --exclude-hashes``)."""
     return sorted({e.content_hash for _, rows in eval_sets(s).values() for e in rows})
+
+
+def demo_promotion_set(n_slice: int = 60) -> PromotionSet:
+    """The demo's promotion set: the registered ``demo`` set (held out from the demo build) and the
+    medical family's held-out *templates* under ``medical-platform`` (never in any training set)."""
+    from rsafe.demo.benchmarks import demo_examples
+    from rsafe.demo.corpus import family_examples
+    from rsafe.training.promote import PromotionSet
+
+    policy = PolicyRegistry.from_dirs().get("medical-platform")
+    drift = [Example(id=f"drift-heldout-{i}", prompt=e.prompt, response=e.response, label=e.label,  # type: ignore[arg-type]
+                     level=e.level, categories=[e.category] if e.category else [], source="drift")  # type: ignore[arg-type]
+             for i, e in enumerate(family_examples("medical", policy, n_slice, seed=991, split="heldout"))]
+    return PromotionSet(demo_examples("rsafe-default"), "rsafe-default", drift, "medical-platform",
+                        {"general": "demo (rsafe.demo.benchmarks, seed 7000)",
+                         "slice": "medical family, held-out templates, medical-platform, seed 991"})
 
 
 def write_data(out_dir: str | Path, s: DriftScenario = DriftScenario()) -> dict[str, Path]:
