@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
-from typing import Iterator
 
 from rsafe.models.options import add_engine_args, die, make_guard, policy_registry
+from rsafe.schemas.jsonl import read_jsonl
 
 #: Each adds its sub-commands. ``rsafe.demo.cli`` comes before ``rsafe.evaluation.cli``: its
 #: ``add_commands`` registers the synthetic demo sets that ``rsafe eval`` lists (nothing registers
@@ -25,20 +24,6 @@ COMMAND_MODULES = ["rsafe.stream.cli", "rsafe.demo.cli", "rsafe.training.cli", "
 
 
 # --------------------------------------------------------------------------- classify
-
-
-def _read_jsonl(path: str) -> Iterator[tuple[int, dict | str]]:
-    """(line number, row) for each non-blank line; a row that is not a JSON object is a string error."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield n, f"line {n}: not valid JSON: {err.msg}"
-                continue
-            yield n, row if isinstance(row, dict) else f"line {n}: expected a JSON object, got {type(row).__name__}"
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -74,7 +59,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if args.text is not None:
             rows = [(1, {"prompt": args.text, **({"response": args.response} if args.response else {})})]
         else:
-            rows = list(_read_jsonl(args.input))
+            rows = list(read_jsonl(args.input))
         from tqdm import tqdm
 
         bar = tqdm(total=len(rows), unit="msg", disable=args.input is None or not sys.stderr.isatty() and not args.progress)

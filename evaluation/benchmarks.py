@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import gzip
 import hashlib
 import json
 import math
@@ -76,6 +75,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rsafe.models.conversation import Turn
 from rsafe.policies import Level
+from rsafe.schemas.jsonl import read_jsonl
 
 Row = Mapping[str, Any]
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet", ".csv")
@@ -596,18 +596,10 @@ class BenchmarkData(Sequence[Example]):
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BenchmarkError(f"{path}: line {n}: not valid JSON: {err.msg}") from None
-            if not isinstance(row, dict):
-                raise BenchmarkError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-            yield row
+    for _, row in read_jsonl(path):
+        if isinstance(row, str):
+            raise BenchmarkError(f"{path}: {row}")
+        yield row
 
 
 def read_rows(path: str | Path) -> list[dict]:

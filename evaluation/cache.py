@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 from rsafe.models.verdict import Label, Verdict
 from rsafe.models.versions import artifact_version
+from rsafe.schemas.jsonl import read_jsonl
 
 DEFAULT_CACHE_DIR = Path(".cache") / "eval"
 
@@ -83,13 +84,11 @@ class VerdictCache:
         self._loaded = True
         if not self.path.is_file():
             return
-        with open(self.path, encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                    self._verdicts[row["key"]] = Verdict.model_validate(row["verdict"])
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn line from an interrupted write, or a foreign one
+        for _, row in read_jsonl(self.path):
+            try:
+                self._verdicts[row["key"]] = Verdict.model_validate(row["verdict"])  # type: ignore[index]
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn line from an interrupted write (a str here), or a foreign one
 
     def get(self, key: str) -> Verdict | None:
         self._load()

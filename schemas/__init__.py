@@ -5,6 +5,7 @@
 * ``records``  the worker's records: ``ChatEvent`` in; ``VerdictRecord``, ``AuditRecord``, ``DLQRecord`` out
 * ``feedback`` human labels in; disagreements and review items out
 * ``models``   the model control record (``rsafe.models``)
+* ``jsonl``    the one JSON Lines reader (and appender) of record files and logs
 * ``kafka``    small blocking Kafka helpers: read topics to their end, publish and wait, read the
   policy store (``strict`` or not)
 

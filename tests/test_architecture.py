@@ -3,6 +3,7 @@
     policies ← models ← {stream, evaluation, training} ← demo ← cli (and loop, the loop demo)
     training → evaluation (the promotion gate)      stream, training → schemas (the Kafka contract)
     schemas → policies, models (the policy store's records, the verdict's ``JudgedBy`` and turns)
+    evaluation → schemas (``schemas.jsonl``, the one JSON Lines reader)
     demo → every room below it; only cli and loop import demo    bench → anything; nothing imports bench
 
 Importing a room registers nothing (the demo evaluation sets are registered by the command).
@@ -27,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "schemas": {"policies", "models"},  # the contract's records reuse the policy store's and the verdict's
     "infra": set(),
     "models": {"policies"},
-    "evaluation": {"policies", "models"},
+    "evaluation": {"policies", "models", "schemas"},  # schemas.jsonl: the one JSON Lines reader
     "stream": {"policies", "models", "schemas"},
     "training": {"policies", "models", "schemas", "evaluation"},
     "demo": {"policies", "schemas", "models", "stream", "evaluation", "training"},  # the toy model and its scenario

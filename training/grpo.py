@@ -31,6 +31,7 @@ from typing import Any
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
+from rsafe.schemas.jsonl import append_jsonl, read_jsonl
 from rsafe.training.dataset import load_manifest, load_rows
 from rsafe.training.rewards import REFERENCE_REWARDS, reward_functions
 from rsafe.training.run_dir import SUMMARY, TrainingError, check_output  # the first two also as grpo.*
@@ -365,8 +366,7 @@ class StepLog(TrainerCallback):
             value = logs.get(key, logs.get(name))
             if isinstance(value, (int, float)):
                 row[name] = float(value)
-        with open(self.output_dir / METRICS, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        append_jsonl(self.output_dir / METRICS, [row])
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -388,10 +388,10 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows: dict[int, dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["step"]] = row
+    for n, row in read_jsonl(path):
+        if isinstance(row, str):
+            raise ValueError(f"{path}: {row}")
+        rows[row["step"]] = row
     return [rows[s] for s in sorted(rows)]
 
 
