@@ -103,11 +103,58 @@ def test_balance_with_replay() -> None:
     assert [r.id for r in again.rows] == [r.id for r in built.rows]  # deterministic in the seed
 
 
-def test_balance_samples_the_majority_down_when_replay_cannot() -> None:
+def test_no_disagreement_is_dropped_for_balance() -> None:
+    """Reviewer labels are the scarcest data: when the replay cannot balance the set, every
+    disagreement stays and the counts say the balance was not met."""
     records = [record(i, f"medical {i}") for i in range(10)]
-    built = build(records, replay=replay(3, "unsafe"), settings=BuildSettings(replay_ratio=1.0))
-    assert built.counts["labels"] == {"safe": 3, "unsafe": 3}
-    assert built.counts["dropped"] == {"class_balance": 7}
+    built = build(records, replay=replay(3, "unsafe") + replay(5, "safe"), settings=BuildSettings(replay_ratio=1.0))
+    assert built.counts["by_source"] == {"disagreement": {"safe": 10}, "replay": {"unsafe": 3}}
+    assert built.counts["dropped"] == {} and built.counts["balance"].startswith("not met: 10 safe, 3 unsafe")
+
+
+def test_disagreements_leaning_one_way_draw_more_replay_of_the_other_class() -> None:
+    records = [record(i, f"medical {i}") for i in range(10)] + [record(20, "medical x", label="unsafe")]
+    built = build(records, replay=replay(30, "safe") + replay(30, "unsafe"), settings=BuildSettings(replay_ratio=0.5))
+    assert built.counts["labels"] == {"safe": 10, "unsafe": 10} and built.counts["balance"] == "met"
+    assert built.counts["disagreements"] == 11 and built.counts["replay"] == 9  # ratio 0.5 would give 6
+
+
+def test_replay_from_several_sources_by_share() -> None:
+    records = [record(i, f"medical {i}", label="safe" if i % 2 else "unsafe") for i in range(10)]
+    mine = ds.ReplaySource("mine.jsonl", replay(40, "safe", 0) + replay(40, "unsafe", 0), 0.75)
+    other = ds.ReplaySource("demo", replay(40, "safe", 100) + replay(40, "unsafe", 100))
+    built = build(records, replay=[mine, other], settings=BuildSettings(replay_ratio=2.0))
+    used = {s["source"]: s["used"] for s in built.counts["replay_sources"]}
+    assert used["mine.jsonl"] + used["demo"] == 20 and built.counts["labels"] == {"safe": 15, "unsafe": 15}
+    assert 15 <= used["mine.jsonl"] <= 16  # 3/4 of 20, rounded per class
+    assert [s["share"] for s in built.counts["replay_sources"]] == [0.75, 0.25]
+    short = ds.ReplaySource("mine.jsonl", replay(2, "safe") + replay(2, "unsafe"), 0.75)  # runs short: the other fills
+    built = build(records, replay=[short, other], settings=BuildSettings(replay_ratio=2.0))
+    assert {s["source"]: s["used"] for s in built.counts["replay_sources"]} == {"mine.jsonl": 4, "demo": 16}
+    with pytest.raises(ds.DatasetError, match="add up to at most 1"):
+        build(records, replay=[ds.ReplaySource("a", [], 0.8), ds.ReplaySource("b", [], 0.5)])
+    assert ds.parse_replay_arg("demo:0.3") == ("demo", 0.3) and ds.parse_replay_arg("C:/x.jsonl") == ("C:/x.jsonl", None)
+
+
+def test_replay_without_a_version_uses_the_policy_dir_or_the_store(tmp_path: Path) -> None:
+    from rsafe.policies import PolicyStore, StoredPolicy, load_policy
+
+    brand = yaml.safe_load((Path(ds.BUNDLED_DIR) / "rsafe-default.yaml").read_text())
+    brand["name"] = "brand-platform"
+    brand["categories"].append({"code": "U19", "name": "Competitor Promotion"})
+    folder = tmp_path / "team-policies"
+    folder.mkdir()
+    (folder / "brand.yaml").write_text(yaml.safe_dump(brand, allow_unicode=True))
+    rows = [ReplayExample(prompt="buy from our competitor", label="unsafe", policy="brand-platform")]
+    records = [record(1, "medical 1")]
+    assert build(records, replay=rows, settings=BuildSettings(replay_ratio=1, balance=False)).counts["dropped"] == {
+        "unknown_policy": 1}
+    current = ds.current_policy([folder])
+    built = build(records, replay=rows, settings=BuildSettings(replay_ratio=1, balance=False), current=current)
+    assert built.counts["replay"] == 1 and any(r.policy.name == "brand-platform" for r in built.rows)
+    stored = load_policy(folder / "brand.yaml")
+    from_store = ds.current_policy([], PolicyStore([StoredPolicy.of(stored)]))
+    assert from_store("brand-platform").version == stored.version
 
 
 def test_replay_unbalanced_mix_and_duplicates() -> None:
@@ -247,6 +294,19 @@ def test_cli_from_file(tmp_path: Path) -> None:
     assert manifest["sources"][1]["sha256"]
     eval_hashes = set(paths["eval_hashes.txt"].read_text().split())
     assert not eval_hashes & {r["message_hash"] for r in manifest["rows"]}
+    # the registered evaluation sets that are here (the demo sets) are never trained on, by default
+    excluded = {s["name"] for s in manifest["excluded_evaluation_sets"]}
+    assert {"demo", "demo_kids", "demo_financial"} <= excluded
+    mixed = _cli("--from-file", str(paths["disagreements.jsonl"]), "--replay", f"{paths['replay.jsonl']}:0.5",
+                 "--replay", "demo", "--replay-pool", "400", "--replay-ratio", "2", "--out", str(tmp_path / "mixed"))
+    assert mixed.returncode == 0, mixed.stderr
+    m = ds.load_manifest(tmp_path / "mixed")
+    assert [(s["path"], s["share"]) for s in m["sources"][1:]] == [(str(paths["replay.jsonl"]), 0.5), ("demo", 0.5)]
+    from rsafe.demo.benchmarks import demo_examples, register_demo_benchmarks
+
+    register_demo_benchmarks()
+    demo_hashes = {e.content_hash for e in demo_examples("rsafe-default")}
+    assert not demo_hashes & {r["message_hash"] for r in m["rows"]}
     again = _cli("--from-file", str(paths["disagreements.jsonl"]), "--out", str(tmp_path / "set"))
     assert again.returncode == 2 and "already holds a dataset" in again.stderr
 

@@ -338,14 +338,26 @@ def test_full_checkpoint_loads_in_transformers(full_run: Path, full_verdicts: li
     assert any(changed) == _learnt(full_run), changed
 
 
+class _CtrlCInTheFirstStep(grpo.TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            import signal
+
+            signal.raise_signal(signal.SIGINT)  # as a user's Ctrl-C (or an orchestrator's SIGTERM)
+
+
 @pytest.fixture(scope="module")
 def lora_run(grpo_dataset: Path, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step LoRA run interrupted by SIGINT in its first step: it stops cleanly after that step,
+    with the adapter and a summary that says so."""
     out = tmp_path_factory.mktemp("grpo") / "lora"
     cfg = load_config(out, preset="demo-cpu", overrides={
-        "use_lora": True, "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 1,
+        "use_lora": True, "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "max_steps": 3,
         "per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 48, "disable_tqdm": True})
-    summary = grpo.train(demo_model_dir, grpo_dataset, cfg, log=lambda _m: None)
+    summary = grpo.train(demo_model_dir, grpo_dataset, cfg, log=lambda _m: None, callbacks=[_CtrlCInTheFirstStep()])
     assert summary["kind"] == "lora" and summary["steps"] == 1
+    assert summary["stopped"] == {"signal": "SIGINT", "at_step": 1, "planned_steps": 3}
+    assert json.loads((out / grpo.SUMMARY).read_text())["stopped"]["at_step"] == 1
     return out
 
 

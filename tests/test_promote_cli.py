@@ -34,8 +34,9 @@ def test_promote_gates_publishes_and_rolls_back(tmp_path, kafka, demo_model_dir,
 
     reg = tmp_path / "registry"
     topic = f"models-{uuid.uuid4().hex[:6]}"
+    # the demo adapters come from the demo build, not from a `train dataset` set: nothing to check overlap against
     common = ["--registry", str(reg), "--model", str(demo_model_dir), "--engine", "transformers",
-              "--max-tokens", "96", "--broker", kafka, "--control-topic", topic]
+              "--max-tokens", "96", "--broker", kafka, "--control-topic", topic, "--skip-overlap-check"]
     pset = save_promotion_set(PromotionSet(demo_examples("rsafe-default", n=60), "rsafe-default",
                                            demo_examples("kids-platform", n=50), "kids-platform"), tmp_path / "pset")
 
@@ -111,3 +112,72 @@ def test_promote_refuses_the_demo_set_for_a_model_that_is_not_the_demo_model(tmp
     out = rsafe("train", "promote", str(candidate), "--model", str(demo_model_dir), *common)
     assert out.returncode == 2 and str(real) in out.stderr
     assert is_demo_model(demo_model_dir) and not is_demo_model(real)
+
+
+def test_the_gate_resolves_policies_as_the_dataset_does(tmp_path):
+    """A promotion set under a team's own policy: without ``--policy-dir`` (and no store to read) it is
+    refused before any engine starts; with it, the gate's policies hold it."""
+    import argparse
+
+    import yaml
+
+    from rsafe.evaluation.benchmarks import Example
+    from rsafe.policies import BUNDLED_DIR
+    from rsafe.training.cli import _gate_policies
+    from rsafe.training.promote import PromotionSet, save_promotion_set
+
+    brand = yaml.safe_load((BUNDLED_DIR / "rsafe-default.yaml").read_text())
+    brand["name"] = "brand-platform"
+    brand["categories"].append({"code": "U19", "name": "Competitor Promotion"})
+    folder = tmp_path / "team-policies"
+    folder.mkdir()
+    (folder / "brand.yaml").write_text(yaml.safe_dump(brand, allow_unicode=True))
+    rows = [Example(id=f"s{i}", prompt=f"try the competitor's shop {i}", label="unsafe") for i in range(3)]
+    pset = save_promotion_set(PromotionSet(rows, "rsafe-default", rows, "brand-platform"), tmp_path / "pset")
+    candidate = tmp_path / "candidate"
+    candidate.mkdir()
+    common = ("--registry", str(tmp_path / "registry"), "--no-publish", "--engine", "transformers",
+              "--model", str(tmp_path / "base"), "--promotion-set", str(pset))
+    out = rsafe("train", "promote", str(candidate), *common)
+    assert out.returncode == 2 and "unknown policy 'brand-platform' in the promotion set" in out.stderr, out.stderr
+    assert "--policy-dir" in out.stderr
+    args = argparse.Namespace(policy_dir=[str(folder)], policies_topic="rsafe.policies")
+    assert _gate_policies(args, None, {"rsafe-default", "brand-platform"}).get("brand-platform").name == "brand-platform"
+
+
+def test_promotion_set_command_holds_out_by_message(tmp_path):
+    """``rsafe train promotion-set``: slice rows from disagreement records, general rows from a
+    registered set; a message of a named training set is left out, and the set's message hashes are
+    written for ``train dataset --exclude-hashes``."""
+    from datetime import datetime, timezone
+
+    from rsafe.evaluation.benchmarks import Example
+    from rsafe.schemas.feedback import DisagreementRecord, FeedbackSource, ModelRef
+    from rsafe.training.promote import load_promotion_set
+
+    def rec(i: int) -> DisagreementRecord:
+        return DisagreementRecord(event_id=f"e{i}", feedback_id="f", prompt=f"shop at our rival's store {i}",
+                                  policy="brand-platform", policy_version="0" * 12, level="prompt",
+                                  judged_by=ModelRef(model="m"), model_label="safe", human_label="unsafe",
+                                  source=FeedbackSource.REVIEWER, feedback_at=datetime(2026, 12, 1, tzinfo=timezone.utc))
+
+    slice_file = tmp_path / "held-out.jsonl"
+    slice_file.write_text("".join(rec(i).model_dump_json() + "\n" for i in range(6)))
+    trained = tmp_path / "dataset"
+    trained.mkdir()
+    taken = Example(id="x", prompt="shop at our rival's store 0", label="unsafe").content_hash
+    (trained / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": taken}]}))
+    out = tmp_path / "pset"
+    res = rsafe("train", "promotion-set", "--slice", str(slice_file), "--general", "demo",
+                "--exclude-dataset", str(trained), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    pset = load_promotion_set(out)
+    assert pset.slice_policy == "brand-platform" and pset.general_policy == "rsafe-default"
+    assert len(pset.slice) == 5 and taken not in pset.hashes()
+    counts = json.loads((out / "promotion_set.json").read_text())["counts"]
+    assert counts["left_out"]["slice_in_training_set"] == 1
+    assert len(pset.general) + counts["left_out"]["general_duplicate_or_in_slice"] == 400  # one message, once
+    assert "the gate needs --min-slice 50" in res.stderr
+    assert set((out / "message_hashes.txt").read_text().split()) == pset.hashes()
+    again = rsafe("train", "promotion-set", "--slice", str(slice_file), "--general", "demo", "--out", str(out))
+    assert again.returncode == 2 and "already holds a promotion set" in again.stderr

@@ -106,6 +106,15 @@ def tiny_set() -> PromotionSet:
     return PromotionSet(general, "rsafe-default", drift, "medical-platform", {"general": "tiny", "slice": "tiny"})
 
 
+def trained_on_nothing_overlapping(run: Path, kind: str = "lora") -> Path:
+    """A run's training_summary.json naming a dataset whose manifest shares no row with the set."""
+    ds = run.parent / f"{run.name}-dataset"
+    ds.mkdir()
+    (ds / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": "not-in-the-promotion-set"}]}))
+    (run / "training_summary.json").write_text(json.dumps({"kind": kind, "base_model": "/base", "dataset": str(ds)}))
+    return run
+
+
 def test_promotion_accepts_a_better_candidate_publishes_and_rolls_back(tmp_path):
     from rsafe.policies import PolicyRegistry
 
@@ -116,8 +125,7 @@ def test_promotion_accepts_a_better_candidate_publishes_and_rolls_back(tmp_path)
         return Guard(Scripted(better=True), policies=PolicyRegistry.from_dirs())
 
     promo = Promotion(reg, "guard", "/base", factory, promotion_set=tiny_set, log=lambda m: None)
-    out = make_adapter(tmp_path / "run1", "better")
-    (out / "training_summary.json").write_text(json.dumps({"kind": "lora", "base_model": "/base"}))
+    out = trained_on_nothing_overlapping(make_adapter(tmp_path / "run1", "better"))
     card = promo.run(str(out), approver="ann", publish=published.append)
     assert card.status == "promoted" and card.gate.accepted and card.promoted_by == "ann"
     assert card.gate.candidate_metrics["slice_accuracy"] == 100.0 and card.gate.current_metrics["slice_accuracy"] == 0.0
@@ -157,6 +165,7 @@ def test_a_full_weights_candidate_is_gated_on_an_engine_of_its_own(tmp_path):
     full.mkdir()
     (full / "config.json").write_text("{}")
     (full / "model.safetensors").write_bytes(b"w" * 100)
+    trained_on_nothing_overlapping(full, kind="full")
     promo = Promotion(reg, "base", "/base", base, promotion_set=tiny_set, log=lambda m: None,
                       model_guard_factory=on_weights)
     card = promo.run(str(full), approver="ann")
@@ -182,6 +191,22 @@ def test_overlap_with_a_training_set_rejects(tmp_path):
     assert "1 promotion-set examples" in no_overlap(card, pset)
     (ds / "manifest.json").write_text(json.dumps({"rows": [{"message_hash": "nothing"}]}))
     assert no_overlap(card, pset) is None
+    # a bare checkpoint (no summary naming its dataset) cannot be proven unseen: refused, unless skipped
+    bare = ModelCard(name="g", version="v", kind="lora", training={})
+    assert "names no training dataset" in no_overlap(bare, pset)
+
+
+def test_a_candidate_whose_overlap_cannot_be_checked_is_refused_unless_told(tmp_path):
+    from rsafe.policies import PolicyRegistry
+
+    def factory(adapters):
+        return Guard(Scripted(better=True), policies=PolicyRegistry.from_dirs())
+
+    promo = Promotion(Registry(tmp_path / "reg"), "guard", "/base", factory, promotion_set=tiny_set, log=lambda m: None)
+    refused = promo.run(str(make_adapter(tmp_path / "checkpoint-40", "better")))
+    assert refused.status == "rejected" and any("names no training dataset" in r for r in refused.gate.reasons)
+    promo.skip_overlap_check = True
+    assert promo.run(str(make_adapter(tmp_path / "checkpoint-80", "better"))).status == "promoted"
 
 
 def test_extract_lora_recovers_a_low_rank_weight_change(tmp_path):

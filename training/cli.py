@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rsafe.models.options import die
-from rsafe.schemas.topics import MODELS_TOPIC
+from rsafe.schemas.topics import MODELS_TOPIC, POLICIES_TOPIC
 
 
 def _log(message: str) -> None:
@@ -70,13 +70,12 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
             source = ds.read_topic(args.broker, args.from_topic, group_id=args.group_id)
         dropped = ds.Dropped()
         records = list(ds.parse_records(source.lines, dropped))
-        if args.replay is None:
-            replay = []
-        elif args.replay in args.replay_pools:
-            replay = args.replay_pools[args.replay](args.replay_pool, args.seed)
-        else:
-            replay = ds.read_replay(args.replay)
+        replay, replay_sources = _replay_sources(args, ds)
         exclude = ds.read_hashes(args.exclude_hashes) if args.exclude_hashes else set()
+        excluded_sets: list[dict[str, Any]] = []
+        if args.exclude_evaluation:
+            eval_hashes, excluded_sets = ds.evaluation_hashes(args.eval_data_dir)
+            exclude |= eval_hashes
         settings = ds.BuildSettings(replay_ratio=args.replay_ratio, balance=args.balance,
                                     pair_by_message=args.pair_by_message, seed=args.seed)
         store = None
@@ -85,20 +84,63 @@ def cmd_train_dataset(args: argparse.Namespace) -> int:
             _log(f"[dataset] policy store {args.policies_topic}: {len(store)} versions")
         lookup = partial(ds.resolve_policy, policy_dirs=args.policy_dir or (), store=store)
         built = ds.build(records, replay=replay, settings=settings, lookup=lookup, exclude_hashes=exclude,
-                         dropped=dropped)
-        replay_source = {"kind": "replay", "path": args.replay, "pool": len(replay)}
-        if args.replay is not None and args.replay not in args.replay_pools:
-            replay_source["sha256"] = ds.read_file(args.replay).description["sha256"]
-        ds.save(built, out, sources=[source.description, replay_source], settings=settings,
-                extra={"exclude_hashes": {"path": args.exclude_hashes, "count": len(exclude)}})
+                         current=ds.current_policy(args.policy_dir or (), store), dropped=dropped)
+        refused = _too_many_drops(built, args.allow_drops)
+        if refused:
+            die(refused, 1)
+        ds.save(built, out, sources=[source.description, *replay_sources], settings=settings,
+                extra={"exclude_hashes": {"path": args.exclude_hashes, "count": len(exclude)},
+                       "excluded_evaluation_sets": excluded_sets})
     except (ds.DatasetError, PolicyError, KafkaReadError, ValueError) as err:
         die(str(err), 1)
     source.commit()  # only now: a failed build reads the same records again next time
     c = built.counts
     _log(f"[dataset] {c['rows']} rows ({c['disagreements']} disagreements + {c['replay']} replay), "
          f"labels {c['labels']}, dropped {c['dropped'] or 'none'}")
+    for reason, n in sorted(c["dropped"].items()):
+        keys = [d["key"] for d in built.dropped.rows if d["reason"] == reason]
+        _log(f"[dataset]   dropped {n} {reason}: {', '.join(keys[:5])}{' ...' if n > 5 else ''}")
+    if c.get("balance", "met") != "met":
+        _log(f"[dataset] WARNING: class balance {c['balance']}")
+    if excluded_sets:
+        _log("[dataset] never trained on: " + ", ".join(f"{s['name']} ({s['examples']})" for s in excluded_sets))
     print(out)
     return 0
+
+
+#: Drop reasons that are the builder's choice (balance, sampling), not the record's fault.
+DISCRETIONARY_DROPS = frozenset({"class_balance", "sampling"})
+
+
+def _too_many_drops(built: Any, allowed: bool) -> str | None:
+    """A refusal when the build dropped more than half of its valid disagreements by choice. The
+    builder never does today (no disagreement is dropped for balance): this keeps it that way."""
+    rows = built.dropped.rows
+    chosen = sum(1 for d in rows if d["reason"] in DISCRETIONARY_DROPS and not d["key"].startswith("replay"))
+    valid = built.counts["disagreements"] + chosen
+    if allowed or not chosen or chosen * 2 <= valid:
+        return None
+    return (f"{chosen} of {valid} valid disagreements were dropped for balance or sampling; reviewer labels are "
+            "the scarcest data: nothing saved (--allow-drops to save it anyway)")
+
+
+def _replay_sources(args: argparse.Namespace, ds: Any) -> tuple[list[Any], list[dict[str, Any]]]:
+    """``--replay SRC[:SHARE]`` (repeatable) → replay sources and their manifest entries."""
+    sources, described = [], []
+    for value in args.replay or []:
+        name, share = ds.parse_replay_arg(value)
+        if name in args.replay_pools:
+            examples = args.replay_pools[name](args.replay_pool, args.seed)
+            entry = {"kind": "replay", "path": name, "pool": len(examples)}
+        else:
+            examples = ds.read_replay(name)
+            entry = {"kind": "replay", "path": name, "pool": len(examples),
+                     "sha256": ds.read_file(name).description["sha256"]}
+        sources.append(ds.ReplaySource(name, examples, share))
+        described.append({**entry, "share": share})
+    for entry, share in zip(described, ds.resolve_shares(sources) if sources else []):
+        entry["share"] = share
+    return sources, described
 
 
 # --------------------------------------------------------------------------- train grpo
@@ -166,6 +208,33 @@ def _registry(args: argparse.Namespace, settings: dict[str, Any]) -> Any:
     return Registry(url)
 
 
+def _gate_policies(args: argparse.Namespace, broker: Any, needed: set[str]) -> Any:
+    """The policies the gate judges with, resolved as ``train dataset`` resolves them: ``--policy-dir``
+    and the bundled ones, then the newest version in the policy store for a name found in neither.
+    A policy found nowhere stops here, before an engine starts."""
+    from rsafe.models.options import policy_registry
+    from rsafe.schemas.kafka import KafkaReadError, read_policy_store
+
+    registry = policy_registry(args.policy_dir)
+    missing = sorted(n for n in needed if n not in registry)
+    if missing and broker and args.policies_topic != "none":
+        servers = broker.split(",") if isinstance(broker, str) else list(broker)
+        try:
+            store = read_policy_store(servers, args.policies_topic, strict=True)
+        except (KafkaReadError, ValueError) as err:
+            die(f"the promotion set needs policy {missing[0]!r}, which is not in --policy-dir or bundled, and the "
+                f"policy store {args.policies_topic} could not be read: {err}", 1)
+        for name in missing:
+            stored = store.history(name)
+            if stored:
+                registry.add(store.get(name, stored[-1].version), f"{args.policies_topic}:{name}@{stored[-1].version}")
+        missing = sorted(n for n in needed if n not in registry)
+    if missing:
+        die(f"unknown policy {missing[0]!r} in the promotion set: give the folder of its YAML with --policy-dir"
+            + ("" if broker else ", or --broker to read it from the policy store"), 2)
+    return registry
+
+
 def cmd_train_promote(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -182,9 +251,11 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
         die("promotion requires a named approver here (models.require_approver): give --approver NAME", 2)
     base_cfg = engine_config_from_args(args)
 
+    gate_policies: Any = None  # set below, before any engine starts
+
     def gate_engine(**changes: Any) -> Any:  # the gate's engine: structured decoding always off
         data = {**base_cfg.model_dump(), **changes, "generation": replace(base_cfg.generation, structured=False)}
-        return Guard.from_config(EngineConfig.model_validate(data))
+        return Guard.from_config(EngineConfig.model_validate(data), policies=gate_policies)
 
     def guard_factory(adapters: dict[str, str]) -> Any:
         return gate_engine(enable_lora=True, max_lora_rank=max(base_cfg.max_lora_rank, args.max_lora_rank),
@@ -212,9 +283,14 @@ def cmd_train_promote(args: argparse.Namespace) -> int:
             promotion_set = args.default_promotion_set(args.model, args.candidate)
         except ValueError as refused:
             die(str(refused), 2)
+    if promotion_set is not None:
+        loaded = promotion_set()
+        promotion_set = lambda: loaded  # noqa: E731
+        gate_policies = _gate_policies(args, broker, {loaded.general_policy, loaded.slice_policy})
     gate = GateSettings(tolerance=args.tolerance, min_gain=args.min_gain, min_slice=args.min_slice)
     promotion = Promotion(registry, args.name, args.model, guard_factory, settings=gate, log=_log,
-                          model_guard_factory=model_guard_factory, promotion_set=promotion_set)
+                          model_guard_factory=model_guard_factory, promotion_set=promotion_set,
+                          skip_overlap_check=args.skip_overlap_check)
     try:
         card = promotion.run(args.candidate, args.against, args.approver, publish, rollback=args.rollback)
     except (RegistryError, ValueError, OSError) as err:
@@ -273,6 +349,90 @@ def _add_registry_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a worker config YAML: its models: section gives defaults")
 
 
+def cmd_train_promotion_set(args: argparse.Namespace) -> int:
+    from rsafe.evaluation.benchmarks import BenchmarkError, load_benchmark, read_rows
+    from rsafe.schemas.jsonl import read_jsonl
+    from rsafe.schemas.kafka import KafkaReadError, read_to_end
+    from rsafe.training import dataset as ds
+    from rsafe.training.promote import build_promotion_set, save_promotion_set, slice_examples
+
+    out = Path(args.out)
+    if (out / "promotion_set.json").exists():
+        die(f"{out} already holds a promotion set; choose a new --out", 2)
+    try:
+        if args.slice:
+            rows = [(f"{Path(args.slice).name}:{n}", r) for n, r in read_jsonl(args.slice)]
+            bad = [r for _, r in rows if isinstance(r, str)]
+            if bad:
+                die(f"{args.slice}: {bad[0]}", 1)
+            slice_source: dict[str, Any] = {"kind": "file", "path": str(Path(args.slice).resolve())}
+        else:
+            broker = args.broker or os.environ.get("RSAFE_BROKER", "127.0.0.1:9092")
+            with read_to_end(broker, [args.from_topic], client_id="rsafe-promotion-set") as reader:
+                rows = [(f"{r.topic}[{r.partition}]@{r.offset}", json.loads(r.value)) for r in reader
+                        if r.value is not None]
+            slice_source = {"kind": "topic", "topic": args.from_topic, "records": len(rows)}
+        slice_rows, named, skipped = slice_examples(rows)  # type: ignore[arg-type]
+        slice_policy = args.slice_policy or (next(iter(named)) if len(named) == 1 else None)
+        if slice_policy is None:
+            die(f"the slice rows name {len(named)} policies ({', '.join(sorted(named)) or 'none'}): "
+                "give --slice-policy", 2)
+        if Path(args.general).is_file():
+            general = [_general_example(i, r) for i, r in enumerate(read_rows(args.general))]
+            general_source = {"kind": "file", "path": str(Path(args.general).resolve())}
+        else:
+            data = load_benchmark(args.general, args.eval_data_dir, hub=False)
+            general, general_source = list(data), {"kind": "evaluation set", "name": args.general, "source": data.source}
+        exclude: set[str] = set()
+        for d in args.exclude_dataset:
+            exclude |= {r.get("message_hash") for r in ds.load_manifest(d).get("rows", [])}
+        pset, counts = build_promotion_set(slice_rows, slice_policy, general, args.general_policy, exclude,
+                                           {"slice_source": slice_source, "general_source": general_source,
+                                            "excluded_datasets": [str(Path(d).resolve()) for d in args.exclude_dataset],
+                                            "skipped": skipped})
+    except (BenchmarkError, ds.DatasetError, KafkaReadError, OSError, ValueError) as err:
+        die(str(err), 1)
+    save_promotion_set(pset, out)
+    _log(f"[promotion-set] {counts['slice']} slice rows under {slice_policy}, {counts['general']} general rows under "
+         f"{args.general_policy}; left out {counts['left_out']}; skipped {len(skipped)}")
+    if counts["slice"] < args.min_slice:
+        _log(f"[promotion-set] WARNING: the slice has {counts['slice']} rows; the gate needs --min-slice "
+             f"{args.min_slice}")
+    _log(f"[promotion-set] keep these messages out of future training sets: rsafe train dataset --exclude-hashes "
+         f"{out / 'message_hashes.txt'}")
+    print(out)
+    return 0
+
+
+def _general_example(i: int, row: dict[str, Any]) -> Any:
+    from rsafe.evaluation.benchmarks import Example
+
+    return Example.model_validate({"id": f"general-{i}", **row})
+
+
+def _add_promotion_set(train: argparse._SubParsersAction) -> None:
+    from rsafe.training.promote import GateSettings
+
+    p = train.add_parser("promotion-set", help="build a promotion set (held out by message) for rsafe train promote")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--slice", metavar="FILE", help="slice rows: a JSONL of DisagreementRecords or of rows "
+                                                     "{prompt, response, label, level, categories}")
+    src.add_argument("--from-topic", metavar="T", help="slice rows: every DisagreementRecord on topic T (e.g. a "
+                                                       "held-out share of the reviewers' labels)")
+    p.add_argument("--slice-policy", help="the slice's policy (default: the one the records name)")
+    p.add_argument("--general", required=True, metavar="FILE|SET",
+                   help="general rows: a JSONL of rows, or a registered evaluation set here (e.g. demo)")
+    p.add_argument("--general-policy", default="rsafe-default", help="the general rows' policy (default rsafe-default)")
+    p.add_argument("--exclude-dataset", action="append", default=[], metavar="DIR",
+                   help="a training set (rsafe train dataset output) whose messages the set must not contain")
+    p.add_argument("--eval-data-dir", default=os.environ.get("RSAFE_DATA_DIR"), metavar="DIR",
+                   help="local copies of evaluation sets (default $RSAFE_DATA_DIR)")
+    p.add_argument("--broker", help="with --from-topic (default $RSAFE_BROKER or 127.0.0.1:9092)")
+    p.add_argument("--min-slice", type=int, default=GateSettings().min_slice, help="warn below this many slice rows")
+    p.add_argument("--out", required=True, help="new directory for the set")
+    p.set_defaults(func=cmd_train_promotion_set)
+
+
 def _add_promote(train: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from rsafe.models.options import add_engine_args
     from rsafe.training.promote import GateSettings
@@ -290,7 +450,13 @@ def _add_promote(train: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--broker", help="Kafka bootstrap for the control record (default: broker of --config; "
                                     "without one nothing is published)")
     p.add_argument("--control-topic", help="default models.control_topic of --config, else rsafe.models")
+    p.add_argument("--policies-topic", default=POLICIES_TOPIC,
+                   help=f"the policy store, read (with a broker) for a promotion-set policy not in --policy-dir "
+                        f"(default {POLICIES_TOPIC}; 'none': never)")
     p.add_argument("--no-publish", action="store_true", help="decide and record only")
+    p.add_argument("--skip-overlap-check", action="store_true",
+                   help="gate a candidate whose training rows cannot be checked against the promotion set (no "
+                        "training_summary.json naming its dataset); default: such a candidate is refused")
     p.add_argument("--promotion-set", metavar="DIR",
                    help="general.jsonl + slice.jsonl + promotion_set.json: held-out rows of your own traffic "
                         "(docs/TRAINING.md section 5). Required unless the base model is the demo model, "
@@ -327,18 +493,31 @@ def _add_dataset(train: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "bundled policies and --policy-dir)")
     p.add_argument("--group-id", default=DEFAULT_GROUP_ID,
                    help=f"consumer group whose offsets mark what earlier runs read (default {DEFAULT_GROUP_ID})")
-    p.add_argument("--replay", metavar="FILE|demo",
-                   help="replay pool: a JSONL of {prompt, response, label, policy[, policy_version, level]}, or "
-                        "'demo' (the synthetic corpus's training messages)")
+    p.add_argument("--replay", action="append", metavar="SRC[:SHARE]",
+                   help="a replay pool (repeatable): a JSONL of {prompt, response, label, policy[, policy_version, "
+                        "level]} or a named pool ('demo': the synthetic corpus's training messages), with the share "
+                        "of the replay rows drawn from it (default: an equal part of what the given shares leave); "
+                        "a row without policy_version is rendered with its policy's current text (--policy-dir, "
+                        "the bundled policies, else the newest version in the policy store)")
     p.add_argument("--replay-ratio", type=float, default=1.0, help="replay rows per disagreement row (default 1)")
     p.add_argument("--replay-pool", type=int, default=2000, help="size of the 'demo' replay pool (default 2000)")
     p.add_argument("--no-balance", dest="balance", action="store_false",
-                   help="do not balance classes (default: replay chosen by class; majority sampled down if needed)")
+                   help="do not balance classes (default: replay chosen by class; a disagreement is never dropped "
+                        "for balance — when the replay cannot balance the set, it says so and keeps them all)")
+    p.add_argument("--allow-drops", action="store_true",
+                   help="save even when more than half of the valid disagreements were dropped for balance or "
+                        "sampling (default: refuse)")
     p.add_argument("--pair-by-message", action="store_true",
                    help="order rows in units of two, the rows of one message side by side (a reviewed message "
                         "and its contrast under another policy land in the same GRPO step)")
     p.add_argument("--exclude-hashes", metavar="F",
                    help="message hashes of evaluation rows never to train on (one per line, or JSONL message_hash)")
+    p.add_argument("--no-exclude-evaluation", dest="exclude_evaluation", action="store_false",
+                   help="train even on rows of the registered evaluation sets (default: every set whose rows are "
+                        "here — built in process, or a local copy under --eval-data-dir — is excluded; the "
+                        "manifest lists them)")
+    p.add_argument("--eval-data-dir", metavar="DIR", default=os.environ.get("RSAFE_DATA_DIR"),
+                   help="where local copies of evaluation sets are (as rsafe eval --data-dir; default $RSAFE_DATA_DIR)")
     p.add_argument("--policy-dir", action="append", metavar="DIR",
                    help="extra folder of policy YAMLs (older versions judged decisions may refer to)")
     p.add_argument("--seed", type=int, default=0)
@@ -380,6 +559,7 @@ def add_commands(sub: argparse._SubParsersAction, extension: TrainExtension | No
     _add_grpo(train)
     if extension.add_commands is not None:
         extension.add_commands(train)
+    _add_promotion_set(train)
     _add_promote(train).set_defaults(default_promotion_set=extension.default_promotion_set)
 
     models = sub.add_parser("models", help="the model registry: versions, cards, gate decisions").add_subparsers(

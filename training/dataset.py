@@ -262,6 +262,39 @@ def parse_records(lines: Iterable[tuple[str, str | bytes]], dropped: Dropped) ->
             dropped.add("invalid_record", where, f"{'.'.join(map(str, first['loc']))}: {first['msg']}"[:300])
 
 
+@dataclass
+class ReplaySource:
+    """One replay pool (``--replay SRC[:SHARE]``): a file or a named pool, and the share of the
+    replay rows drawn from it (None: an equal part of what the given shares leave)."""
+
+    name: str
+    examples: list[ReplayExample]
+    share: float | None = None
+
+
+def resolve_shares(sources: Sequence[ReplaySource]) -> list[float]:
+    """Each source's share of the replay rows: the given ones, the rest split evenly among the others."""
+    given = [s.share for s in sources if s.share is not None]
+    if any(x < 0 for x in given) or sum(given) > 1 + 1e-9:
+        raise DatasetError(f"replay shares {given} must be >= 0 and add up to at most 1")
+    rest = [s for s in sources if s.share is None]
+    left = max(0.0, 1 - sum(given))
+    if not rest and given and sum(given) <= 0:
+        raise DatasetError("replay shares add up to 0: give at least one a share above 0")
+    return [s.share if s.share is not None else left / len(rest) for s in sources]
+
+
+def parse_replay_arg(value: str) -> tuple[str, float | None]:
+    """``SRC[:SHARE]`` → (SRC, SHARE): the share is what follows the last colon when it is a number."""
+    head, sep, tail = value.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return value, None
+
+
 def read_replay(path: str | Path) -> list[ReplayExample]:
     """A replay file (JSONL of ``ReplayExample``); an unreadable line is an error, not a skip."""
     out = []
@@ -283,7 +316,10 @@ class BuildSettings:
     replay_ratio: float = 1.0
     """Replay rows per disagreement row (0: none)."""
     balance: bool = True
-    """Choose replay rows by class so the set is balanced; sample the majority down if needed."""
+    """Choose replay rows by class so the set is balanced: more replay of the minority class (beyond
+    ``replay_ratio`` when the disagreements lean one way), fewer of the majority. A disagreement is
+    never dropped for balance; when the replay cannot balance the set, it stays unbalanced and
+    ``counts["balance"]`` says so."""
     pair_by_message: bool = False
     """Order the rows in units of two, the rows of one message (e.g. a reviewed message and the
     same message under another policy) side by side, so that with an even number of prompts per
@@ -345,16 +381,18 @@ def _disagreement_rows(records: Iterable[DisagreementRecord], lookup: PolicyLook
     return rows
 
 
-def _replay_rows(examples: Iterable[ReplayExample], lookup: PolicyLookup, registry: PolicyRegistry,
-                 taken: dict[str, str], exclude: frozenset[str], dropped: Dropped) -> list[TrainingRow]:
-    """Replay rows not already in the set (by content hash) and not in an evaluation set."""
+def _replay_rows(examples: Iterable[ReplayExample], lookup: PolicyLookup, current: Callable[[str], Policy],
+                 taken: dict[str, str], exclude: frozenset[str], dropped: Dropped, prefix: str = "replay"
+                 ) -> list[TrainingRow]:
+    """Replay rows not already in the set (by content hash) and not in an evaluation set. A row
+    without ``policy_version`` is rendered with the current version of its policy (``current``)."""
     rows = []
     for i, ex in enumerate(examples):
-        key = ex.id or f"replay-{i}"
+        key = ex.id or f"{prefix}-{i}"
         try:
-            policy = lookup(ex.policy, ex.policy_version) if ex.policy_version else registry.get(ex.policy)
+            policy = lookup(ex.policy, ex.policy_version) if ex.policy_version else current(ex.policy)
         except PolicyError as err:
-            dropped.add("unknown_policy_version", key, str(err))
+            dropped.add("unknown_policy" if ex.policy_version is None else "unknown_policy_version", key, str(err))
             continue
         level = ex.level or (Level.RESPONSE.value if ex.response is not None else Level.PROMPT.value)
         row = TrainingRow(id=key, prompt=ex.prompt, response=ex.response, level=level, policy=policy,
@@ -369,36 +407,66 @@ def _replay_rows(examples: Iterable[ReplayExample], lookup: PolicyLookup, regist
     return rows
 
 
-def _mix(disagreements: list[TrainingRow], pool: list[TrainingRow], settings: BuildSettings,
-         rng: random.Random, dropped: Dropped) -> tuple[list[TrainingRow], dict[str, Any]]:
-    """Disagreements plus ``replay_ratio`` × as many replay rows, balanced by class if asked."""
-    n_replay = min(len(pool), round(settings.replay_ratio * len(disagreements)))
-    pool = pool[:]
-    rng.shuffle(pool)
-    by_label = {lab: [r for r in pool if r.label == lab] for lab in LABELS}
+def _draw(pools: Sequence[tuple[float, list[TrainingRow]]], k: int) -> list[TrainingRow]:
+    """``k`` rows taken from the front of the pools in proportion to their shares (largest
+    remainder); a pool that runs short leaves its part to the others."""
+    avail = [(share, list(rows)) for share, rows in pools]
+    out: list[TrainingRow] = []
+    while k > 0:
+        live = [i for i, (share, rows) in enumerate(avail) if rows and share > 0] or \
+               [i for i, (_, rows) in enumerate(avail) if rows]
+        if not live:
+            break
+        total = sum(avail[i][0] for i in live) or len(live)
+        exact = {i: k * ((avail[i][0] or 1) / total) for i in live}
+        quota = {i: int(x) for i, x in exact.items()}
+        for i in sorted(live, key=lambda i: quota[i] - exact[i])[: k - sum(quota.values())]:
+            quota[i] += 1
+        took = 0
+        for i in live:
+            n = min(quota[i], len(avail[i][1]))
+            out += avail[i][1][:n]
+            avail[i] = (avail[i][0], avail[i][1][n:])
+            took += n
+        k -= took
+    return out
+
+
+def _mix(disagreements: list[TrainingRow], pools: Sequence[tuple[float, list[TrainingRow]]], settings: BuildSettings,
+         rng: random.Random) -> tuple[list[TrainingRow], dict[str, Any]]:
+    """Every disagreement plus about ``replay_ratio`` × as many replay rows from the pools (by their
+    shares), chosen by class so that the set is balanced when ``settings.balance``."""
+    shuffled = []
+    for share, rows in pools:
+        rows = rows[:]
+        rng.shuffle(rows)
+        shuffled.append((share, rows))
+    available = sum(len(rows) for _, rows in shuffled)
+    n_replay = min(available, round(settings.replay_ratio * len(disagreements)))
     have = Counter(r.label for r in disagreements)
+    info: dict[str, Any] = {"replay_pool": available, "replay_wanted": n_replay}
     if settings.balance:
-        half = (len(disagreements) + n_replay) / 2
-        want = {lab: max(0, round(half - have[lab])) for lab in LABELS}
-        scale = n_replay / max(1, sum(want.values()))
-        want = {lab: min(len(by_label[lab]), round(w * min(1.0, scale))) for lab, w in want.items()}
-        replay = [r for lab in LABELS for r in by_label[lab][: want[lab]]]
+        by_label = {lab: [(share, [r for r in rows if r.label == lab]) for share, rows in shuffled] for lab in LABELS}
+        avail = {lab: sum(len(rows) for _, rows in by_label[lab]) for lab in LABELS}
+        # each class up to the same count: half the set, or the larger class of disagreements when
+        # they lean further than the replay ratio can make up (never fewer disagreements)
+        target = max((len(disagreements) + n_replay) / 2, max(have.values()))
+        want = {lab: min(avail[lab], max(0, round(target - have[lab]))) for lab in LABELS}
+        reached = {lab: have[lab] + want[lab] for lab in LABELS}
+        low = min(reached.values())
+        for lab in LABELS:  # the majority's replay no higher than the other class reaches
+            want[lab] = max(0, min(want[lab], low - have[lab])) if reached[lab] > low else want[lab]
+        replay = [r for lab in LABELS for r in _draw(by_label[lab], want[lab])]
+        counts = Counter(r.label for r in disagreements + replay)
+        if len({counts[lab] for lab in LABELS}) > 1:
+            info["balance"] = (f"not met: {', '.join(f'{counts[lab]} {lab}' for lab in LABELS)} (the replay "
+                               "pools hold too few rows of the smaller class; every disagreement is kept)")
+        else:
+            info["balance"] = "met"
     else:
-        replay = pool[:n_replay]
+        replay = _draw(shuffled, n_replay)
+    info["replay_used"] = len(replay)
     rows = disagreements + replay
-    info: dict[str, Any] = {"replay_pool": len(pool), "replay_wanted": n_replay, "replay_used": len(replay)}
-    if settings.balance:
-        count = Counter(r.label for r in rows)
-        minority = min(LABELS, key=lambda lab: count[lab])
-        surplus = count[max(LABELS, key=lambda lab: count[lab])] - count[minority]
-        if surplus and count[minority]:
-            major = [r for r in rows if r.label != minority]
-            cut = set(id(r) for r in rng.sample(major, surplus))
-            for r in major:
-                if id(r) in cut:
-                    dropped.add("class_balance", r.id, f"{r.source} row of the majority class {r.label}")
-            rows = [r for r in rows if id(r) not in cut]
-            info["sampled_down"] = surplus
     if settings.pair_by_message:
         return _paired_order(rows, rng), {**info, "paired_messages": _count_pairs(rows)}
     rng.shuffle(rows)
@@ -426,18 +494,30 @@ def _count_pairs(rows: list[TrainingRow]) -> int:
     return sum(1 for n in counts.values() if n > 1)
 
 
-def build(records: Iterable[DisagreementRecord], *, replay: Sequence[ReplayExample] = (),
-          settings: BuildSettings = BuildSettings(), lookup: PolicyLookup | None = None,
-          registry: PolicyRegistry | None = None, exclude_hashes: Iterable[str] = (),
-          dropped: Dropped | None = None) -> Built:
-    """Training rows from disagreement records and a replay pool (see the module docstring).
+def _as_sources(replay: Sequence[ReplayExample] | Sequence[ReplaySource]) -> list[ReplaySource]:
+    if all(isinstance(s, ReplaySource) for s in replay):
+        return list(replay)  # type: ignore[arg-type]
+    return [ReplaySource("replay", list(replay))]  # type: ignore[arg-type]
 
-    ``lookup`` resolves ``name@version`` (default ``resolve_policy``); replay rows without a version
-    use ``registry`` (default: the bundled policies). ``exclude_hashes``: message hashes
-    (``Example.content_hash``) of evaluation rows that must not be trained on.
+
+def build(records: Iterable[DisagreementRecord], *, replay: Sequence[ReplayExample] | Sequence[ReplaySource] = (),
+          settings: BuildSettings = BuildSettings(), lookup: PolicyLookup | None = None,
+          registry: PolicyRegistry | None = None, current: Callable[[str], Policy] | None = None,
+          exclude_hashes: Iterable[str] = (), dropped: Dropped | None = None) -> Built:
+    """Training rows from disagreement records and replay pools (see the module docstring).
+
+    ``replay``: one pool of examples, or several ``ReplaySource`` with their shares. ``lookup``
+    resolves ``name@version`` (default ``resolve_policy``); a replay row without a version uses
+    ``current(name)`` (default: the policy of that name in ``registry``, itself by default the
+    bundled policies). ``exclude_hashes``: message hashes (``Example.content_hash``) of evaluation
+    rows that must not be trained on.
     """
     lookup = lookup or resolve_policy
-    registry = registry or PolicyRegistry.from_dirs()
+    if current is None:
+        registry = registry or PolicyRegistry.from_dirs()
+        current = registry.get
+    sources = _as_sources(replay)
+    shares = resolve_shares(sources) if sources else []
     dropped = dropped if dropped is not None else Dropped()
     exclude = frozenset(exclude_hashes)
     records = list(records)
@@ -446,8 +526,14 @@ def build(records: Iterable[DisagreementRecord], *, replay: Sequence[ReplayExamp
         raise DatasetError(f"no usable disagreement among {len(records)} records "
                            f"(dropped: {dict(dropped.counts) or 'none'})")
     taken = {r.content_hash: r.id for r in disagreements}
-    pool = _replay_rows(replay, lookup, registry, taken, exclude, dropped)
-    rows, info = _mix(disagreements, pool, settings, random.Random(settings.seed), dropped)
+    pools = [_replay_rows(src.examples, lookup, current, taken, exclude, dropped,
+                          prefix="replay" if len(sources) == 1 else f"replay{i}")
+             for i, src in enumerate(sources)]
+    rows, info = _mix(disagreements, list(zip(shares, pools)), settings, random.Random(settings.seed))
+    used = {id(r) for r in rows}
+    info["replay_sources"] = [{"source": src.name, "share": round(share, 6), "pool": len(pool),
+                               "used": sum(id(r) in used for r in pool)}
+                              for src, share, pool in zip(sources, shares, pools)]
     counts = {
         "records": len(records),
         "disagreements": sum(r.source == "disagreement" for r in rows),
@@ -509,6 +595,44 @@ def load_rows(dataset_dir: str | Path) -> Any:
 
     load_manifest(dataset_dir)
     return load_from_disk(str(Path(dataset_dir) / DATA_DIR))
+
+
+def evaluation_hashes(data_dir: str | Path | None = None) -> tuple[set[str], list[dict[str, Any]]]:
+    """Message hashes of every registered evaluation set whose rows are here — built in process (the
+    demo sets, when the command registered them) or a local copy under ``data_dir`` — and a listing
+    for the manifest. Sets that are not here (hub only, no copy) are not loaded."""
+    from rsafe.evaluation.benchmarks import BENCHMARKS, BenchmarkError, load_benchmark
+
+    hashes: set[str] = set()
+    listed = []
+    for name in sorted(BENCHMARKS):
+        try:
+            data = load_benchmark(name, data_dir, hub=False)
+        except BenchmarkError:
+            continue
+        found = {e.content_hash for e in data}
+        hashes |= found
+        listed.append({"name": name, "source": data.source, "examples": len(found)})
+    return hashes, listed
+
+
+def current_policy(policy_dirs: Sequence[str | Path] = (), store: PolicyStore | None = None
+                   ) -> Callable[[str], Policy]:
+    """``name`` → the policy a replay row without ``policy_version`` is rendered with: the file of
+    that name (``policy_dirs``, then the bundled ones), else the newest version in the store."""
+    registry = PolicyRegistry.from_dirs(*policy_dirs)
+
+    def current(name: str) -> Policy:
+        if name in registry:
+            return registry.get(name)
+        stored = store.history(name) if store is not None else []
+        if stored:
+            return store.get(name, stored[-1].version)  # type: ignore[union-attr]
+        raise PolicyError(f"unknown policy {name!r}: not bundled, not in --policy-dir"
+                          + (", not in the policy store" if store is not None else "")
+                          + f" (known: {', '.join(registry.names())})")
+
+    return current
 
 
 def read_hashes(path: str | Path) -> set[str]:

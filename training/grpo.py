@@ -417,6 +417,47 @@ def _summary_stats(metrics: Sequence[dict[str, Any]], key: str, n: int = 10) -> 
     return {"first": mean(values[:n]), "last": mean(values[-n:])}
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM end the run cleanly at the end of the current step: the trainer stops, the
+    model and a summary that says where it stopped are written (no traceback, no run left with
+    only ``checkpoint-N`` folders). A second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopOnSignal:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        import signal
+
+        if self.signal is not None:  # the second one: as Python would have
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+        print(f"[grpo] {self.signal}: stopping after this step (again to interrupt at once)", flush=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> Any:
+        if self.signal is not None:
+            control.should_training_stop = True
+        return control
+
+
 def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, resume: bool = False,
           callbacks: Sequence[TrainerCallback] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run GRPO on a dataset built by ``rsafe train dataset``; write the model and the summary.
@@ -440,13 +481,18 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
     log(f"[grpo] {len(rows)} prompts, {plan.prompts_per_step} prompts × {plan.num_generations} rollouts per step, "
         f"{'LoRA r' + str(cfg.lora_r) if cfg.use_lora else 'full fine-tuning'}, lr {cfg.learning_rate:g}, "
         f"temperature {cfg.temperature:g}, KL beta {cfg.beta:g}")
+    stop = StopOnSignal()
     trainer = _trainer_class()(
         model=str(model), reward_funcs=reward_functions(cfg.rewards), args=cfg, train_dataset=rows,
         processing_class=tokenizer, peft_config=_lora_config(cfg) if cfg.use_lora else None,
-        callbacks=[StepLog(output_dir), *callbacks],
+        callbacks=[StepLog(output_dir), stop, *callbacks],
     )
     started = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        stop.uninstall()
     seconds = time.monotonic() - started
     # LoRA: adapter_config.json + adapter_model.safetensors; full: config.json + model.safetensors +
     # generation_config.json; both with the tokenizer. Gathers ZeRO-3 shards on several GPUs.
@@ -471,8 +517,12 @@ def train(model: str | Path, dataset_dir: str | Path, cfg: RSafeGRPOConfig, *, r
         "config": {k: v for k, v in cfg.to_dict().items()
                    if k in {f for f in config_fields() if not f.startswith(("push_to_hub", "hub_"))}},
         "resumed": resume,
+        "stopped": ({"signal": stop.signal, "at_step": trainer.state.global_step,
+                     "planned_steps": trainer.state.max_steps} if stop.signal else None),
     }
     (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    log(f"[grpo] {summary['steps']} steps in {seconds:.0f} s; reward {summary['reward']['first']} → "
-        f"{summary['reward']['last']}; written to {output_dir}")
+    log(f"[grpo] {summary['steps']} steps in {seconds:.0f} s"
+        + (f" (stopped by {stop.signal} at step {trainer.state.global_step} of {trainer.state.max_steps})"
+           if stop.signal else "")
+        + f"; reward {summary['reward']['first']} → {summary['reward']['last']}; written to {output_dir}")
     return summary

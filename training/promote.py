@@ -24,7 +24,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from rsafe.evaluation.benchmarks import Example
 from rsafe.schemas.kafka import publish
@@ -90,9 +90,66 @@ def save_promotion_set(pset: PromotionSet, folder: str | Path) -> Path:
     for name, rows in (("general", pset.general), ("slice", pset.slice)):
         (folder / f"{name}.jsonl").write_text("".join(r.model_dump_json(exclude_none=True) + "\n" for r in rows),
                                               encoding="utf-8")
-    (folder / "promotion_set.json").write_text(json.dumps({"general_policy": pset.general_policy,
-                                                           "slice_policy": pset.slice_policy}) + "\n")
+    meta = {"general_policy": pset.general_policy, "slice_policy": pset.slice_policy}
+    extra = {k: v for k, v in pset.source.items() if k not in meta and k != "path"}
+    (folder / "promotion_set.json").write_text(json.dumps({**meta, **extra}, indent=2, default=str) + "\n")
+    (folder / "message_hashes.txt").write_text("".join(h + "\n" for h in sorted(pset.hashes())))
     return folder
+
+
+def slice_examples(rows: Iterable[tuple[str, dict[str, Any]]]) -> tuple[list[Example], set[str], list[str]]:
+    """Slice rows from ``(where, row)``: ``DisagreementRecord``s (the reviewers' label of a message
+    the model got wrong; prompt-less ones skipped) or ``Example`` rows. Returns the examples, the
+    policies the records name, and why rows were skipped."""
+    from pydantic import ValidationError
+
+    from rsafe.schemas.feedback import DisagreementRecord
+
+    out: list[Example] = []
+    policies: set[str] = set()
+    skipped: list[str] = []
+    for where, row in rows:
+        try:
+            if "human_label" in row:
+                rec = DisagreementRecord.model_validate(row)
+                if rec.prompt is None:
+                    skipped.append(f"{where}: no content ({rec.content_missing or 'prompt missing'})")
+                    continue
+                policies.add(rec.policy)
+                out.append(Example(id=rec.key, prompt=rec.prompt, response=rec.response, label=rec.human_label,
+                                   level=rec.level, source="disagreement"))  # type: ignore[arg-type]
+            else:
+                out.append(Example.model_validate({"id": where, **row}))
+        except ValidationError as err:
+            skipped.append(f"{where}: {err.errors()[0]['msg']}")
+    return out, policies, skipped
+
+
+def build_promotion_set(slice_rows: Sequence[Example], slice_policy: str, general: Sequence[Example],
+                        general_policy: str, exclude: set[str], source: dict[str, Any]) -> tuple[PromotionSet, dict]:
+    """A promotion set held out by message: a message in an excluded training set (``exclude``:
+    manifest ``message_hash``es) is left out, and one message appears once (the slice wins over
+    the general set). Returns the set and the counts of what was left out."""
+    def keep(rows: Sequence[Example], seen: set[str]) -> tuple[list[Example], int, int]:
+        kept, trained, dup = [], 0, 0
+        for e in rows:
+            h = e.content_hash
+            if h in exclude:
+                trained += 1
+            elif h in seen:
+                dup += 1
+            else:
+                seen.add(h)
+                kept.append(e)
+        return kept, trained, dup
+
+    seen: set[str] = set()
+    sl, sl_trained, sl_dup = keep(slice_rows, seen)
+    gen, gen_trained, gen_dup = keep(general, seen)
+    counts = {"slice": len(sl), "general": len(gen), "left_out": {
+        "slice_in_training_set": sl_trained, "slice_duplicate": sl_dup,
+        "general_in_training_set": gen_trained, "general_duplicate_or_in_slice": gen_dup}}
+    return PromotionSet(gen, general_policy, sl, slice_policy, {**source, "counts": counts}), counts
 
 
 def _pct(x: float | None) -> float | None:
@@ -170,10 +227,12 @@ def gate(candidate: dict[str, Any], current: dict[str, Any], settings: GateSetti
 
 
 def no_overlap(card: ModelCard, pset: PromotionSet) -> str | None:
-    """Why the candidate's training rows overlap the promotion set, or None (the manifests prove it)."""
+    """Why the candidate's training rows overlap the promotion set — or why that cannot be proven
+    (no training summary naming the dataset, no manifest) — or None (the manifests prove it)."""
     dataset = card.training.get("dataset")
     if not dataset:
-        return None
+        return ("the candidate names no training dataset (no training_summary.json with a dataset: a bare "
+                "checkpoint?): cannot prove the promotion set is unseen (--skip-overlap-check to gate anyway)")
     manifest_path = Path(dataset) / "manifest.json"
     if not manifest_path.is_file():
         return f"the training dataset's manifest {manifest_path} is missing: cannot prove the promotion set is unseen"
@@ -208,6 +267,8 @@ class Promotion:
     """Starts a ``Guard`` on other full weights (a directory), structured off: gates a full-weights
     candidate (a second engine, measured one after the other)."""
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)
+    skip_overlap_check: bool = False
+    """Gate a candidate whose training rows cannot be checked against the promotion set."""
 
     def candidate(self, ref: str) -> ModelCard:
         """A registry ``name@version``, or a GRPO output directory (registered as a candidate)."""
@@ -233,7 +294,9 @@ class Promotion:
                 raise RegistryError(f"{card.ref} was never promoted: a rollback returns to an earlier promoted version")
             return self._promote(card, approver, publish, rollback=True)
         pset = self.promotion_set()
-        overlap = no_overlap(card, pset)
+        overlap = None if self.skip_overlap_check else no_overlap(card, pset)
+        if self.skip_overlap_check:
+            self.log("[promote] the training-overlap check is skipped (--skip-overlap-check)")
         current_card = self.registry.resolve(against) if against else (
             self.registry.resolve(self.name) if self.registry.current_version(self.name) else None)
         adapters = {}
