@@ -66,6 +66,7 @@ bench: .venv/.ok demo-model  ## every benchmark of docs/BENCHMARKS.md (ratios me
 	$(call RECORD,sft_chunks) $(PY) bench/sft_chunks.py --model $(DEMO_MODEL)
 	$(call RECORD,grpo_prefix) $(PY) bench/grpo_prefix.py --model $(DEMO_MODEL) --steps 6 --rounds 2
 	$(call RECORD,team_grpo_steps) $(PY) bench/team_grpo_steps.py --model $(DEMO_MODEL) --steps 12
+	$(call RECORD,byo_feedback) $(PY) bench/byo_feedback.py --model $(DEMO_MODEL)
 	$(call RECORD,gate) $(PY) bench/gate.py --model $(DEMO_MODEL) --general 200 --slice 60 --ops reference grouped --variants "sequential, 64" "both at once, 64" "both at once, all"
 	$(call RECORD,cold_start) $(PY) bench/cold_start.py --model $(DEMO_MODEL) --rounds 3 --variants before default --caches cold --out $(BENCH_OUT)/cold-start-result.json
 	$(call RECORD,context_cost) $(PY) bench/context_cost.py --model $(DEMO_MODEL)
