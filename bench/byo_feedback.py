@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--ordinary", type=int, default=50, help="ordinary shop questions (safe)")
     ap.add_argument("--held-out", type=float, default=0.4, help="share of the events whose labels make the slice")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--replay-ratio", type=float, default=1.0)
     ap.add_argument("--min-slice", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work")
@@ -103,7 +104,7 @@ def main() -> int:
     port = free_port()
     broker = f"127.0.0.1:{port}"
     env = {**os.environ, "RSAFE_BROKER": broker}
-    out: dict = {"benchmark": "byo_feedback", "model": args.model,
+    out: dict = {"benchmark": "byo_feedback", "model": args.model, "settings": vars(args),
                  "scenario": "brand-platform = rsafe-default + U19 Competitor Promotion"}
     procs = []
     try:
@@ -165,7 +166,7 @@ def main() -> int:
         total = settle(lambda: len(tail(broker, "rsafe.disagreements")))
         dataset = work / "dataset"
         res = sh("train", "dataset", "--from-topic", "--broker", broker, "--policy-dir", str(team), "--replay", "demo",
-                 "--replay-pool", "800", "--exclude-hashes", str(pset / "message_hashes.txt"), "--out", str(dataset))
+                 "--replay-pool", "800", "--replay-ratio", str(args.replay_ratio), "--exclude-hashes", str(pset / "message_hashes.txt"), "--out", str(dataset))
         assert res.returncode == 0
         manifest = json.loads((dataset / "manifest.json").read_text())
         out["dataset"] = {"labels_sent": len(train_ids), "disagreements_on_topic": total, "counts": manifest["counts"]}
