@@ -27,7 +27,7 @@ import faust
 from rsafe.schemas.records import SourceRef
 from rsafe.stream.compat import internals
 from rsafe.stream.compat.consumer import Transport
-from rsafe.stream.config import StreamConfig
+from rsafe.stream.config import Batching, StreamConfig
 from rsafe.stream.intake import Intake
 from rsafe.stream.moderate import Incoming, Outcome
 from rsafe.stream.pipeline import BatchPipeline, NotPublishable
@@ -197,20 +197,22 @@ class FaustSink:
             await asyncio.gather(*futures)
 
 
-def wire(app: faust.App, cfg: StreamConfig, pipeline: BatchPipeline) -> Any:
-    """Register the moderation agent on every input topic (one channel, one agent instance), fed
-    by the consumer through an ``Intake`` of ``cfg.stream_buffer`` events."""
-    topics = [t.topic for t in cfg.inputs]
+def wire(app: faust.App, topics: Sequence[str], pipeline: BatchPipeline, batch: Batching, *,
+         crash_marker: str | None = None) -> Any:
+    """Register the moderation agent on the input ``topics`` (one channel, one agent instance), fed
+    by the consumer through an ``Intake`` of ``batch.intake_size`` events. ``crash_marker``: the
+    ``faults`` test hook (an error no guard catches)."""
+    topics = list(topics)
     channel = app.topic(*topics, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    intake: Intake[Incoming] = Intake(cfg.stream_buffer)
+    intake: Intake[Incoming] = Intake(batch.intake_size)
     convert: Callable[[Any, float, Any], Incoming] = to_incoming
-    if cfg.faults.consumer_crash_marker:  # test hook (config ``faults``): an error no guard catches
+    if crash_marker:
         from rsafe.stream.faults import crash_on_marker
 
-        convert = crash_on_marker(to_incoming, cfg.faults.consumer_crash_marker)
+        convert = crash_on_marker(to_incoming, crash_marker)
     app.consumer.attach_intake(topics, intake, convert)
     app.intake = intake  # type: ignore[attr-defined] - held here (flow control keeps a weak reference)
-    fun = functools.partial(moderate_agent, intake=intake, pipeline=pipeline, batch_size=cfg.batch.size,
-                            linger_s=cfg.batch.linger_ms / 1000)
+    fun = functools.partial(moderate_agent, intake=intake, pipeline=pipeline, batch_size=batch.size,
+                            linger_s=batch.linger_ms / 1000)
     functools.update_wrapper(fun, moderate_agent)
     return app.agent(channel, name=AGENT_NAME, concurrency=1)(fun)

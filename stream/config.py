@@ -160,6 +160,11 @@ class Batching(_Strict):
     """Events buffered between the consumer and the agent before delivery pauses (default
     ``2 * size``). The Kafka client then stops fetching once its own prefetch buffer is full."""
 
+    @property
+    def intake_size(self) -> int:
+        """``buffer``, or ``2 * size`` when unset."""
+        return self.buffer or 2 * self.size
+
 
 class Retry(_Strict):
     attempts: Annotated[int, Field(ge=1, le=20)] = 3
@@ -568,7 +573,7 @@ class StreamConfig(_Strict):
 
     @property
     def stream_buffer(self) -> int:
-        return self.batch.buffer or 2 * self.batch.size
+        return self.batch.intake_size
 
 
 # --------------------------------------------------------------------------- loading

@@ -357,7 +357,8 @@ class GuardWorker:
         if tables:
             self.moderator.context = ConversationContext(cfg, {t: table.data for t, table in tables.items()},
                                                          in_partition=in_partition)
-        wire(app, cfg, self.pipeline)
+        wire(app, [t.topic for t in cfg.inputs], self.pipeline, cfg.batch,
+             crash_marker=cfg.faults.consumer_crash_marker)
         if cfg.feedback.enabled:
             from rsafe.stream.feedback_agent import FeedbackWiring
 
