@@ -109,6 +109,9 @@ def slice_examples(rows: Iterable[tuple[str, dict[str, Any]]]) -> tuple[list[Exa
     policies: set[str] = set()
     skipped: list[str] = []
     for where, row in rows:
+        if not isinstance(row, dict):
+            skipped.append(f"{where}: not a JSON object")
+            continue
         try:
             if "human_label" in row:
                 rec = DisagreementRecord.model_validate(row)
