@@ -15,6 +15,8 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from rsafe.models.prompt import build_user_turn, prompt_hash
 from rsafe.models.conversation import Turn
 from rsafe.policies import PolicyRegistry
@@ -143,7 +145,14 @@ def test_conversations_are_judged_with_their_context(kafka, tmp_path):
     assert erased, "the forgotten conversation was tombstoned in the changelog"
 
 
+@pytest.mark.reliability  # `make test-reliability`: intermittent on the embedded broker (below)
 def test_after_sigkill_the_context_comes_back_from_the_changelog_no_turn_twice(kafka, tmp_path):
+    """Intermittent on noida-db (2 of 7 runs on 2026-12-08, one of them on a quiet machine): the
+    restarted static member (same ``group_instance_id``) joins, logs that it consumes, and is never
+    assigned a partition — no recovery, no event, until the test gives up; its log and the killed
+    worker's show nothing else. Not seen against Kafka's static-member replacement; kept out of
+    ``make test`` until the cause is found, run by ``make test-reliability`` and against
+    ``RSAFE_TEST_BROKER``."""
     prefix = f"ck{uuid.uuid4().hex[:6]}"
     raw, cfg = config(kafka, prefix, processing_guarantee="exactly_once", group_instance_id=f"{prefix}-w",
                       batch={"max_inflight": 1})
