@@ -137,7 +137,7 @@ def _replay_sources(args: argparse.Namespace, ds: Any) -> tuple[list[Any], list[
             entry = {"kind": "replay", "path": name, "pool": len(examples),
                      "sha256": ds.read_file(name).description["sha256"]}
         sources.append(ds.ReplaySource(name, examples, share))
-        described.append({**entry, "share": share})
+        described.append(entry)
     for entry, share in zip(described, ds.resolve_shares(sources) if sources else []):
         entry["share"] = share
     return sources, described
@@ -213,7 +213,9 @@ def _gate_policies(args: argparse.Namespace, broker: Any, needed: set[str]) -> A
     and the bundled ones, then the newest version in the policy store for a name found in neither.
     A policy found nowhere stops here, before an engine starts."""
     from rsafe.models.options import policy_registry
+    from rsafe.policies import PolicyError
     from rsafe.schemas.kafka import KafkaReadError, read_policy_store
+    from rsafe.training.dataset import current_policy
 
     registry = policy_registry(args.policy_dir)
     missing = sorted(n for n in needed if n not in registry)
@@ -224,10 +226,13 @@ def _gate_policies(args: argparse.Namespace, broker: Any, needed: set[str]) -> A
         except (KafkaReadError, ValueError) as err:
             die(f"the promotion set needs policy {missing[0]!r}, which is not in --policy-dir or bundled, and the "
                 f"policy store {args.policies_topic} could not be read: {err}", 1)
+        current = current_policy(args.policy_dir, store)
         for name in missing:
-            stored = store.history(name)
-            if stored:
-                registry.add(store.get(name, stored[-1].version), f"{args.policies_topic}:{name}@{stored[-1].version}")
+            try:
+                policy = current(name)
+            except PolicyError:
+                continue
+            registry.add(policy, f"{args.policies_topic}:{name}@{policy.version}")
         missing = sorted(n for n in needed if n not in registry)
     if missing:
         die(f"unknown policy {missing[0]!r} in the promotion set: give the folder of its YAML with --policy-dir"
@@ -385,7 +390,7 @@ def cmd_train_promotion_set(args: argparse.Namespace) -> int:
             general, general_source = list(data), {"kind": "evaluation set", "name": args.general, "source": data.source}
         exclude: set[str] = set()
         for d in args.exclude_dataset:
-            exclude |= {r.get("message_hash") for r in ds.load_manifest(d).get("rows", [])}
+            exclude |= ds.trained_hashes(ds.load_manifest(d))
         pset, counts = build_promotion_set(slice_rows, slice_policy, general, args.general_policy, exclude,
                                            {"slice_source": slice_source, "general_source": general_source,
                                             "excluded_datasets": [str(Path(d).resolve()) for d in args.exclude_dataset],

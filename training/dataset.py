@@ -589,6 +589,11 @@ def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{path}: not a training dataset manifest ({err})") from None
 
 
+def trained_hashes(manifest: dict[str, Any]) -> set[str]:
+    """The ``message_hash`` of every row a dataset (its manifest) trains on."""
+    return {r.get("message_hash") for r in manifest.get("rows", [])}
+
+
 def load_rows(dataset_dir: str | Path) -> Any:
     """The saved dataset (``datasets.Dataset``)."""
     from datasets import load_from_disk

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Sequence
 from rsafe.evaluation.benchmarks import Example
 from rsafe.schemas.kafka import publish
 from rsafe.schemas.models import ModelControlRecord
+from rsafe.training.dataset import trained_hashes
 from rsafe.training.registry import GateResult, ModelCard, Registry, RegistryError
 
 
@@ -239,8 +240,7 @@ def no_overlap(card: ModelCard, pset: PromotionSet) -> str | None:
     manifest_path = Path(dataset) / "manifest.json"
     if not manifest_path.is_file():
         return f"the training dataset's manifest {manifest_path} is missing: cannot prove the promotion set is unseen"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    trained = {r.get("message_hash") for r in manifest.get("rows", [])}
+    trained = trained_hashes(json.loads(manifest_path.read_text(encoding="utf-8")))
     both = trained & pset.hashes()
     return f"{len(both)} promotion-set examples are in the training set" if both else None
 
